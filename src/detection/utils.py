@@ -1,0 +1,83 @@
+"""Small shared helpers: repo paths, devices, run folders, seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_dotenv_once() -> None:
+    """Load ``<repo>/.env`` (DINOv3_REPO, DINOv3_WEIGHTS) without overriding the real environment."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - python-dotenv is in requirements.txt
+        return
+    load_dotenv(REPO_ROOT / ".env", override=False)
+
+
+def resolve_repo_path(path: str | os.PathLike) -> Path:
+    """Absolute paths stay; relative ones are taken relative to the repository root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda``/``cuda:N``/``cpu`` are checked."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+        return dev
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"--device {name!r} is not valid; use auto, cpu, cuda or cuda:N")
+
+
+def increment_path(parent: str | os.PathLike, name: str | None, default_stem: str, exist_ok: bool = False) -> Path:
+    """A run folder under ``parent``: ``name`` if given, else ``<stem>_1``, ``<stem>_2``, ... (first free)."""
+    parent = resolve_repo_path(parent)
+    if name:
+        path = parent / name
+        if path.exists() and not exist_ok and any(path.iterdir()):
+            raise UserError(f"run folder {path} already exists; pick another --name or pass --exist-ok")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"^{re.escape(default_stem)}_(\d+)$")
+    used = [int(m.group(1)) for p in parent.iterdir() if (m := pattern.match(p.name))]
+    n = max(used, default=0) + 1
+    path = parent / f"{default_stem}_{n}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def parse_imgsz(values: list[int] | tuple[int, ...] | int) -> tuple[int, int]:
+    """``--imgsz 640`` or ``--imgsz 640 480`` -> (width, height)."""
+    if isinstance(values, int):
+        values = [values]
+    values = list(values)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 32:
+        raise UserError(f"--imgsz {values}: give one size or WIDTH HEIGHT, each at least 32")
+    return int(values[0]), int(values[1])

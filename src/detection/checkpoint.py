@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ def build_payload(model: nn.Module, meta: dict[str, Any], optimizer: Any = None,
     meta.setdefault("toolkit_version", __version__)
     meta["includes_backbone"] = not skip
     if skip and not meta.get("weights"):
-        raise ValueError("include_backbone=False needs meta['weights'] (the backbone file) so the model can be rebuilt")
+        raise UserError("--no-save-backbone needs --weights: a randomly initialised backbone can only be restored "
+                        "from the checkpoint itself; drop --no-save-backbone")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -189,7 +191,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        if "unsupported global" in str(exc).lower():
             raise UserError(f"checkpoint {p} contains arbitrary Python objects, so it was not written by this "
                             f"toolkit and is not loaded for safety; pass a .pth written by train_detection.py") from None
         raise UserError(f"checkpoint {p} is corrupt or truncated ({type(exc).__name__}); re-copy it or use "
@@ -233,8 +235,8 @@ def detector_config_from_meta(meta: dict[str, Any], overrides: dict[str, Any] | 
 
 
 def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str | torch.device = "cpu",
-                          overrides: dict[str, Any] | None = None, weights: str | None = None,
-                          use_ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+                          overrides: dict[str, Any] | None = None, weights: str | None = None
+                          ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the detector a checkpoint describes and load its weights; returns ``(model in eval mode, meta)``.
 
     No backbone weights file is needed when the checkpoint includes the backbone (the default); otherwise
@@ -254,11 +256,13 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
         if not backbone_weights:
             raise UserError(f"checkpoint {where} was saved without its backbone; pass the backbone weights file "
                             f"({meta.get('model_name')}) with --weights")
-    model = build_detector(cfg, weights=backbone_weights, verbose=False)
-    state = ckpt["model"]
-    if use_ema and isinstance(ckpt.get("ema"), dict) and ckpt["ema"]:
-        state = {**state, **{k: v for k, v in ckpt["ema"].items() if k in state}}
-    result = model.load_state_dict(state, strict=False)
+    with warnings.catch_warnings():
+        if includes_backbone:  # the random init is overwritten by the checkpoint's backbone weights just below
+            from .backbones import RandomWeightsWarning
+
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = build_detector(cfg, weights=backbone_weights, verbose=False)
+    result = model.load_state_dict(ckpt["model"], strict=False)
     missing = list(result.missing_keys)
     if not includes_backbone:
         allowed = _frozen_backbone_keys(model)

@@ -28,6 +28,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import to_dtype
 
 from .errors import UserError
 from .transforms import DEFAULT_AUGMENT, build_transform
@@ -36,8 +37,7 @@ from .utils import REPO_ROOT
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec but they are still the fastest here
-# (benchmarks/bench_decode.py); silence the notice, fall back to OpenCV if they disappear.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+# (benchmarks/bench_decode.py); the notice is silenced per call, OpenCV is the fallback if they disappear.
 try:
     from torchvision.io import ImageReadMode, decode_image as _tv_decode_image
 except ImportError:  # pragma: no cover - future torchvision without image codecs
@@ -47,7 +47,9 @@ except ImportError:  # pragma: no cover - future torchvision without image codec
 # --------------------------------------------------------------------------------------------- images
 def _decode_torchvision(data: bytes) -> torch.Tensor:
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return _tv_decode_image(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    with warnings.catch_warnings():  # the deprecation notice is re-issued on every call (and pytest shows it)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _tv_decode_image(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
 
 
 def _decode_cv2(data: bytes) -> torch.Tensor:
@@ -61,8 +63,8 @@ def _decode_cv2(data: bytes) -> torch.Tensor:
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file to an RGB uint8 tensor [3, H, W] with EXIF orientation applied.
 
-    libjpeg-turbo / libpng / libwebp through torchvision first (fastest here, see benchmarks/bench_decode.py),
-    OpenCV for what torchvision cannot read (BMP). Unreadable or truncated files raise UserError.
+    JPEG/PNG through torchvision (libjpeg-turbo/libpng, fastest here: benchmarks/bench_decode.py); WebP, BMP and
+    anything torchvision rejects through OpenCV. Unreadable or truncated files raise UserError.
     """
     path = Path(path)
     try:
@@ -71,15 +73,18 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         raise UserError(f"cannot read image {path}: {exc.strerror or exc}; check the file exists and is readable")
     if not data:
         raise UserError(f"image {path} is empty (0 bytes); replace or remove it")
-    errors = []
     decoders = ([_decode_torchvision] if _tv_decode_image is not None else []) + [_decode_cv2]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        decoders = [_decode_cv2]  # torchvision ignores WebP EXIF orientation; OpenCV applies it (and is as fast)
     for decode in decoders:
         try:
             img = decode(data)
+            if img.dtype != torch.uint8:  # 16-bit PNG
+                img = to_dtype(img, torch.uint8, scale=True)
             if img.ndim == 3 and img.shape[0] == 3 and img.shape[1] > 0 and img.shape[2] > 0:
                 return img
-        except (RuntimeError, ValueError, cv2.error) as exc:
-            errors.append(str(exc).splitlines()[0][-80:])
+        except (RuntimeError, ValueError, cv2.error):
+            continue
     raise UserError(f"cannot decode image {path} (corrupt, truncated or unsupported format); replace or remove it")
 
 
@@ -202,6 +207,9 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
         raise UserError(f"{cfg_path}: CLASSES lists {', '.join(dupes)} more than once; remove the duplicates")
 
     if "VOC_ROOT" in raw:
+        both = [k for k in ("TRAIN_IMG", "TRAIN_ANNOT", "VALID_IMG", "VALID_ANNOT") if k in raw]
+        if both:
+            raise UserError(f"{cfg_path}: VOC_ROOT and {', '.join(both)} are both set; use one form, not both")
         root = _resolve(cfg_path, "VOC_ROOT", raw["VOC_ROOT"])
         train = _devkit_sources(cfg_path, raw, "TRAIN_SETS", root)
         valid = _devkit_sources(cfg_path, raw, "VALID_SETS", root)
@@ -506,12 +514,20 @@ def build_datasets(
     ignore_unknown_classes: bool | None = None,
     skip_bad_samples: bool | None = None,
     verbose: bool = True,
-) -> tuple[VOCDataset, VOCDataset]:
-    """(train, valid) datasets; ``None`` flags fall back to the config's IGNORE_UNKNOWN_CLASSES / SKIP_BAD_SAMPLES."""
+    splits: Sequence[str] = ("train", "valid"),
+) -> tuple[VOCDataset | None, VOCDataset | None]:
+    """(train, valid) datasets; ``None`` flags fall back to the config's IGNORE_UNKNOWN_CLASSES / SKIP_BAD_SAMPLES.
+
+    The train split gets the ``augment`` preset, valid the deterministic eval resize. A split left out of
+    ``splits`` is returned as None (and not parsed).
+    """
     ignore = data_cfg.ignore_unknown_classes if ignore_unknown_classes is None else ignore_unknown_classes
     skip = data_cfg.skip_bad_samples if skip_bad_samples is None else skip_bad_samples
-    out = []
+    out: list[VOCDataset | None] = []
     for split, sources, train in (("train", data_cfg.train, True), ("valid", data_cfg.valid, False)):
+        if split not in splits:
+            out.append(None)
+            continue
         samples = list_samples(sources)
         ds = VOCDataset(samples, data_cfg.classes, build_transform(augment, imgsz, letterbox, train=train),
                         include_difficult=include_difficult, ignore_unknown_classes=ignore,
@@ -523,6 +539,30 @@ def build_datasets(
     return out[0], out[1]
 
 
+def load_ground_truth(
+    data_cfg: DataConfig,
+    split: str = "valid",
+    ignore_unknown_classes: bool | None = None,
+    skip_bad_samples: bool | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{image file name: {"boxes", "labels", "difficult"}}`` in original coordinates, from the XMLs only
+    (no pixel decoding) - for scoring saved predictions against a split."""
+    if split not in ("train", "valid"):
+        raise UserError(f"split {split!r}: use train or valid")
+    ds = VOCDataset(
+        list_samples(data_cfg.train if split == "train" else data_cfg.valid), data_cfg.classes,
+        ignore_unknown_classes=data_cfg.ignore_unknown_classes if ignore_unknown_classes is None else ignore_unknown_classes,
+        skip_bad_samples=data_cfg.skip_bad_samples if skip_bad_samples is None else skip_bad_samples,
+        name=f"{data_cfg.path.name} {split}",
+    )
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for i, rec in enumerate(ds.records):
+        if rec.image.name in out:
+            raise UserError(f"{data_cfg.path}: two {split} images are named {rec.image.name}; file names must be unique to match predictions")
+        out[rec.image.name] = ds.annotations(i)
+    return out
+
+
 def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor | list[torch.Tensor], list[dict]]:
     """Stack images to uint8 [B,3,H,W] (all equal after a resize transform); a list if sizes differ."""
     images = [b[0] for b in batch]
@@ -530,6 +570,29 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor
     if all(im.shape == images[0].shape for im in images):
         return torch.stack(images), targets
     return images, targets
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker-side UserErrors come back as the original one line.
+
+    torch re-raises worker exceptions as ``UserError("Caught UserError in DataLoader worker...<traceback>")``;
+    CLIs must print one line, so keep only the original message.
+    """
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserError as exc:
+                text = str(exc)
+                if "DataLoader worker" not in text:
+                    raise
+                last = [ln for ln in text.splitlines() if ln.strip()][-1]
+                raise UserError(last.split("UserError: ", 1)[-1]) from None
+            yield batch
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -557,7 +620,7 @@ def build_dataloader(
     generator = torch.Generator()
     generator.manual_seed(seed)
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
@@ -582,8 +645,8 @@ def save_transformed_samples(dataset: VOCDataset, out_dir: str | os.PathLike, n:
     for k in range(min(n, len(dataset))):
         image, target = dataset[k * max(1, len(dataset) // max(n, 1))]
         names = [dataset.classes[int(c)] for c in target["labels"]]
-        drawn = draw_bounding_boxes(image, target["boxes"].as_subclass(torch.Tensor), labels=names,
-                                    colors="yellow", width=2)
+        drawn = image if not names else draw_bounding_boxes(
+            image, target["boxes"].as_subclass(torch.Tensor), labels=names, colors="yellow", width=2)
         path = out_dir / f"transformed_{k}.png"
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
         paths.append(path)

@@ -231,8 +231,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if ema is not None:
             ema.update(model)
         n_steps += 1
-        for k, v in loss_dict.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for k, v in loss_dict.items():  # torchvision names differ per head; prefix them for results.csv
+            key = k if k.startswith("loss_") else f"loss_{k}"
+            sums[key] = sums.get(key, 0.0) + float(v.detach())
         sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
         bar.set_postfix(loss=f"{sums['train_loss'] / n_steps:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     bar.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, NoReturn
 
 
@@ -20,6 +21,9 @@ def fail(message: str) -> NoReturn:
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
     """Run a CLI ``main`` and exit: 0 on success, 2 with one line on UserError, 130 on Ctrl-C."""
+    # Warnings meant for users (random weights, skipped samples) print as one line, without source excerpts.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"WARNING: {message}\n".replace(
+        "WARNING: WARNING: ", "WARNING: ")
     try:
         code = main()
     except UserError as exc:

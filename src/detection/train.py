@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .checkpoint import build_payload, load_checkpoint, model_meta, save_checkpoint, set_rng_state
-from .datasets import build_datasets, collate_fn, load_data_config, save_transformed_samples, worker_init
+from .datasets import build_datasets, collate_fn, load_data_config, save_transformed_samples
 from .engine import (ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, is_main_process,
                      train_one_epoch, unwrap)
 from .errors import UserError
@@ -108,10 +108,10 @@ def data_loaders(args, data_cfg, imgsz, rank: int, world: int, device: torch.dev
     """Training loader (epoch-seeded) and validation loader (sharded, no padding)."""
     train_ds, valid_ds = build_datasets(
         data_cfg, imgsz=imgsz, augment=args.augment, letterbox=args.letterbox,
-        include_difficult=args.include_difficult, ignore_unknown_classes=args.ignore_unknown_classes,
-        skip_bad_samples=args.skip_bad_samples)
+        include_difficult=args.include_difficult, ignore_unknown_classes=args.ignore_unknown_classes or None,
+        skip_bad_samples=args.skip_bad_samples or None, verbose=is_main_process())
     common = dict(num_workers=args.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
-                  persistent_workers=args.workers > 0, worker_init_fn=worker_init)
+                  persistent_workers=args.workers > 0)
     train_sampler = EpochSampler(len(train_ds), seed=args.seed, shuffle=True, rank=rank, world_size=world)
     train_loader = DataLoader(EpochSeededDataset(train_ds, args.seed), batch_size=args.batch,
                               sampler=train_sampler, drop_last=False, **common)
@@ -157,8 +157,7 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
         check_cacheable(args.augment, args.fine_tune)
 
     seed_everything(args.seed)
-    data_cfg = load_data_config(args.config, ignore_unknown_classes=args.ignore_unknown_classes,
-                                skip_bad_samples=args.skip_bad_samples)
+    data_cfg = load_data_config(args.config)
     classes = data_cfg.classes
 
     if not args.resume:
@@ -216,7 +215,7 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
             print(f"resuming {run_dir.name} at epoch {start_epoch}/{args.epochs} (best mAP {best_map:.4f})")
     if main:
         with open(run_dir / "args.yaml", "w") as f:
-            yaml.safe_dump({"args": vars(args), "data": data_cfg.to_dict(), "model": cfg.to_dict(),
+            yaml.safe_dump({"args": vars(args), "data": {"config": str(data_cfg.path), "classes": classes}, "model": cfg.to_dict(),
                             "toolkit_version": __version__}, f, sort_keys=False)
 
     guard = NonFiniteGuard(args.max_nonfinite)
@@ -308,8 +307,8 @@ def prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir: Path, r
     """Build the cache for this rank's shard; returns (loader, sampler) that replace the image loader."""
     cache_ds, _ = build_datasets(data_cfg, imgsz=imgsz, augment="none", letterbox=args.letterbox,
                                  include_difficult=args.include_difficult,
-                                 ignore_unknown_classes=args.ignore_unknown_classes,
-                                 skip_bad_samples=args.skip_bad_samples)
+                                 ignore_unknown_classes=args.ignore_unknown_classes or None,
+                                 skip_bad_samples=args.skip_bad_samples or None, verbose=False)
     shard = list(range(rank, len(cache_ds), world))  # under DDP each rank caches and trains on a fixed shard
     cache = FeatureCache(args.cache_features, flip=args.augment == "flip", seed=args.seed,
                          cache_dir=run_dir / f"feature_cache_rank{rank}")

@@ -1,0 +1,14 @@
+"""Detect objects in images: ``python infer_det_image.py --input <file|folder|glob> --model best_model.pth``."""
+
+from src.detection.errors import run_cli
+
+
+def main() -> int:
+    from src.detection.predict import build_image_parser, infer_images
+
+    infer_images(build_image_parser().parse_args())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

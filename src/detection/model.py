@@ -1,0 +1,489 @@
+"""Detectors on a frozen DINOv3 backbone: torchvision RetinaNet / SSD / FCOS with a trainable neck.
+
+``build_detector(cfg)`` is the one builder used by training, inference, evaluation and benchmarks.
+
+* ``feature_extractor="last"`` (seed-exact): the single last backbone map goes straight to the head. RetinaNet uses
+  the reference project's ``AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))`` and a plain
+  ``RetinaNetHead`` on the backbone channels, so ``dinov3_convnext_tiny`` with 21 classes has exactly
+  72,885,975 / 45,065,847 (total / trainable) parameters. SSD is a real single-level SSD.
+* ``feature_extractor="multi"``: a 5-level pyramid P3..P7 (strides 8..128) - an FPN over the ConvNeXt stages, or a
+  ViTDet-style simple feature pyramid over the ViT blocks - with RetinaNet (torchvision's v2 recipe: GroupNorm
+  head, GIoU loss), SSD (plus extra levels down to a 1x1 grid) or FCOS on top.
+
+The images reach the model already resized to ``imgsz`` by the data pipeline, so the transform never resizes:
+it only turns uint8 into float, normalizes with the backbone's mean/std (the one place that happens) and pads to
+the stride the features need. Detections come back in input (= ``imgsz``) coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Any, Iterator, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.fcos import FCOS, FCOSHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.models.detection.ssd import SSD, SSDHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import Conv2dNormActivation
+
+from .errors import UserError
+from .utils import parse_imgsz
+
+HEADS = ("retinanet", "ssd", "fcos")
+FEATURE_EXTRACTORS = ("multi", "last")
+BACKBONE_IMPLS = ("timm", "hub")
+
+# The reference project's single-level RetinaNet anchors (15 per location) - kept exactly for `last`.
+SEED_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
+SEED_ASPECT_RATIOS = ((0.5, 1.0, 2.0),)
+# Anchor / default-box base size = ANCHOR_STRIDE_FACTOR x stride (RetinaNet: 32 px at stride 8 ... 512 at 128).
+ANCHOR_STRIDE_FACTOR = 4
+SSD_ASPECT_RATIOS = [2, 3]  # per level: 2 square boxes + 2 per ratio = 6 default boxes per location
+
+
+# --------------------------------------------------------------------------------------------------- config
+@dataclass
+class DetectorConfig:
+    """Everything needed to rebuild a detector; ``to_dict()`` goes into checkpoint metadata."""
+
+    model_name: str
+    num_classes: int  # including __background__ (index 0), as torchvision and the seed count it
+    head: str = "retinanet"
+    feature_extractor: str = "multi"
+    imgsz: tuple[int, int] = (640, 640)  # (width, height) the data pipeline resizes to
+    backbone_impl: str = "timm"
+    fine_tune: bool = False
+    nms: float = 0.45
+    score_thresh: float = 0.05
+    max_det: int = 100
+    arch_overrides: dict[str, Any] | None = None
+    fpn_channels: int = 256
+
+    def __post_init__(self) -> None:
+        self.imgsz = parse_imgsz(self.imgsz)
+        self.num_classes = int(self.num_classes)
+        if self.head not in HEADS:
+            raise UserError(f"--head {self.head!r} is not valid; choose one of {', '.join(HEADS)}")
+        if self.feature_extractor not in FEATURE_EXTRACTORS:
+            raise UserError(f"--feature-extractor {self.feature_extractor!r} is not valid; "
+                            f"choose one of {', '.join(FEATURE_EXTRACTORS)}")
+        if self.backbone_impl not in BACKBONE_IMPLS:
+            raise UserError(f"--backbone-impl {self.backbone_impl!r} is not valid; "
+                            f"choose one of {', '.join(BACKBONE_IMPLS)}")
+        if self.num_classes < 2:
+            raise UserError(f"num_classes={self.num_classes}: CLASSES needs '__background__' plus at least one class")
+        if not 0.0 < self.nms <= 1.0:
+            raise UserError(f"--nms {self.nms}: the NMS IoU threshold must be in (0, 1]")
+        if not 0.0 <= self.score_thresh < 1.0:
+            raise UserError(f"--score-thresh {self.score_thresh}: must be in [0, 1)")
+        if int(self.max_det) < 1:
+            raise UserError(f"--max-det {self.max_det}: keep at least 1 detection per image")
+        self.max_det = int(self.max_det)
+        if int(self.fpn_channels) < 64 or int(self.fpn_channels) % 32:
+            # the heads use GroupNorm(32): a 1-channel group cannot be normalized on a 1x1 level
+            raise UserError(f"--fpn-channels {self.fpn_channels}: use a multiple of 32, at least 64 (e.g. 256)")
+        self.fpn_channels = int(self.fpn_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists, not tuples) so it survives ``torch.load(weights_only=True)`` and YAML."""
+        d = asdict(self)
+        d["imgsz"] = [int(v) for v in self.imgsz]
+        d["arch_overrides"] = _plain(self.arch_overrides)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
+        """Inverse of ``to_dict``; keys that are not config fields (e.g. the rest of checkpoint meta) are ignored."""
+        names = {f.name for f in fields(cls)}
+        missing = [k for k in ("model_name", "num_classes") if k not in d]
+        if missing:
+            raise UserError(f"detector config is missing {', '.join(missing)}; the checkpoint metadata is incomplete")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ transform
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform minus the resize.
+
+    Accepts a ``[B,3,H,W]`` batch or a list of ``[3,H,W]`` tensors, uint8 (0..255) or float (0..1); converts to the
+    model's float dtype, normalizes with the backbone's mean/std and zero-pads (after normalization, as torchvision
+    does) bottom/right to ``size_divisible`` so every feature map covers the image exactly. ``image_sizes`` are the
+    unpadded sizes, so predictions are clipped to the real image and never rescaled.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], size_divisible: int, imgsz: tuple[int, int]):
+        w, h = imgsz
+        super().__init__(min(w, h), max(w, h), list(mean), list(std), size_divisible=size_divisible)
+        # Buffers (not saved) so .to(device/dtype) carries them: the input dtype follows the model's.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor | Sequence[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
+        if isinstance(images, Tensor):
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"expected images as a [B,3,H,W] tensor or a list of [3,H,W], got {tuple(images.shape)}")
+            batch, sizes = self._normalize(images), [tuple(images.shape[-2:])] * images.shape[0]
+        else:
+            images = list(images)
+            sizes = [tuple(im.shape[-2:]) for im in images]
+            if len(set(sizes)) == 1:
+                batch = self._normalize(torch.stack(images))
+            else:  # mixed sizes: torchvision pads each to the largest
+                batch = self.batch_images([self._normalize(im[None])[0] for im in images], self.size_divisible)
+        d = self.size_divisible
+        pad_h, pad_w = -batch.shape[-2] % d, -batch.shape[-1] % d
+        if pad_h or pad_w:
+            batch = F.pad(batch, (0, pad_w, 0, pad_h))
+        if targets is not None:
+            targets = [self._target(t, batch.device) for t in targets]
+        return ImageList(batch, [(int(h), int(w)) for h, w in sizes]), targets
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        x = x.to(self.mean.device, non_blocking=True)
+        dtype = self.mean.dtype
+        x = x.to(dtype).div_(255) if not x.is_floating_point() else x.to(dtype)
+        return (x - self.mean) / self.std
+
+    @staticmethod
+    def _target(t: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+        t = dict(t)  # never modify the caller's dict
+        t["boxes"] = torch.as_tensor(t["boxes"]).as_subclass(Tensor).to(device, torch.float32).reshape(-1, 4)
+        t["labels"] = torch.as_tensor(t["labels"]).as_subclass(Tensor).to(device, torch.int64)
+        return t
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        return result  # input size == original size here: nothing to rescale
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(Normalize(mean={self.image_mean}, std={self.image_std}), "
+                f"no resize, pad to /{self.size_divisible})")
+
+
+# ------------------------------------------------------------------------- float32 detection arithmetic
+class _Float32Anchors:
+    """Anchors in float32 even under autocast: bf16 cannot hold pixel coordinates (spacing 4 px near 640).
+
+    The generators only read shape/dtype/device from the feature maps, so empty stand-ins are enough.
+    """
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        stand_ins = [torch.empty((0, 0, *f.shape[-2:]), device=f.device) for f in feature_maps]
+        return super().forward(image_list, stand_ins)
+
+
+class Float32AnchorGenerator(_Float32Anchors, AnchorGenerator):
+    pass
+
+
+class Float32DefaultBoxGenerator(_Float32Anchors, DefaultBoxGenerator):
+    pass
+
+
+class _Float32Outputs:
+    """Head outputs in float32 so losses, box decoding and NMS stay exact under autocast / half models."""
+
+    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
+        return {k: v.float() for k, v in super().forward(x).items()}
+
+
+class DetRetinaNetHead(_Float32Outputs, RetinaNetHead):
+    pass
+
+
+class DetSSDHead(_Float32Outputs, SSDHead):
+    pass
+
+
+class DetFCOSHead(_Float32Outputs, FCOSHead):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- necks
+class SingleLevel(nn.Module):
+    """`last` mode: the backbone's last map is the only level (no parameters)."""
+
+    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+        return OrderedDict([("0", feats[-1])])
+
+
+class FPNNeck(nn.Module):
+    """torchvision FPN over the ConvNeXt stages (strides 8/16/32) plus P6/P7 from P5 -> strides 8..128."""
+
+    def __init__(self, in_channels: list[int], out_channels: int):
+        super().__init__()
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelP6P7(out_channels, out_channels))
+
+    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+        return self.fpn(OrderedDict((f"c{i}", f) for i, f in enumerate(feats)))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet-style pyramid from stride-16 ViT maps: strides 8 (deconv), 16, 32 (max-pool), then P6/P7.
+
+    The given block outputs are concatenated on channels (so every level sees all of them); each level then gets a
+    1x1 projection (the deconv for stride 8) and a 3x3 conv, both with LayerNorm, as in ViTDet.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        ln = partial(LayerNorm2d, eps=1e-6)
+        self.up = nn.Sequential(nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2), ln(out_channels))
+        self.proj16 = Conv2dNormActivation(in_channels, out_channels, 1, norm_layer=ln, activation_layer=None)
+        self.down = nn.MaxPool2d(2, ceil_mode=True)
+        self.proj32 = Conv2dNormActivation(in_channels, out_channels, 1, norm_layer=ln, activation_layer=None)
+        self.outs = nn.ModuleList(Conv2dNormActivation(out_channels, out_channels, 3, norm_layer=ln,
+                                                       activation_layer=None) for _ in range(3))
+        self.p6p7 = LastLevelP6P7(out_channels, out_channels)
+
+    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+        x = torch.cat(feats, dim=1) if len(feats) > 1 else feats[0]
+        levels = [self.up(x), self.proj16(x), self.proj32(self.down(x))]
+        p = [conv(level) for conv, level in zip(self.outs, levels)]
+        p, _ = self.p6p7(p, p, [])
+        return OrderedDict(zip(("p3", "p4", "p5", "p6", "p7"), p))
+
+
+class ExtraLevels(nn.Module):
+    """SSD's extra levels after a pyramid: 1x1 reduce + 3x3 stride-2 conv (+ReLU), each halving the grid."""
+
+    def __init__(self, pyramid: nn.Module, channels: int, n_extra: int):
+        super().__init__()
+        self.pyramid = pyramid
+        self.extra = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels // 2, 1), nn.ReLU(inplace=True),
+                          nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+            for _ in range(n_extra))
+        for m in self.extra.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+        out = self.pyramid(feats)
+        x = next(reversed(out.values()))
+        for i, block in enumerate(self.extra):
+            x = block(x)
+            out[f"x{i}"] = x
+        return out
+
+
+class DinoFeatures(nn.Module):
+    """The detector's ``backbone``: frozen DINOv3 (``dino``) -> trainable ``neck`` -> OrderedDict of maps.
+
+    A feature cache can stand in for the DINOv3 forward (see ``Detector.cached_features``).
+    """
+
+    def __init__(self, dino: nn.Module, mode: str, neck: nn.Module, out_channels: int, strides: list[int]):
+        super().__init__()
+        self.dino = dino
+        self.mode = mode
+        self.neck = neck
+        self.out_channels = out_channels  # RetinaNet / FCOS require this attribute
+        self.strides = strides  # nominal stride of each output level
+        self._cached: list[Tensor] | None = None
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return [self.dino.last_channels] if self.mode == "last" else list(self.dino.multi_channels)
+
+    def dino_features(self, x: Tensor) -> list[Tensor]:
+        """The frozen part: DINOv3 maps for a normalized, padded batch."""
+        if self.mode == "last":
+            return [self.dino.forward_last(x)]
+        return list(self.dino.forward_multi(x))
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        feats = self._take_cache(x) if self._cached is not None else self.dino_features(x)
+        return self.neck(feats)
+
+    def _take_cache(self, x: Tensor) -> list[Tensor]:
+        feats = self._cached
+        channels = self.feature_channels
+        if len(feats) != len(channels) or any(f.dim() != 4 or f.shape[0] != x.shape[0] or f.shape[1] != c
+                                              for f, c in zip(feats, channels)):
+            got = [tuple(f.shape) for f in feats]
+            raise ValueError(f"cached features {got} do not fit a batch of {x.shape[0]} for this {self.mode} "
+                             f"model (expected {len(channels)} maps with channels {channels})")
+        out = []
+        for f in feats:
+            f = f.to(device=x.device, dtype=x.dtype, non_blocking=True)
+            out.append(f.clone() if f.is_inference() else f)  # inference-mode tensors cannot enter autograd
+        return out
+
+
+class _DinoDetector:
+    """What every detector here adds to the torchvision model (mixed in before RetinaNet / SSD / FCOS)."""
+
+    config: DetectorConfig
+    backbone: DinoFeatures
+    transform: DetectionTransform
+
+    @property
+    def dino(self) -> nn.Module:
+        """The DINOv3 backbone (``DinoBackbone``)."""
+        return self.backbone.dino
+
+    def backbone_features(self, images: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        """The frozen backbone's maps for ``images`` (after normalization/padding): what the feature cache stores."""
+        self._require_frozen()
+        image_list, _ = self.transform(images)
+        with torch.no_grad():
+            return self.backbone.dino_features(image_list.tensors)
+
+    @contextmanager
+    def cached_features(self, feats: Sequence[Tensor]) -> Iterator[None]:
+        """Inside this block the model uses ``feats`` (from ``backbone_features``) instead of running DINOv3.
+
+        Images still go through the transform (their shape sets anchors and clipping), so a zero tensor of the
+        right shape is enough; the neck and head run (and train) as usual.
+        """
+        self._require_frozen()
+        previous = self.backbone._cached
+        self.backbone._cached = list(feats)
+        try:
+            yield
+        finally:
+            self.backbone._cached = previous
+
+    def _require_frozen(self) -> None:
+        if not getattr(self.dino, "frozen", True):
+            raise UserError("--cache-features needs a frozen backbone; drop --fine-tune or the feature cache")
+
+
+class DinoRetinaNet(_DinoDetector, RetinaNet):
+    pass
+
+
+class DinoSSD(_DinoDetector, SSD):
+    pass
+
+
+class DinoFCOS(_DinoDetector, FCOS):
+    pass
+
+
+Detector = Union[DinoRetinaNet, DinoSSD, DinoFCOS]
+
+
+# -------------------------------------------------------------------------------------------- builders
+def retinanet_anchor_sizes(strides: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """torchvision's RetinaNet anchors (3 octave scales of 4 x stride per level) for any list of strides."""
+    return tuple(tuple(int(ANCHOR_STRIDE_FACTOR * s * 2 ** (i / 3)) for i in range(3)) for s in strides)
+
+
+def ssd_scales(strides: Sequence[int], shorter_side: int) -> list[float]:
+    """SSD default-box scales (fraction of the image side): 4 x stride / shorter side, capped at 1.
+
+    One more entry than levels: DefaultBoxGenerator uses sqrt(s_k * s_k+1) for each level's second square box.
+    """
+    strides = list(strides) + [strides[-1] * 2]
+    return [min(1.0, ANCHOR_STRIDE_FACTOR * s / shorter_side) for s in strides]
+
+
+def num_extra_levels(grid: tuple[int, int]) -> int:
+    """How many stride-2 (k3, p1) convs take a ``(h, w)`` grid down to 1x1."""
+    h, w, n = grid[0], grid[1], 0
+    while max(h, w) > 1:
+        h, w, n = math.ceil(h / 2), math.ceil(w / 2), n + 1
+    return n
+
+
+def _padded(imgsz: tuple[int, int], divisible: int) -> tuple[int, int]:
+    w, h = imgsz
+    return math.ceil(w / divisible) * divisible, math.ceil(h / divisible) * divisible
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def build_detector(cfg: DetectorConfig, weights: str | None = None, verbose: bool = True) -> Detector:
+    """Build the detector ``cfg`` describes on a DINOv3 backbone (``weights``: see ``backbones.resolve_weights``).
+
+    Prints the seed's two lines (total / trainable parameters) unless ``verbose=False``.
+    """
+    from .backbones import build_backbone  # local: keeps `import model` cheap for config-only users
+
+    dino = build_backbone(cfg.model_name, weights=weights, impl=cfg.backbone_impl, fine_tune=cfg.fine_tune,
+                          arch_overrides=cfg.arch_overrides)
+    family = dino.family
+    if cfg.feature_extractor == "last":
+        neck, channels, strides = SingleLevel(), dino.last_channels, [dino.last_stride]
+        divisible = dino.last_stride
+    else:
+        channels = cfg.fpn_channels
+        if family == "convnext":
+            neck = FPNNeck(list(dino.multi_channels), channels)
+            base = list(dino.multi_strides)
+        elif family == "vit":
+            neck = SimpleFeaturePyramid(sum(dino.multi_channels), channels)
+            s = dino.multi_strides[-1]
+            base = [s // 2, s, s * 2]
+        else:  # pragma: no cover - backbones.py only has these two families
+            raise ValueError(f"unknown backbone family {family!r}")
+        strides = base + [base[-1] * 2, base[-1] * 4]
+        divisible = base[-1]  # P5 = image / 32 exactly; P6/P7 round up like torchvision's
+
+    num_classes = cfg.num_classes
+    common = dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms, detections_per_img=cfg.max_det)
+    if cfg.head == "retinanet":
+        if cfg.feature_extractor == "last":  # the reference project's model, parameter for parameter
+            anchors = Float32AnchorGenerator(SEED_ANCHOR_SIZES, SEED_ASPECT_RATIOS)
+            head = DetRetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes)
+        else:  # torchvision's RetinaNet v2 recipe: GroupNorm in the head, GIoU box loss
+            anchors = Float32AnchorGenerator(retinanet_anchor_sizes(strides), ((0.5, 1.0, 2.0),) * len(strides))
+            head = DetRetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes,
+                                    norm_layer=partial(nn.GroupNorm, 32))
+            head.regression_head._loss_type = "giou"
+        model: Detector = DinoRetinaNet(DinoFeatures(dino, cfg.feature_extractor, neck, channels, strides),
+                                        num_classes, anchor_generator=anchors, head=head, **common)
+    elif cfg.head == "ssd":
+        w, h = _padded(cfg.imgsz, divisible)
+        if cfg.feature_extractor == "multi":
+            n_extra = num_extra_levels((math.ceil(h / strides[-1]), math.ceil(w / strides[-1])))
+            neck = ExtraLevels(neck, channels, n_extra)
+            strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(n_extra)]
+        boxes = Float32DefaultBoxGenerator([SSD_ASPECT_RATIOS] * len(strides), scales=ssd_scales(strides, min(w, h)))
+        head = DetSSDHead([channels] * len(strides), boxes.num_anchors_per_location(), num_classes)
+        model = DinoSSD(DinoFeatures(dino, cfg.feature_extractor, neck, channels, strides), boxes,
+                        (cfg.imgsz[1], cfg.imgsz[0]), num_classes, head=head, **common)
+    else:  # fcos: one anchor per location whose size is the level's stride (FCOS assigns objects by it)
+        if channels % 32 or channels < 64:
+            raise UserError(f"--head fcos: {cfg.model_name} gives {channels}-channel features, but FCOS's GroupNorm(32) "
+                            f"needs a multiple of 32 (at least 64); use --feature-extractor multi")
+        anchors = Float32AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+        head = DetFCOSHead(channels, 1, num_classes)
+        model = DinoFCOS(DinoFeatures(dino, cfg.feature_extractor, neck, channels, strides), num_classes,
+                         anchor_generator=anchors, head=head, **common)
+
+    model.transform = DetectionTransform(dino.mean, dino.std, divisible, cfg.imgsz)
+    model.config = cfg
+    if verbose:
+        total, trainable = count_parameters(model)
+        print(f"{total:,} total parameters.")
+        print(f"{trainable:,} training parameters.")
+    return model

@@ -1,0 +1,101 @@
+"""Checkpoint format: atomic writes, safe loading, clear errors for wrong files, RNG capture, model round trip."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src.detection import checkpoint as ck
+from src.detection.errors import UserError
+
+
+def _payload(value: float = 1.0) -> dict:
+    return {"format": ck.FORMAT, "format_version": ck.FORMAT_VERSION,
+            "meta": {"classes": ["__background__", "a"], "model_name": "x"},
+            "model": {"w": torch.full((3,), value)}, "epoch": 3, "rng": ck.get_rng_state()}
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    path = ck.save_checkpoint(tmp_path / "sub" / "c.pth", _payload(2.5))
+    out = ck.load_checkpoint(path)
+    assert torch.equal(out["model"]["w"], torch.full((3,), 2.5))
+    assert out["epoch"] == 3 and out["meta"]["classes"] == ["__background__", "a"]
+    assert out["path"] == str(path)
+    assert [p.name for p in path.parent.iterdir()] == ["c.pth"]  # no temp file left
+
+
+def test_failing_save_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.pth"
+    ck.save_checkpoint(path, _payload(1.0))
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(path, _payload(9.0))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]
+
+
+def test_truncated_and_garbage_files(tmp_path: Path) -> None:
+    good = ck.save_checkpoint(tmp_path / "good.pth", _payload())
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint at all" * 10)
+    for bad in (trunc, garbage):
+        with pytest.raises(UserError, match="corrupt or truncated") as exc:
+            ck.load_checkpoint(bad)
+        assert "\n" not in str(exc.value) and bad.name in str(exc.value)
+
+
+def test_missing_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found.*--model"):
+        ck.load_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(UserError, match="is a folder"):
+        ck.load_checkpoint(tmp_path)
+
+
+def test_backbone_weights_file_is_recognised(tmp_path: Path) -> None:
+    # Shape of an official DINOv3 ConvNeXt state dict (key names from the official checkpoints).
+    raw = {"downsample_layers.0.0.weight": torch.zeros(2, 3, 4, 4), "stages.0.0.gamma": torch.zeros(2),
+           "norm.weight": torch.ones(2)}
+    path = tmp_path / "dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth"
+    torch.save(raw, path)
+    with pytest.raises(UserError, match="looks like a backbone weights file.*pass it with --weights, not --model"):
+        ck.load_checkpoint(path)
+
+
+def test_foreign_and_unsafe_files(tmp_path: Path) -> None:
+    seed_style = tmp_path / "seed.pth"
+    torch.save({"epoch": 3, "model_state_dict": {"head.w": torch.zeros(1)}}, seed_style)
+    with pytest.raises(UserError, match="not a checkpoint of this toolkit.*model_state_dict"):
+        ck.load_checkpoint(seed_style)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"format": ck.FORMAT, "obj": Path("x")}, pickled)  # arbitrary object: refused by weights_only
+    with pytest.raises(UserError, match="arbitrary Python objects"):
+        ck.load_checkpoint(pickled)
+
+
+def test_unsupported_format_version(tmp_path: Path) -> None:
+    payload = _payload()
+    payload["format_version"] = ck.FORMAT_VERSION + 1
+    path = ck.save_checkpoint(tmp_path / "future.pth", payload)
+    with pytest.raises(UserError, match="format_version 2"):
+        ck.load_checkpoint(path)
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = ck.save_checkpoint(tmp_path / "rng.pth", _payload())
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    ck.set_rng_state(torch.load(path, weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -1,0 +1,317 @@
+"""Detector builder (issue 5): seed parameter counts, every head x mode x family on tiny backbones, the no-resize
+transform, the feature cache, fine-tuning, dtypes and memory formats."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from src.detection.errors import UserError
+from src.detection.model import DetectorConfig, build_detector, count_parameters, num_extra_levels, ssd_scales
+
+W, H = 128, 96  # non-square on purpose: (width, height) as --imgsz W H
+NUM_CLASSES = 4
+TINY = {  # tiny architectures of the two families (random init, fast on CPU)
+    "convnext": ("dinov3_convnext_atto", {"depths": [1, 1, 1, 1], "dims": [32, 64, 96, 128]}),
+    "vit": ("dinov3_vit_tiny", {"embed_dim": 64, "depth": 4, "num_heads": 4}),
+}
+HEADS = ["retinanet", "ssd", "fcos"]
+MODES = ["last", "multi"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is faster, and far faster on a loaded machine (no thread contention)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_weights():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the backbone warns about random weights on every build
+        yield
+
+
+def tiny(family="convnext", head="retinanet", mode="multi", imgsz=(W, H), **kw) -> DetectorConfig:
+    name, arch = TINY[family]
+    kw.setdefault("fpn_channels", 64)
+    return DetectorConfig(name, NUM_CLASSES, head=head, feature_extractor=mode, imgsz=imgsz, arch_overrides=arch,
+                          **kw)
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_detector(cfg, verbose=False)
+
+
+def images(b=2, w=W, h=H, seed=0):
+    return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def targets():
+    return [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 5.0, 120.0, 40.0]]), "labels": torch.tensor([1, 3])},
+            {"boxes": torch.tensor([[30.0, 20.0, 90.0, 90.0]]), "labels": torch.tensor([2])}]
+
+
+# ------------------------------------------------------------------------------------------- parameter counts
+def test_seed_parameter_counts_exact(capsys):
+    """The reference project's model: convnext_tiny + single-level RetinaNet, 21 classes."""
+    with torch.device("meta"):  # exact counts without allocating 73M parameters
+        model = build_detector(DetectorConfig("dinov3_convnext_tiny", 21, head="retinanet", feature_extractor="last"))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["72,885,975 total parameters.", "45,065,847 training parameters."]
+    assert count_parameters(model) == (72_885_975, 45_065_847)
+    assert model.anchor_generator.sizes == ((32, 64, 128, 256, 512),)
+    assert model.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),)
+    assert model.nms_thresh == 0.45
+    # the frozen part is exactly the backbone
+    assert sum(p.numel() for p in model.dino.parameters()) == 72_885_975 - 45_065_847
+    assert not any(p.requires_grad for p in model.dino.parameters())
+
+
+def test_single_level_ssd_parameter_counts():
+    """`last` SSD is one real level (the seed declared 6 levels for one map); counts stated in the README."""
+    with torch.device("meta"):
+        model = build_detector(DetectorConfig("dinov3_convnext_tiny", 21, head="ssd", feature_extractor="last"),
+                               verbose=False)
+    assert count_parameters(model) == (28_857_078, 1_036_950)
+    assert len(model.head.classification_head.module_list) == 1
+    assert model.anchor_generator.num_anchors_per_location() == [6]
+
+
+# ------------------------------------------------------------------------------------ forward / backward
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head", HEADS)
+def test_forward_backward_grads_only_outside_backbone(family, head, mode):
+    model = build(tiny(family, head, mode))
+    model.train()
+    assert not model.dino.model.training, "a frozen backbone must stay in eval mode under model.train()"
+    losses = model(images(), targets())
+    expected = {"retinanet": {"classification", "bbox_regression"}, "ssd": {"classification", "bbox_regression"},
+                "fcos": {"classification", "bbox_regression", "bbox_ctrness"}}[head]
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+    sum(losses.values()).backward()
+    dino_ids = {id(p) for p in model.dino.parameters()}
+    assert all(p.grad is None and not p.requires_grad for p in model.dino.parameters())
+    new = [(n, p) for n, p in model.named_parameters() if id(p) not in dino_ids]
+    assert new and all(p.requires_grad for _, p in new)
+    missing = [n for n, p in new if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    assert any(p.grad.abs().sum() > 0 for _, p in new)
+    # `last`: the backbone's own map; `multi`: P3..P7 (at 128x96 SSD needs no extra level: P7 is already 1x1)
+    assert model.backbone.strides == ([model.dino.last_stride] if mode == "last" else [8, 16, 32, 64, 128])
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+def test_eval_boxes_inside_non_square_image(family, head):
+    model = build(tiny(family, head, "multi", score_thresh=0.0, max_det=50)).eval()
+    with torch.no_grad():
+        out = model(images(b=2))
+    assert len(out) == 2
+    for det in out:
+        boxes = det["boxes"]
+        assert boxes.shape[0] > 0 and boxes.shape[0] <= 50 and boxes.dtype == torch.float32
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+        assert det["scores"].shape == det["labels"].shape == boxes.shape[:1]
+
+
+# ------------------------------------------------------------------------------------------------ transform
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+def test_transform_never_resizes_and_normalizes_once(family):
+    model = build(tiny(family, "retinanet", "last")).eval()
+    t = model.transform
+    batch, _ = t(torch.full((2, 3, H, W), 255, dtype=torch.uint8))
+    assert batch.image_sizes == [(H, W)] * 2 and tuple(batch.tensors.shape) == (2, 3, H, W)
+    mean, std = torch.tensor(model.dino.mean), torch.tensor(model.dino.std)
+    torch.testing.assert_close(batch.tensors[0, :, 0, 0], (1 - mean) / std)
+    # a size that is not a multiple of the stride: kept as the image size, padded (not resized) for the backbone
+    odd, _ = t(images(b=1, w=100, h=75))
+    stride = model.dino.size_divisor
+    assert odd.image_sizes == [(75, 100)]
+    assert tuple(odd.tensors.shape[-2:]) == (math.ceil(75 / stride) * stride, math.ceil(100 / stride) * stride)
+    assert (odd.tensors[..., 75:, :] == 0).all() and (odd.tensors[..., :, 100:] == 0).all()
+    # seed anchors: 15 per location of the single last map, for exactly this image size
+    feats = model.backbone(batch.tensors)
+    anchors = model.anchor_generator(batch, list(feats.values()))
+    assert anchors[0].shape == ((H // model.dino.last_stride) * (W // model.dino.last_stride) * 15, 4)
+    centers = (anchors[0][:, :2] + anchors[0][:, 2:]) / 2
+    assert centers[:, 0].max() < W and centers[:, 1].max() < H
+
+
+def test_postprocess_keeps_input_coordinates():
+    """torchvision would map boxes back through a resize; ours never resized, so boxes are left as they are."""
+    model = build(tiny()).eval()
+    result = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]])}]
+    out = model.transform.postprocess(result, [(H, W)], [(2 * H, 2 * W)])
+    torch.testing.assert_close(out[0]["boxes"], torch.tensor([[1.0, 2.0, 30.0, 40.0]]))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_uint8_float_and_list_inputs_agree(head):
+    model = build(tiny("convnext", head, "multi", score_thresh=0.0)).eval()
+    x = images(b=2)
+    with torch.no_grad():
+        a = model(x)
+        b = model(x.float() / 255)
+        c = model(list(x))
+    for da, db, dc in zip(a, b, c):
+        assert da["boxes"].shape[0] > 0
+        for k in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(da[k], db[k])
+            torch.testing.assert_close(da[k], dc[k])
+
+
+def test_targets_are_not_modified_and_accept_tv_tensors():
+    from torchvision import tv_tensors
+
+    model = build(tiny()).train()
+    tg = targets()
+    tg[0]["boxes"] = tv_tensors.BoundingBoxes(tg[0]["boxes"], format="XYXY", canvas_size=(H, W))
+    before = tg[0]["boxes"].clone()
+    losses = model(images(), tg)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert isinstance(tg[0]["boxes"], tv_tensors.BoundingBoxes) and torch.equal(tg[0]["boxes"], before)
+
+
+# -------------------------------------------------------------------------------------------- imgsz / settings
+def test_imgsz_sets_ssd_default_boxes_and_extra_levels():
+    small = build(tiny("convnext", "ssd", "multi", imgsz=(W, H)))
+    big = build(tiny("convnext", "ssd", "multi", imgsz=(640, 480)))
+    assert small.anchor_generator.scales != big.anchor_generator.scales
+    assert big.anchor_generator.scales[0] == pytest.approx(4 * 8 / 480)
+    # 640x480: P7 (stride 128) is a 4x5 grid -> 3 extra stride-2 levels reach 1x1
+    assert num_extra_levels((4, 5)) == 3 and num_extra_levels((1, 1)) == 0
+    assert len(big.head.classification_head.module_list) == 5 + 3
+    assert len(small.head.classification_head.module_list) == 5
+    assert ssd_scales([8, 16], 64) == [0.5, 1.0, 1.0]
+    # an extra level really runs: 256x192 -> P7 grid 2x2 -> one extra 1x1 level
+    model = build(tiny("convnext", "ssd", "multi", imgsz=(256, 192), score_thresh=0.0)).eval()
+    feats = model.backbone(model.transform(images(b=1, w=256, h=192))[0].tensors)
+    assert [tuple(f.shape[-2:]) for f in feats.values()][-2:] == [(2, 2), (1, 1)]
+    with torch.no_grad():
+        out = model(images(b=1, w=256, h=192))
+    assert out[0]["boxes"][:, 2].max() <= 256 and out[0]["boxes"][:, 3].max() <= 192
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_detection_settings_are_wired(head):
+    model = build(tiny("vit", head, "multi", nms=0.3, score_thresh=0.0, max_det=3)).eval()
+    assert (model.nms_thresh, model.score_thresh, model.detections_per_img) == (0.3, 0.0, 3)
+    with torch.no_grad():
+        out = model(images(b=1))
+    assert out[0]["boxes"].shape[0] == 3
+
+
+def test_config_round_trip_and_errors():
+    cfg = DetectorConfig("dinov3_vits16", 21, head="fcos", imgsz=[320, 240], arch_overrides={"depth": (2,)})
+    d = cfg.to_dict()
+    assert json.loads(json.dumps(d)) == d  # plain types only
+    assert d["imgsz"] == [320, 240] and d["arch_overrides"] == {"depth": [2]}
+    back = DetectorConfig.from_dict({**d, "classes": ["__background__", "a"], "letterbox": False})
+    assert back.imgsz == (320, 240) and back.head == "fcos" and back.to_dict() == d
+    assert DetectorConfig("dinov3_vits16", 3, imgsz=512).imgsz == (512, 512)
+    with pytest.raises(UserError, match="--head 'yolo'"):
+        DetectorConfig("dinov3_vits16", 21, head="yolo")
+    with pytest.raises(UserError, match="--feature-extractor"):
+        DetectorConfig("dinov3_vits16", 21, feature_extractor="all")
+    with pytest.raises(UserError, match="--nms"):
+        DetectorConfig("dinov3_vits16", 21, nms=1.5)
+    with pytest.raises(UserError, match="__background__"):
+        DetectorConfig("dinov3_vits16", 1)
+    with pytest.raises(UserError, match="--fpn-channels 48"):
+        DetectorConfig("dinov3_vits16", 21, fpn_channels=48)
+    with pytest.raises(UserError, match="model_name"):
+        DetectorConfig.from_dict({"num_classes": 3})
+
+
+# ------------------------------------------------------------------------------------------------ feature cache
+@pytest.mark.parametrize("family,head,mode", [("convnext", "retinanet", "multi"), ("vit", "fcos", "multi"),
+                                              ("convnext", "ssd", "last")])
+def test_cached_features_give_identical_losses(family, head, mode, monkeypatch):
+    model = build(tiny(family, head, mode)).train()
+    x, tg = images(), targets()
+    feats = model.backbone_features(x)
+    assert len(feats) == (1 if mode == "last" else len(model.dino.multi_channels))
+    assert all(not f.requires_grad for f in feats)
+    reference = model(x, tg)
+    sum(reference.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    def no_backbone(*a, **k):
+        raise AssertionError("the backbone ran although cached features were given")
+
+    monkeypatch.setattr(model.dino, "forward_last", no_backbone)
+    monkeypatch.setattr(model.dino, "forward_multi", no_backbone)
+    with model.cached_features(feats):
+        cached = model(torch.zeros_like(x), tg)
+    assert cached.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(cached[k], reference[k], rtol=0, atol=0)
+    sum(cached.values()).backward()
+    for n, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g)
+    # fp16 storage (what the cache keeps) still runs and stays close
+    with model.cached_features([f.half() for f in feats]):
+        half = model(torch.zeros_like(x), tg)
+    for k in reference:
+        assert abs(float(half[k]) - float(reference[k])) < 0.05 * abs(float(reference[k])) + 1e-3
+    # outside the block the backbone is needed again
+    with pytest.raises(AssertionError, match="backbone ran"):
+        model(x, tg)
+
+
+def test_cached_features_shape_mismatch_is_an_error():
+    model = build(tiny()).train()
+    feats = model.backbone_features(images(b=2))
+    with model.cached_features(feats[:1]), pytest.raises(ValueError, match="cached features"):
+        model(images(b=2), targets())
+    with model.cached_features(feats), pytest.raises(ValueError, match="batch of 1"):
+        model(images(b=1), targets()[:1])
+
+
+def test_fine_tune_trains_the_backbone():
+    model = build(tiny("vit", "retinanet", "last", fine_tune=True)).train()
+    assert model.dino.model.training
+    sum(model(images(), targets()).values()).backward()
+    grads = [p.grad for p in model.dino.parameters()]
+    assert grads and all(p.requires_grad for p in model.dino.parameters())
+    assert sum(g is not None for g in grads) > 0.9 * len(grads)
+    with pytest.raises(UserError, match="fine-tune"):
+        model.backbone_features(images())
+
+
+# ------------------------------------------------------------------------------------ dtypes / memory format
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+@pytest.mark.parametrize("head", HEADS)
+def test_bf16_autocast_and_channels_last(head, family):
+    model = build(tiny(family, head, "multi", score_thresh=0.0)).to(memory_format=torch.channels_last)
+    x = images().contiguous(memory_format=torch.channels_last)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(x, targets())
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        batch = model.transform(x)[0]
+        feats = [f.bfloat16() for f in model.backbone(batch.tensors).values()]
+        anchors_bf16 = model.anchor_generator(batch, feats)
+    assert anchors_bf16[0].dtype == torch.float32  # pixel coordinates never in bf16
+    for det, r in zip(out, ref):
+        assert det["boxes"].dtype == torch.float32 and det["boxes"].shape[0] > 0
+        assert (det["boxes"][:, 2] <= W).all() and (det["boxes"][:, 3] <= H).all()
+        # same best-scoring box within bf16 noise
+        assert abs(float(det["scores"][0]) - float(r["scores"][0])) < 0.05

@@ -99,3 +99,46 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path: Path) -> None:
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     ck.set_rng_state(torch.load(path, weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from src.detection.model import DetectorConfig, build_detector
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="fcos", imgsz=(64, 96),
+                         fpn_channels=64, arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return build_detector(cfg, verbose=False).eval()
+
+
+def test_model_round_trip_without_backbone_file(tiny_model, tmp_path: Path) -> None:
+    meta = ck.model_meta(tiny_model, ["__background__", "a", "b"], letterbox=True)
+    assert meta["imgsz"] == [64, 96] and meta["letterbox"] is True and len(meta["mean"]) == 3
+    path = ck.save_checkpoint(tmp_path / "m.pth", ck.build_payload(tiny_model, meta, epoch=4, best_metric=0.5))
+    model, meta2 = ck.model_from_checkpoint(path, "cpu", overrides={"score_thresh": 0.2})
+    assert meta2["includes_backbone"] is True and meta2["classes"] == ["__background__", "a", "b"]
+    assert model.config.score_thresh == 0.2 and model.config.imgsz == (64, 96) and not model.training
+    for (k, a), (_, b) in zip(tiny_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    x = torch.randint(0, 255, (1, 3, 96, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        ours, theirs = (list(m.backbone(m.transform(x)[0].tensors).values()) for m in (tiny_model, model))
+    assert len(ours) == len(theirs) == 5 and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_checkpoint_without_backbone(tiny_model, tmp_path: Path) -> None:
+    meta = ck.model_meta(tiny_model, ["__background__", "a", "b"], letterbox=False)
+    with pytest.raises(UserError, match="--no-save-backbone needs --weights"):
+        ck.build_payload(tiny_model, meta, include_backbone=False)
+    full = ck.build_payload(tiny_model, meta)["model"]
+    slim = ck.build_payload(tiny_model, {**meta, "weights": "backbone.pth"}, include_backbone=False)
+    dino_keys = set(full) - set(slim["model"])
+    assert dino_keys and slim["meta"]["includes_backbone"] is False
+    assert all(not tiny_model.get_parameter(k).requires_grad for k in dino_keys if k.endswith("weight"))
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable <= set(slim["model"])
+    slim["meta"]["weights"] = None
+    path = ck.save_checkpoint(tmp_path / "slim.pth", slim)
+    with pytest.raises(UserError, match="saved without its backbone.*--weights"):
+        ck.model_from_checkpoint(path, "cpu")

@@ -211,6 +211,15 @@ def test_detection_settings_are_wired(head):
     assert out[0]["boxes"].shape[0] == 3
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_background_class_is_never_predicted(head):
+    model = build(tiny("convnext", head, "multi", score_thresh=0.0, max_det=1000)).eval()
+    with torch.no_grad():
+        out = model(images(b=2))
+    labels = torch.cat([o["labels"] for o in out])
+    assert labels.numel() > 0 and bool((labels > 0).all())
+
+
 def test_config_round_trip_and_errors():
     cfg = DetectorConfig("dinov3_vits16", 21, head="fcos", imgsz=[320, 240], arch_overrides={"depth": (2,)})
     d = cfg.to_dict()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import to_dtype
 
@@ -610,16 +610,19 @@ def build_dataloader(
     seed: int = 0,
     distributed: bool = False,
     drop_last: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """Deterministic DataLoader. With ``distributed`` the sampler is a DistributedSampler: call
-    ``loader.sampler.set_epoch(epoch)`` every epoch so shuffling changes."""
+    ``loader.sampler.set_epoch(epoch)`` every epoch so shuffling changes. An explicit ``sampler`` (e.g. the
+    training engine's epoch-keyed one) replaces both."""
     if batch_size < 1:
         raise UserError(f"--batch {batch_size}: must be at least 1")
     if workers < 0:
         raise UserError(f"--workers {workers}: must be 0 or more")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
+    if sampler is None and distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return _Loader(
         dataset,
         batch_size=batch_size,

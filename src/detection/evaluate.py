@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from .errors import UserError, run_cli
 from .utils import increment_path, resolve_repo_path, select_device
 
@@ -32,7 +30,7 @@ def evaluate_checkpoint(model_path: str, config: str, *, metric: str = "coco", b
                         letterbox: bool | None = None):
     """Score a checkpoint on the validation split of ``config``; returns the metrics result."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .datasets import build_datasets, collate_fn, load_data_config
+    from .datasets import build_dataloader, build_datasets, load_data_config
     from .engine import evaluate
 
     dev = select_device(device)
@@ -46,8 +44,7 @@ def evaluate_checkpoint(model_path: str, config: str, *, metric: str = "coco", b
     imgsz = tuple(meta["imgsz"])
     lb = bool(meta.get("letterbox", False)) if letterbox is None else letterbox
     _, valid_ds = build_datasets(data_cfg, imgsz=imgsz, augment="none", letterbox=lb, splits=("valid",))
-    loader = DataLoader(valid_ds, batch_size=batch, num_workers=workers, collate_fn=collate_fn,
-                        pin_memory=dev.type == "cuda")
+    loader = build_dataloader(valid_ds, batch, workers)
     result = evaluate(model, loader, dev, classes, imgsz=imgsz, letterbox=lb, metric=metric)
     _report(result, Path(out_dir) if out_dir else None)
     return result

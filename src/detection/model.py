@@ -366,6 +366,20 @@ class _DinoDetector:
         finally:
             self.backbone._cached = previous
 
+    def postprocess_detections(self, head_outputs, *args, **kwargs) -> list[dict[str, Tensor]]:
+        # RetinaNet/FCOS score every class index including 0 (the seed's num_classes counts __background__).
+        # A background "detection" is meaningless and would take a max_det slot, so class 0 gets score 0 before
+        # thresholding/top-k (SSD's softmax postprocess already skips it).
+        logits = head_outputs.get("cls_logits")
+        if isinstance(logits, list):
+            masked = []
+            for level in logits:
+                level = level.clone()
+                level[..., 0] = float("-inf")
+                masked.append(level)
+            head_outputs = {**head_outputs, "cls_logits": masked}
+        return super().postprocess_detections(head_outputs, *args, **kwargs)  # type: ignore[misc]
+
     def _require_frozen(self) -> None:
         if not getattr(self.dino, "frozen", True):
             raise UserError("--cache-features needs a frozen backbone; drop --fine-tune or the feature cache")

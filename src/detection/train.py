@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .checkpoint import build_payload, load_checkpoint, model_meta, save_checkpoint, set_rng_state
-from .datasets import build_datasets, collate_fn, load_data_config, save_transformed_samples
+from .datasets import build_dataloader, build_datasets, collate_fn, load_data_config, save_transformed_samples
 from .engine import (ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, is_main_process,
                      train_one_epoch, unwrap)
 from .errors import UserError
@@ -110,13 +110,10 @@ def data_loaders(args, data_cfg, imgsz, rank: int, world: int, device: torch.dev
         data_cfg, imgsz=imgsz, augment=args.augment, letterbox=args.letterbox,
         include_difficult=args.include_difficult, ignore_unknown_classes=args.ignore_unknown_classes or None,
         skip_bad_samples=args.skip_bad_samples or None, verbose=is_main_process())
-    common = dict(num_workers=args.workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
-                  persistent_workers=args.workers > 0)
     train_sampler = EpochSampler(len(train_ds), seed=args.seed, shuffle=True, rank=rank, world_size=world)
-    train_loader = DataLoader(EpochSeededDataset(train_ds, args.seed), batch_size=args.batch,
-                              sampler=train_sampler, drop_last=False, **common)
-    valid_loader = DataLoader(valid_ds, batch_size=args.batch, sampler=ShardSampler(len(valid_ds), rank, world),
-                              **common)
+    train_loader = build_dataloader(EpochSeededDataset(train_ds, args.seed), args.batch, args.workers,
+                                    sampler=train_sampler)
+    valid_loader = build_dataloader(valid_ds, args.batch, args.workers, sampler=ShardSampler(len(valid_ds), rank, world))
     return train_ds, valid_ds, train_loader, train_sampler, valid_loader
 
 
@@ -234,12 +231,13 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
                 result = evaluate(model, valid_loader, device, classes, imgsz=imgsz, letterbox=args.letterbox,
                                   metric=args.metric, amp_dtype=amp_dtype)
             if main:
-                row.update(map=result.map, map50=result.map50, map75=result.map75, eval_seconds=result.seconds)
+                row.update({k: v for k, v in result.summary().items()
+                            if k in ("map", "map50", "map75") or not math.isnan(v)}, eval_seconds=result.seconds)
         if main:
             rows.append(row)
-            improved = result is not None and result.map > best_map
+            improved = result is not None and result.primary > best_map  # NaN never improves
             if improved:
-                best_map = result.map
+                best_map = result.primary
             save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, args, improved,
                        result)
             write_csv(run_dir / "results.csv", rows)

@@ -1,0 +1,177 @@
+"""Inference speed: our Predictor vs a reference-style per-image loop, the speed steps, and the video pipeline.
+
+    python -m benchmarks.bench_infer [--quick] [--compile]
+
+Same model for every row (reference-equivalent: single-level RetinaNet on the last feature map,
+``dinov3_convnext_tiny`` random weights at 640x640; ``--quick``: a small ConvNeXt at 256), same 4:3 frames,
+measured in the same run (median of several repetitions, after warm-up).
+
+* baseline = the reference project's loop: one float32 image at a time, stretched to imgsz, through
+  torchvision's own ``GeneralizedRCNNTransform`` (which resizes again), contiguous memory, ``no_grad``.
+* steps = each speed option switched on alone against our fp32 batch-1 path (channels_last, bf16 autocast,
+  aspect-preserving input size, batching, optionally torch.compile) - the ratio says what each step buys here.
+* video = end-to-end FPS of the threaded decode -> batch -> draw/encode pipeline divided by model-only FPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+
+from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
+from src.detection.predict import CPU_DEFAULT_PRECISION, Predictor, cpu_bf16_supported
+from src.detection.transforms import resize_image
+
+
+def _frames(n: int, wh: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    """Smooth random BGR frames (compress like real video, unlike white noise)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        low = rng.integers(0, 256, (6, 8, 3)).astype(np.float32)
+        img = cv2.resize(low, wh, interpolation=cv2.INTER_CUBIC)
+        out.append(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def _rate(fn: Callable[[], int], reps: int) -> float:
+    """Median items/s of ``fn`` (returns how many items it processed) over ``reps`` runs after one warm-up."""
+    fn()
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _row(name: str, baseline: float, ours: float, goal: str, note: str = "") -> dict[str, Any]:
+    return {"name": name, "baseline": round(baseline, 3), "ours": round(ours, 3),
+            "ratio": round(ours / baseline, 3) if baseline else 0.0, "goal": goal, "note": note}
+
+
+def run(quick: bool = False, compile: bool = False) -> list[dict[str, Any]]:
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.video import open_source, process_video
+
+    if quick:
+        model_name, imgsz, frame_wh, n_img, reps, n_video = "dinov3_convnext_atto", 256, (320, 240), 8, 2, 24
+    else:
+        model_name, imgsz, frame_wh, n_img, reps, n_video = "dinov3_convnext_tiny", 640, (640, 480), 8, 3, 48
+    torch.manual_seed(0)
+    cfg = DetectorConfig(model_name=model_name, num_classes=21, head="retinanet", feature_extractor="last",
+                         imgsz=(imgsz, imgsz))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_detector(cfg, verbose=False).eval()
+    classes = ["__background__"] + [f"c{i}" for i in range(1, 21)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
+    ckpt = save_checkpoint(tmp / "model.pth", build_payload(model, model_meta(model, classes, letterbox=False)))
+    frames = _frames(n_img, frame_wh)
+    images = [torch.from_numpy(f[:, :, ::-1].copy()).permute(2, 0, 1) for f in frames]
+    rows: list[dict[str, Any]] = []
+
+    # --- baseline: the reference's per-image float32 loop through torchvision's own transform
+    dino = model.dino
+    ref_transform = GeneralizedRCNNTransform(imgsz, imgsz, list(dino.mean), list(dino.std))
+    own_transform = model.transform
+
+    def reference_loop() -> int:
+        model.transform = ref_transform
+        try:
+            with torch.no_grad():
+                for f in frames:
+                    img = cv2.resize(f, (imgsz, imgsz))[:, :, ::-1].astype(np.float32) / 255.0
+                    model([torch.from_numpy(img.copy()).permute(2, 0, 1)])
+        finally:
+            model.transform = own_transform
+        return len(frames)
+
+    ref = _rate(reference_loop, reps)
+
+    def predictor(**kw: Any) -> Predictor:
+        return Predictor(ckpt, device="cpu", **kw)
+
+    def images_per_s(p: Predictor) -> float:
+        return _rate(lambda: len(p.predict(images)), reps)
+
+    # --- ours with its defaults vs the reference loop
+    for bs in (1, 8):
+        p = predictor(batch_size=bs)
+        rows.append(_row(f"images/s batch {bs} (ours: {p.precision}, channels_last) vs per-image loop", ref,
+                         images_per_s(p), ">= 2x"))
+
+    # --- steps, each against our plain fp32 / contiguous / square / batch-1 path
+    plain = images_per_s(predictor(precision="fp32", channels_last=False, batch_size=1))
+    steps = [("channels_last", dict(precision="fp32", channels_last=True, batch_size=1)),
+             ("aspect-preserving size (4:3 frame, no square stretch)",
+              dict(precision="fp32", channels_last=False, batch_size=1, keep_aspect=True)),
+             ("batch 8", dict(precision="fp32", channels_last=False, batch_size=8))]
+    bf16_note = ""
+    if cpu_bf16_supported():
+        steps.insert(1, ("bf16 autocast (CPU)", dict(precision="bf16", channels_last=False, batch_size=1)))
+        # accuracy of bf16: relative error of the backbone features on the same input
+        x = resize_image(images[0], (imgsz, imgsz))[None]
+        with torch.inference_mode():
+            normed = model.transform(x)[0].tensors
+            f32 = model.dino.forward_last(normed).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf = model.dino.forward_last(normed).float()
+        bf16_note = f"backbone feature rel. error {float((bf - f32).norm() / f32.norm()):.1e}"
+    else:
+        bf16_note = "no native bf16 on this CPU: not measured"
+    if compile:
+        steps.append(("torch.compile (backbone)", dict(precision="fp32", channels_last=False, batch_size=1,
+                                                       compile=True)))
+    for name, kw in steps:
+        r = images_per_s(predictor(**kw))
+        rows.append(_row(f"step: {name}", plain, r, "keep if > 1",
+                         bf16_note if "bf16" in name else ("same model input" if "batch" in name else "")))
+
+    # --- video: end-to-end FPS over model-only FPS with the threaded pipeline
+    video = tmp / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, frame_wh)
+    for f in _frames(n_video, frame_wh, seed=1):
+        writer.write(f)
+    writer.release()
+    p = predictor(batch_size=4)
+    p.predict(images[:4])  # warm-up
+    p.model_timer.seconds, p.model_timer.items = 0.0, 0
+    summary = process_video(p, open_source(str(video)), tmp / "out", progress=False)
+    rows.append(_row("video end-to-end FPS / model-only FPS", summary["mean_model_fps"],
+                     summary["mean_end_to_end_fps"], ">= 0.9", f"{summary['frames']} frames {frame_wh[0]}x{frame_wh[1]}"))
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [f"### {title}", "", "| benchmark | baseline | ours | ratio | goal | note |", "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['baseline']:.2f} | {r['ours']:.2f} | {r['ratio']:.2f}x | {r['goal']} | "
+                     f"{r.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small backbone at 256 px (a few minutes at most)")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile on CPU)")
+    args = ap.parse_args()
+    rows = run(quick=args.quick, compile=args.compile)
+    size = "dinov3_convnext_atto @256, 320x240 frames" if args.quick else "dinov3_convnext_tiny @640, 640x480 frames"
+    print(to_markdown(rows, f"Inference ({size}, CPU x{torch.get_num_threads()} threads, "
+                            f"default CPU precision {CPU_DEFAULT_PRECISION}; images/s or FPS)"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Training speed: the reference project's training step vs ours, and epoch time with vs without the feature cache.
+
+    python -m benchmarks.bench_train [--quick] [--device cpu|cuda]
+
+Same backbone size (``dinov3_convnext_tiny``, random weights), image size (640x640), classes (21, as VOC) and
+synthetic images (``src.detection.synthetic``) for both sides, in the same process, repetitions interleaved
+(baseline, ours, baseline, ...) after a warm-up; median and min-max reported. ``--quick``: the architecture-only
+``dinov3_convnext_atto`` at 160x160 with fewer repetitions.
+
+* baseline = the reference project's step rebuilt here from torchvision classes: the backbone (our timm module)
+  called through ``get_intermediate_layers(x, n=1, reshape=True, norm=True)`` inside the autograd graph (frozen
+  only by ``requires_grad=False``, no ``no_grad``), torchvision ``RetinaNet`` with its own
+  ``GeneralizedRCNNTransform`` (resize to min_size=max_size=imgsz, ImageNet mean/std), the reference anchors
+  ``((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)`` and ``RetinaNetHead(C, 15, 21)``, float images, AdamW lr 1e-4,
+  ``loss.backward(); optimizer.step()``.
+* ours = ``build_detector(DetectorConfig(...))`` with the toolkit's defaults (multi-level RetinaNet on a frozen
+  backbone, uint8 input) trained by ``engine.train_one_epoch`` with the optimizer / scheduler / grad clipping
+  ``train_detection.py`` builds by default.
+* epoch time = ``train_one_epoch`` over the real training loader of ``train.py`` (decode + flip augmentation
+  included), against the loader ``train.py`` builds for ``--cache-features ram`` (``FeatureCache`` +
+  ``collate_cached``); epochs from 2 on are compared (epoch 1 also pays the warm-up); the one-off cache build is
+  reported in the note.
+
+Data loading is outside the timed span of the images/s rows (both sides get ready batches) and inside the
+epoch-time rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import sys
+import tempfile
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.detection.utils import REPO_ROOT
+
+if str(REPO_ROOT) not in sys.path:  # train_detection.py (the CLI's argument parser) lives at the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import make_row, markdown_table, time_call, time_interleaved  # noqa: E402
+
+NUM_CLASSES = 21  # the reference figures were measured with the 20 VOC classes + background
+SEED_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
+SEED_ASPECT_RATIOS = ((0.5, 1.0, 2.0),)
+GOAL_TRAIN = 1.5
+GOAL_CACHE = 3.0
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """Model, image size and repetition counts for the full and the ``--quick`` run."""
+    if quick:
+        return dict(model_name="dinov3_convnext_atto", imgsz=160, batches=(2, 8), steps={2: 2, 8: 1}, reps=2,
+                    warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3)
+    return dict(model_name="dinov3_convnext_tiny", imgsz=640, batches=(2, 8), steps={2: 2, 8: 1}, reps=3,
+                warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3)
+
+
+# --------------------------------------------------------------------------------------------------- baseline
+class ReferenceBackbone(nn.Module):
+    """What the reference project wrapped around DINOv3: the last map from ``get_intermediate_layers``.
+
+    Frozen by ``requires_grad=False`` only - the forward runs inside autograd (no ``no_grad``) and the module
+    follows ``model.train()``, as in the reference.
+    """
+
+    def __init__(self, dino: nn.Module):
+        super().__init__()
+        self.dino = dino
+        self.out_channels = dino.last_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return OrderedDict([("0", self.dino.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0])])
+
+
+def build_reference(model_name: str, imgsz: int, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """The reference project's detector from plain torchvision classes (nothing from our model.py)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+
+    from src.detection.backbones import build_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning: known, the benchmark says so itself
+        # fine_tune=True only switches off our frozen path (no_grad + forced eval); freezing is redone below
+        dino = build_backbone(model_name, fine_tune=True)
+    dino.model.requires_grad_(False)
+    backbone = ReferenceBackbone(dino)
+    anchors = AnchorGenerator(SEED_ANCHOR_SIZES, SEED_ASPECT_RATIOS)
+    head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
+    # RetinaNet's own GeneralizedRCNNTransform: resizes to min_size/max_size and normalizes with ImageNet stats
+    return RetinaNet(backbone, num_classes, min_size=imgsz, max_size=imgsz, anchor_generator=anchors, head=head,
+                     nms_thresh=0.45)
+
+
+def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list, device: torch.device) -> None:
+    """The reference training loop body: float images in a list, sum of losses, backward, AdamW step."""
+    model.train()
+    for images, targets in batches:
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        loss_dict = model(images, targets)
+        loss = sum(loss for loss in loss_dict.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+# --------------------------------------------------------------------------------------------------- ours
+def train_args(extra: list[str]) -> argparse.Namespace:
+    """``train_detection.py``'s parsed defaults plus ``extra`` flags - the settings a user's run gets."""
+    from train_detection import build_parser
+
+    return build_parser().parse_args(extra)
+
+
+def build_ours(model_name: str, imgsz: int, args: argparse.Namespace, device: torch.device, iters_per_epoch: int,
+               feature_extractor: str = "multi"):
+    """Our detector (defaults: multi-level RetinaNet, frozen backbone) + the optimizer/scheduler train.py builds."""
+    from src.detection.engine import build_optimizer, build_scheduler
+    from src.detection.model import DetectorConfig, build_detector
+
+    cfg = DetectorConfig(model_name=model_name, num_classes=NUM_CLASSES, imgsz=(imgsz, imgsz),
+                         feature_extractor=feature_extractor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_detector(cfg, verbose=False).to(device)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.backbone_lr)
+    scheduler = build_scheduler(optimizer, schedule=args.scheduler, epochs=args.epochs, iters_per_epoch=iters_per_epoch,
+                                warmup_epochs=args.warmup_epochs, warmup_iters=args.warmup_iters, steps=args.lr_steps)
+    return model, optimizer, scheduler
+
+
+def our_epoch(model, batches, optimizer, scheduler, device: torch.device, epoch: int, args, amp_dtype=None) -> None:
+    """``engine.train_one_epoch`` with train.py's default settings (its progress bar silenced)."""
+    from src.detection.engine import train_one_epoch
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        train_one_epoch(model, batches, optimizer, scheduler, device, epoch, clip_grad=args.clip_grad,
+                        amp_dtype=amp_dtype, total=len(batches), desc="bench")
+
+
+def bf16_available(device: torch.device) -> bool:
+    """Only measure bf16 where it has native kernels (emulated bf16 on CPU is slower, not a fair option)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from src.detection.predict import cpu_bf16_supported
+
+    return cpu_bf16_supported()
+
+
+# --------------------------------------------------------------------------------------------------- data
+def make_data(root: Path, n_images: int, imgsz: int) -> Path:
+    """Synthetic shapes at ``imgsz`` (the project's generator); returns the dataset config path."""
+    from src.detection.synthetic import generate_dataset
+
+    return generate_dataset(root / f"shapes_{imgsz}", n_images, 1, imgsz=imgsz, seed=0)
+
+
+def fixed_batches(config: Path, imgsz: int, batch: int, n_batches: int) -> tuple[list, list]:
+    """``n_batches`` ready batches from our dataset (flip preset, seeded): ours as uint8 ``[B,3,H,W]``, the
+    reference's as lists of float images in 0..1 (what its dataset produced) with plain-tensor targets."""
+    from src.detection.datasets import build_datasets, collate_fn, load_data_config
+
+    torch.manual_seed(0)
+    ds, _ = build_datasets(load_data_config(config), imgsz=(imgsz, imgsz), augment="flip", verbose=False,
+                           splits=("train",))
+    ours, ref = [], []
+    for b in range(n_batches):
+        items = [ds[(b * batch + j) % len(ds)] for j in range(batch)]
+        images, targets = collate_fn(items)
+        ours.append((images, targets))
+        ref.append(([im.float().div(255) for im in images],
+                    [{"boxes": t["boxes"].as_subclass(torch.Tensor).float(), "labels": t["labels"]} for t in targets]))
+    return ours, ref
+
+
+# --------------------------------------------------------------------------------------------------- rows
+def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list[dict[str, Any]]:
+    """Images/s of training steps, reference vs ours, at each batch size; at the largest batch also two
+    informative variants (``--amp bf16``, ``--feature-extractor last``) that show where the time goes."""
+    from src.detection.model import count_parameters
+    from src.detection.train import amp_settings
+
+    imgsz, name = s["imgsz"], s["model_name"]
+    args = train_args([])
+    torch.manual_seed(0)
+    ref = build_reference(name, imgsz).to(device)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    ours, opt, sched = build_ours(name, imgsz, args, device, iters_per_epoch=100)
+    torch.manual_seed(0)
+    last, last_opt, last_sched = build_ours(name, imgsz, args, device, iters_per_epoch=100, feature_extractor="last")
+    counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in (("ref", ref), ("ours", ours), ("last", last))}
+    bf16 = amp_settings("bf16", device)[0] if bf16_available(device) else None
+    rows = []
+    for batch in s["batches"]:
+        steps = s["steps"][batch]
+        ours_b, ref_b = fixed_batches(config, imgsz, batch, steps)
+        fns = {"ref": lambda: reference_step(ref, ref_opt, ref_b, device),
+               "ours": lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args)}
+        variants = batch == max(s["batches"])
+        if variants:
+            fns["last"] = lambda: our_epoch(last, ours_b, last_opt, last_sched, device, 1, args)
+            if bf16 is not None:
+                fns["bf16"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=bf16)
+        times = time_interleaved(fns, reps=s["reps"], warmup=s["warmup"], device=device)
+        n = batch * steps
+        rate = {k: [n / t for t in v] for k, v in times.items()}
+        setup = f"{name} {imgsz}x{imgsz}, {steps} step(s) of {batch} per rep"
+        rows.append(make_row(
+            f"train images/s, batch {batch}: reference step vs ours ({device.type})", rate["ref"], rate["ours"],
+            GOAL_TRAIN, "img/s", higher_is_better=True,
+            note=f"{setup}; ours = defaults (multi-level RetinaNet, frozen backbone, fp32); params total/trainable: "
+                 f"reference {counts['ref']}, ours {counts['ours']}"))
+        if variants:
+            rows.append(make_row(
+                f"train images/s, batch {batch}: reference step vs ours --feature-extractor last ({device.type})",
+                rate["ref"], rate["last"], "info", "img/s", higher_is_better=True,
+                note=f"{setup}; the reference's own head through our frozen path ({counts['last']} params)"))
+            if "bf16" in rate:
+                rows.append(make_row(
+                    f"train images/s, batch {batch}: reference step vs ours --amp bf16 ({device.type})",
+                    rate["ref"], rate["bf16"], "info", "img/s", higher_is_better=True,
+                    note=f"{setup}; default model with bf16 autocast"))
+    return rows
+
+
+def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path,
+               feature_extractor: str = "multi", goal: Any = GOAL_CACHE) -> list[dict[str, Any]]:
+    """Epoch seconds of the real training loader vs the ``--cache-features ram`` loader (epochs >= 2)."""
+    from src.detection.datasets import load_data_config
+    from src.detection.train import data_loaders, prepare_feature_cache
+
+    imgsz, batch = s["imgsz"], s["epoch_batch"]
+    workers = 0 if device.type == "cpu" else 2  # 2 shared cores: a worker process only competes with compute
+    args = train_args(["--config", str(config), "--imgsz", str(imgsz), "--batch", str(batch), "--workers",
+                       str(workers), "--model-name", s["model_name"], "--cache-features", "ram",
+                       "--feature-extractor", feature_extractor])
+    data_cfg = load_data_config(config)
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
+        _, _, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1, device)
+    model, opt, sched = build_ours(s["model_name"], imgsz, args, device, iters_per_epoch=len(loader),
+                                   feature_extractor=feature_extractor)
+    cached: dict[str, Any] = {}
+
+    def build() -> None:
+        cached["loader"], cached["sampler"] = prepare_feature_cache(
+            args, model, data_cfg, (imgsz, imgsz), device, root / "cache_run", 0, 1, False)
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        build_s = time_call(build, device)
+    c_loader, c_sampler = cached["loader"], cached["sampler"]
+    plain, cache = [], []
+    for epoch in range(1, s["epochs"] + 1):  # interleaved so both see the same machine load
+        sampler.set_epoch(epoch)
+        plain.append(time_call(lambda: our_epoch(model, loader, opt, sched, device, epoch, args), device))
+        c_sampler.set_epoch(epoch)
+        cache.append(time_call(lambda: our_epoch(model, c_loader, opt, sched, device, epoch, args), device))
+    n = len(sampler)
+    head = "default multi-level" if feature_extractor == "multi" else "--feature-extractor last (reference head)"
+    note = (f"{head}; {n} images/epoch, batch {batch}, flip augmentation, epochs 2-{s['epochs']} (epoch 1: "
+            f"{plain[0]:.1f}s vs {cache[0]:.1f}s); one-off cache build {build_s:.1f}s ({n} images x 2 flips)")
+    suffix = "" if feature_extractor == "multi" else ", --feature-extractor last"
+    return [make_row(f"epoch time without vs with --cache-features ram{suffix}, from epoch 2 ({device.type})",
+                     plain[1:], cache[1:], goal, "s", higher_is_better=False, note=note)]
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+    """All training rows ``{name, baseline, ours, ratio, goal, unit, *_spread, note}`` on ``device``."""
+    s = settings(quick)
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        root = Path(tmp)
+        config = make_data(root, max(s["n_images"], s["epoch_images"]), s["imgsz"])
+        rows = training_rows(s, config, dev)
+        rows += cache_rows(s, config, dev, root)
+        rows += cache_rows(s, config, dev, root, feature_extractor="last", goal="info")
+    for r in rows:  # a NaN would make every ratio meaningless: fail loudly instead
+        for key in ("baseline", "ours", "ratio"):
+            if not math.isfinite(r[key]):
+                raise RuntimeError(f"{r['name']}: non-finite {key} {r[key]}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny backbone at 160 px, few repetitions")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    args = ap.parse_args()
+    print(markdown_table(run(quick=args.quick, device=args.device)))
+
+
+if __name__ == "__main__":
+    main()

@@ -106,10 +106,11 @@ def run(quick: bool = False, compile: bool = False) -> list[dict[str, Any]]:
     def images_per_s(p: Predictor) -> float:
         return _rate(lambda: len(p.predict(images)), reps)
 
-    # --- ours with its defaults vs the reference loop
+    # --- ours with its defaults (bf16 where native, contiguous memory on CPU) vs the reference loop
     for bs in (1, 8):
         p = predictor(batch_size=bs)
-        rows.append(_row(f"images/s batch {bs} (ours: {p.precision}, channels_last) vs per-image loop", ref,
+        layout = ", channels_last" if p.channels_last else ""
+        rows.append(_row(f"images/s batch {bs} (ours: {p.precision}{layout}) vs per-image loop", ref,
                          images_per_s(p), ">= 2x"))
 
     # --- steps, each against our plain fp32 / contiguous / square / batch-1 path
@@ -170,7 +171,7 @@ def main() -> None:
     rows = run(quick=args.quick, compile=args.compile)
     size = "dinov3_convnext_atto @256, 320x240 frames" if args.quick else "dinov3_convnext_tiny @640, 640x480 frames"
     print(to_markdown(rows, f"Inference ({size}, CPU x{torch.get_num_threads()} threads, "
-                            f"default CPU precision {CPU_DEFAULT_PRECISION}; images/s or FPS)"))
+                            f"CPU default precision {CPU_DEFAULT_PRECISION} (bf16 native: {cpu_bf16_supported()}); images/s or FPS)"))
 
 
 if __name__ == "__main__":

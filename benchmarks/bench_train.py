@@ -56,12 +56,13 @@ GOAL_CACHE = 3.0
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """Model, image size and repetition counts for the full and the ``--quick`` run."""
+    """Model, image size and repetition counts for the full and the ``--quick`` run (``variants``: also the
+    informative rows - bf16, the reference head through our path, the cache with the reference head)."""
     if quick:
         return dict(model_name="dinov3_convnext_atto", imgsz=160, batches=(2, 8), steps={2: 2, 8: 1}, reps=2,
-                    warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3)
+                    warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3, variants=True)
     return dict(model_name="dinov3_convnext_tiny", imgsz=640, batches=(2, 8), steps={2: 2, 8: 1}, reps=3,
-                warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3)
+                warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3, variants=True)
 
 
 # --------------------------------------------------------------------------------------------------- baseline
@@ -197,9 +198,13 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
     ours, opt, sched = build_ours(name, imgsz, args, device, iters_per_epoch=100)
-    torch.manual_seed(0)
-    last, last_opt, last_sched = build_ours(name, imgsz, args, device, iters_per_epoch=100, feature_extractor="last")
-    counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in (("ref", ref), ("ours", ours), ("last", last))}
+    models = {"ref": ref, "ours": ours}
+    if s["variants"]:
+        torch.manual_seed(0)
+        last, last_opt, last_sched = build_ours(name, imgsz, args, device, iters_per_epoch=100,
+                                                feature_extractor="last")
+        models["last"] = last
+    counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in models.items()}
     bf16 = amp_settings("bf16", device)[0] if bf16_available(device) else None
     rows = []
     for batch in s["batches"]:
@@ -207,7 +212,7 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         ours_b, ref_b = fixed_batches(config, imgsz, batch, steps)
         fns = {"ref": lambda: reference_step(ref, ref_opt, ref_b, device),
                "ours": lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args)}
-        variants = batch == max(s["batches"])
+        variants = s["variants"] and batch == max(s["batches"])
         if variants:
             fns["last"] = lambda: our_epoch(last, ours_b, last_opt, last_sched, device, 1, args)
             if bf16 is not None:
@@ -284,7 +289,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
         config = make_data(root, max(s["n_images"], s["epoch_images"]), s["imgsz"])
         rows = training_rows(s, config, dev)
         rows += cache_rows(s, config, dev, root)
-        rows += cache_rows(s, config, dev, root, feature_extractor="last", goal="info")
+        if s["variants"]:
+            rows += cache_rows(s, config, dev, root, feature_extractor="last", goal="info")
     for r in rows:  # a NaN would make every ratio meaningless: fail loudly instead
         for key in ("baseline", "ours", "ratio"):
             if not math.isfinite(r[key]):

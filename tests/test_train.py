@@ -39,20 +39,25 @@ def rows(run: Path) -> list[dict[str, float]]:
 
 
 def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path):
-    out = train(["--config", str(shapes), *TINY, "--epochs", "4", "--out-dir", str(tmp_path), "--name", "r",
-                 "--cache-features", "ram"])
+    # Scored on its own training images: a frozen *random* backbone needs ~1,600 images to generalise (see
+    # docs/DEMO.md), but fitting 48 images proves that targets, losses, optimiser and evaluation line up.
+    fit = tmp_path / "fit.yaml"
+    fit.write_text(shapes.read_text().replace("valid/", "train/").replace("train/", f"{shapes.parent}/train/"))
+    out = train(["--config", str(fit), *TINY, "--epochs", "12", "--eval-interval", "4", "--out-dir", str(tmp_path),
+                 "--name", "r", "--cache-features", "ram", "--augment", "none"])
     assert out.returncode == 0, out.stderr[-2000:]
     run = tmp_path / "r"
     for name in ("best_model.pth", "last_model.pth", "results.csv", "train_loss.png", "map.png", "args.yaml",
                  "per_class_ap.csv", "per_class_ap.txt", "per_class_ap.png", "pr_curves.png"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     r = rows(run)
-    assert [int(x["epoch"]) for x in r] == [1, 2, 3, 4]
+    assert [int(x["epoch"]) for x in r] == list(range(1, 13))
+    assert [x["epoch"] for x in r if not math.isnan(x["map"])] == [4, 8, 12]  # --eval-interval
     assert r[-1]["train_loss"] < r[0]["train_loss"]  # epoch-mean loss goes down
-    assert max(x["map50"] for x in r) > 0.02  # floor for 4 tiny epochs from a random backbone (chance is ~0)
+    assert r[-1]["map50"] > 0.1  # stated floor; an untrained model scores < 0.01 here
     assert "total parameters." in out.stdout and "WARNING" in out.stderr and "RANDOM" in out.stderr.upper()
     ckpt = torch.load(run / "last_model.pth", weights_only=True)
-    assert ckpt["epoch"] == 4 and ckpt["meta"]["classes"][0] == "__background__"
+    assert ckpt["epoch"] == 12 and ckpt["meta"]["classes"][0] == "__background__"
     assert ckpt["meta"]["imgsz"] in ([96, 96], (96, 96)) and ckpt["meta"]["head"] == "fcos"
 
 

@@ -1,0 +1,160 @@
+"""Unit tests of the training engine pieces: LR schedule, non-finite guard, EMA, epoch-keyed sampling, cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from src.detection.engine import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, lr_factor, train_one_epoch
+from src.detection.errors import UserError
+from src.detection.sampling import EpochSampler, EpochSeededDataset, ShardSampler
+
+
+def test_lr_schedule_warmup_then_cosine_step_multistep():
+    kw = dict(total_iters=100, iters_per_epoch=10, warmup_iters=10, steps=[5, 8])
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.001)
+    assert lr_factor(5, schedule="cosine", **kw) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(55, schedule="cosine", **kw) == pytest.approx(0.01 + 0.99 * 0.5, abs=1e-9)
+    assert lr_factor(99, schedule="cosine", **kw) < 0.02
+    assert lr_factor(49, schedule="multistep", **kw) == 1.0
+    assert lr_factor(50, schedule="multistep", **kw) == pytest.approx(0.1)
+    assert lr_factor(85, schedule="multistep", **kw) == pytest.approx(0.01)
+    assert lr_factor(50, schedule="step", **kw) == pytest.approx(0.1)  # step every 5 epochs
+    assert lr_factor(50, schedule="none", **kw) == 1.0
+
+
+def test_scheduler_drives_the_optimizer_per_iteration():
+    model = nn.Linear(2, 2)
+    opt = build_optimizer(model, "adamw", lr=0.1, weight_decay=0.01)
+    sched = build_scheduler(opt, schedule="cosine", epochs=2, iters_per_epoch=5, warmup_iters=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[5] == pytest.approx(0.1) and lrs[-1] < lrs[5]
+    # no weight decay on biases / norms
+    decays = {g["weight_decay"] for g in opt.param_groups if any(p.ndim == 1 for p in g["params"])}
+    assert decays == {0.0}
+    with pytest.raises(UserError, match="--lr-steps"):
+        build_scheduler(opt, schedule="multistep", epochs=2, iters_per_epoch=5)
+
+
+class ToyDetector(nn.Module):
+    """Stands in for a detector: returns a loss dict; NaN for the batches listed in ``nan_at``."""
+
+    def __init__(self, nan_at=()):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.calls, self.nan_at = 0, set(nan_at)
+
+    def forward(self, images, targets):
+        self.calls += 1
+        loss = (self.w * images.float().mean()) ** 2
+        if self.calls in self.nan_at:
+            loss = loss * float("nan")
+        return {"loss_a": loss, "loss_b": loss * 0.5}
+
+
+def batches(n):
+    return [(torch.ones(2, 3, 4, 4), [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2)
+            for _ in range(n)]
+
+
+def test_non_finite_steps_are_skipped_and_reported():
+    model = ToyDetector(nan_at={2, 4})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = model.w.detach().clone()
+    out = train_one_epoch(model, batches(5), opt, None, torch.device("cpu"), 1)
+    assert out["skipped_steps"] == 2
+    assert math.isfinite(out["train_loss"]) and set(out) >= {"loss_a", "loss_b", "train_loss"}
+    assert not torch.equal(before, model.w.detach())
+
+
+def test_too_many_non_finite_steps_stop_with_a_clear_message():
+    model = ToyDetector(nan_at={1, 2, 3})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(UserError, match="3 non-finite losses in a row in epoch 7; lower --lr"):
+        train_one_epoch(model, batches(5), opt, None, torch.device("cpu"), 7, guard=NonFiniteGuard(3))
+
+
+def test_ema_tracks_trainable_weights_and_swaps_for_eval():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)  # frozen parameters are not averaged
+    ema = ModelEMA(model, decay=0.5, warmup=1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    live = model[0].weight.detach().clone()
+    with ema.swapped_in(model):
+        inside = model[0].weight.detach().clone()
+    assert not torch.allclose(inside, live)  # averaged weights are in use inside the block
+    assert torch.equal(model[0].weight, live)  # and restored afterwards
+    assert "0.bias" not in ema.shadow
+    state = ema.state_dict()
+    other = ModelEMA(model, decay=0.5)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.shadow["0.weight"], ema.shadow["0.weight"])
+
+
+class RandomDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return i, torch.rand(()).item()
+
+
+def test_epoch_keyed_sampling_is_reproducible_and_sharded():
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    first = list(s)
+    s.set_epoch(3)
+    assert [i for _, i in first] != [i for _, i in s]
+    s.set_epoch(2)
+    assert list(s) == first and sorted(i for _, i in first) == list(range(10))
+    ds = EpochSeededDataset(RandomDataset(), seed=3)
+    assert ds[(2, 5)] == ds[(2, 5)] and ds[(2, 5)] != ds[(3, 5)]
+    # DDP: equal-length shards covering everything
+    shards = []
+    for r in range(3):
+        sh = EpochSampler(10, seed=3, rank=r, world_size=3)
+        sh.set_epoch(1)
+        shards.append([i for _, i in sh])
+    assert {len(x) for x in shards} == {4} and set(sum(shards, [])) == set(range(10))
+    assert sorted(sum((list(ShardSampler(10, r, 3)) for r in range(3)), [])) == list(range(10))
+
+
+def test_feature_cache_training_matches_image_training(tmp_path):
+    """With augment none, an epoch on cached fp16 features gives (almost) the same losses as on images."""
+    from src.detection.datasets import build_datasets, collate_fn, load_data_config
+    from src.detection.feature_cache import FeatureCache, collate_cached
+    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.synthetic import generate_dataset
+
+    cfg_path = generate_dataset(tmp_path / "d", 8, 2, imgsz=64, seed=0)
+    data = load_data_config(cfg_path)
+    train_ds, _ = build_datasets(data, imgsz=(64, 64), augment="none", verbose=False)
+    torch.manual_seed(0)
+    model = build_detector(DetectorConfig("dinov3_convnext_atto", len(data.classes), head="fcos", imgsz=(64, 64),
+                                          fpn_channels=64), verbose=False)
+    cache = FeatureCache("ram", flip=True, seed=0)
+    cache.build(model, train_ds, list(range(8)), torch.device("cpu"), batch_size=4, workers=0,
+                collate_fn=collate_fn, show=False)
+    assert len(cache.ram) == 16  # 8 images x (original, flipped)
+    model.train()
+    images, targets = collate_fn([train_ds[i] for i in range(4)])
+    direct = model(images, targets)
+    cached_batch = collate_cached([cache._get(i, False) for i in range(4)], (64, 64))
+    with model.cached_features(cached_batch[2]):
+        from_cache = model(cached_batch[0], cached_batch[1])
+    for k in direct:
+        assert from_cache[k].item() == pytest.approx(direct[k].item(), rel=2e-2)
+    # flipped variant: flipped boxes of the same image
+    flipped = cache._get(0, True)[1]["boxes"]
+    plain = cache._get(0, False)[1]["boxes"]
+    torch.testing.assert_close(flipped[:, [0, 2]], 64 - plain[:, [2, 0]])

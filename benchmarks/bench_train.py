@@ -149,6 +149,11 @@ def our_epoch(model, batches, optimizer, scheduler, device: torch.device, epoch:
                         amp_dtype=amp_dtype, total=len(batches), desc="bench")
 
 
+def log(message: str) -> None:
+    """Progress on stderr: a full run takes a while and prints its table only at the end."""
+    print(f"[bench_train] {message}", file=sys.stderr, flush=True)
+
+
 def bf16_available(device: torch.device) -> bool:
     """Only measure bf16 where it has native kernels (emulated bf16 on CPU is slower, not a fair option)."""
     if device.type == "cuda":
@@ -218,6 +223,7 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
             if bf16 is not None:
                 fns["bf16"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=bf16)
         times = time_interleaved(fns, reps=s["reps"], warmup=s["warmup"], device=device)
+        log(f"batch {batch}: {', '.join(f'{k} {batch * steps / min(v):.2f} img/s' for k, v in times.items())} (best)")
         n = batch * steps
         rate = {k: [n / t for t in v] for k, v in times.items()}
         setup = f"{name} {imgsz}x{imgsz}, {steps} step(s) of {batch} per rep"
@@ -272,6 +278,7 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
         c_sampler.set_epoch(epoch)
         cache.append(time_call(lambda: our_epoch(model, c_loader, opt, sched, device, epoch, args), device))
     n = len(sampler)
+    log(f"cache ({feature_extractor}): epochs without {[round(t, 1) for t in plain]}s, with {[round(t, 1) for t in cache]}s")
     head = "default multi-level" if feature_extractor == "multi" else "--feature-extractor last (reference head)"
     note = (f"{head}; {n} images/epoch, batch {batch}, flip augmentation, epochs 2-{s['epochs']} (epoch 1: "
             f"{plain[0]:.1f}s vs {cache[0]:.1f}s); one-off cache build {build_s:.1f}s ({n} images x 2 flips)")

@@ -25,12 +25,12 @@ $PY train_detection.py --config "$DATA/shapes.yaml" --model-name dinov3_convnext
     --lr 2e-3 --scheduler cosine --warmup-epochs 0.5 --epochs 10 \
     --augment flip --cache-features ram --out-dir outputs/img_det --name demo --exist-ok --seed 0
 
-echo "== 3/4 image inference (32 validation images)"
+echo "== 3/4 image inference (40 validation images)"
 $PY infer_det_image.py --input "$DATA/valid/images/valid_000[0-3]*.jpg" --model "$RUN/best_model.pth" \
-    --threshold 0.4 --out-dir "$INFER"
+    --threshold 0.5 --out-dir "$INFER"
 
 echo "== 4/4 video inference"
-$PY infer_det_video.py --input "$DATA/demo.mp4" --model "$RUN/best_model.pth" --threshold 0.4 --out-dir "$VIDEO_OUT"
+$PY infer_det_video.py --input "$DATA/demo.mp4" --model "$RUN/best_model.pth" --threshold 0.5 --out-dir "$VIDEO_OUT"
 
 echo
 echo "Demo finished in $((SECONDS - START)) s. Outputs:"

@@ -158,3 +158,21 @@ def test_feature_cache_training_matches_image_training(tmp_path):
     flipped = cache._get(0, True)[1]["boxes"]
     plain = cache._get(0, False)[1]["boxes"]
     torch.testing.assert_close(flipped[:, [0, 2]], 64 - plain[:, [2, 0]])
+
+
+def test_fine_tune_backbone_gets_its_own_learning_rate():
+    from src.detection.model import DetectorConfig, build_detector
+
+    model = build_detector(DetectorConfig("dinov3_convnext_atto", 4, head="fcos", imgsz=(64, 64), fpn_channels=64,
+                                          fine_tune=True), verbose=False)
+    opt = build_optimizer(model, "adamw", 1e-3, 0.01, backbone_lr=1e-5)
+    backbone = {id(p) for p in model.dino.parameters()}
+    for group in opt.param_groups:
+        in_backbone = {id(p) in backbone for p in group["params"]}
+        assert len(in_backbone) == 1
+        assert group["lr"] == (1e-5 if in_backbone.pop() else 1e-3)
+    frozen = build_detector(DetectorConfig("dinov3_convnext_atto", 4, head="fcos", imgsz=(64, 64), fpn_channels=64),
+                            verbose=False)
+    n_opt = sum(len(g["params"]) for g in build_optimizer(frozen, "sgd", 1e-3, 0.0).param_groups)
+    assert n_opt == sum(p.requires_grad for p in frozen.parameters()) and not any(
+        p.requires_grad for p in frozen.dino.parameters())

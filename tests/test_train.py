@@ -43,21 +43,21 @@ def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path):
     # docs/DEMO.md), but fitting 48 images proves that targets, losses, optimiser and evaluation line up.
     fit = tmp_path / "fit.yaml"
     fit.write_text(shapes.read_text().replace("valid/", "train/").replace("train/", f"{shapes.parent}/train/"))
-    out = train(["--config", str(fit), *TINY, "--epochs", "12", "--eval-interval", "4", "--out-dir", str(tmp_path),
-                 "--name", "r", "--cache-features", "ram", "--augment", "none"])
+    out = train(["--config", str(fit), *TINY, "--batch", "4", "--epochs", "16", "--eval-interval", "8",
+                 "--out-dir", str(tmp_path), "--name", "r", "--cache-features", "ram", "--augment", "none"])
     assert out.returncode == 0, out.stderr[-2000:]
     run = tmp_path / "r"
     for name in ("best_model.pth", "last_model.pth", "results.csv", "train_loss.png", "map.png", "args.yaml",
                  "per_class_ap.csv", "per_class_ap.txt", "per_class_ap.png", "pr_curves.png"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     r = rows(run)
-    assert [int(x["epoch"]) for x in r] == list(range(1, 13))
-    assert [x["epoch"] for x in r if not math.isnan(x["map"])] == [4, 8, 12]  # --eval-interval
+    assert [int(x["epoch"]) for x in r] == list(range(1, 17))
+    assert [x["epoch"] for x in r if not math.isnan(x["map"])] == [8, 16]  # --eval-interval
     assert r[-1]["train_loss"] < r[0]["train_loss"]  # epoch-mean loss goes down
     assert r[-1]["map50"] > 0.1  # stated floor; an untrained model scores < 0.01 here
     assert "total parameters." in out.stdout and "WARNING" in out.stderr and "RANDOM" in out.stderr.upper()
     ckpt = torch.load(run / "last_model.pth", weights_only=True)
-    assert ckpt["epoch"] == 12 and ckpt["meta"]["classes"][0] == "__background__"
+    assert ckpt["epoch"] == 16 and ckpt["meta"]["classes"][0] == "__background__"
     assert ckpt["meta"]["imgsz"] in ([96, 96], (96, 96)) and ckpt["meta"]["head"] == "fcos"
 
 

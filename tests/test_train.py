@@ -128,6 +128,8 @@ def test_user_mistakes_give_one_line(tmp_path: Path, shapes: Path):
         lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], (args, out.stderr)
         assert "Traceback" not in out.stderr
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "a failed start must not leave run folders behind"
 
 
 def test_eval_only_scores_a_checkpoint(shapes: Path, tmp_path: Path):

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError, run_cli
 from .utils import increment_path, resolve_repo_path, select_device
 
 
-def _report(result, out_dir: Path | None) -> None:
+def _report(result, out_dir: Path | Callable[[], Path] | None) -> None:
     from .metrics import format_table, save_results
 
     print(format_table(result))
+    if callable(out_dir):  # created only now, so a failed evaluation leaves no empty run folder behind
+        out_dir = out_dir()
     if out_dir is not None:
         paths = save_results(result, out_dir)
         print(f"wrote {', '.join(p.name for p in paths)} to {out_dir}")
 
 
 def evaluate_checkpoint(model_path: str, config: str, *, metric: str = "coco", batch: int = 8, workers: int = 2,
-                        device: str = "auto", out_dir: str | Path | None = None, score_thresh: float | None = None,
+                        device: str = "auto", out_dir: str | Path | Callable[[], Path] | None = None, score_thresh: float | None = None,
                         letterbox: bool | None = None):
     """Score a checkpoint on the validation split of ``config``; returns the metrics result."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -46,11 +49,12 @@ def evaluate_checkpoint(model_path: str, config: str, *, metric: str = "coco", b
     _, valid_ds = build_datasets(data_cfg, imgsz=imgsz, augment="none", letterbox=lb, splits=("valid",))
     loader = build_dataloader(valid_ds, batch, workers)
     result = evaluate(model, loader, dev, classes, imgsz=imgsz, letterbox=lb, metric=metric)
-    _report(result, Path(out_dir) if out_dir else None)
+    _report(result, Path(out_dir) if isinstance(out_dir, (str, Path)) else out_dir)
     return result
 
 
-def evaluate_predictions(predictions: str, config: str, *, metric: str = "coco", out_dir: str | Path | None = None):
+def evaluate_predictions(predictions: str, config: str, *, metric: str = "coco",
+                         out_dir: str | Path | Callable[[], Path] | None = None):
     """Score a saved predictions JSON against the validation split's XML annotations (no model, no images)."""
     from .datasets import load_data_config, load_ground_truth
     from .metrics import score_predictions_json
@@ -61,7 +65,7 @@ def evaluate_predictions(predictions: str, config: str, *, metric: str = "coco",
     data_cfg = load_data_config(config)
     gts = load_ground_truth(data_cfg, split="valid")
     result = score_predictions_json(path, gts, data_cfg.classes, metric=metric)
-    _report(result, Path(out_dir) if out_dir else None)
+    _report(result, Path(out_dir) if isinstance(out_dir, (str, Path)) else out_dir)
     return result
 
 
@@ -79,7 +83,9 @@ def main() -> int:
     p.add_argument("--out-dir", default="outputs/eval", help="parent folder for per_class_ap.csv and plots")
     p.add_argument("--name", default=None)
     args = p.parse_args()
-    out = increment_path(args.out_dir, args.name, "eval", exist_ok=True)
+    def out() -> Path:
+        return increment_path(args.out_dir, args.name, "eval", exist_ok=True)
+
     if args.model:
         evaluate_checkpoint(args.model, args.config, metric=args.metric, batch=args.batch, workers=args.workers,
                             device=args.device, out_dir=out, score_thresh=args.score_thresh)

@@ -157,16 +157,6 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
     data_cfg = load_data_config(args.config)
     classes = data_cfg.classes
 
-    if not args.resume:
-        run_dir = None
-        if main:
-            run_dir = increment_path(args.out_dir, args.name, "run", exist_ok=args.exist_ok)
-        if world > 1:  # every rank needs the folder name (for the disk cache)
-            holder = [str(run_dir) if main else None]
-            dist.broadcast_object_list(holder)
-            run_dir = Path(holder[0])
-    assert run_dir is not None
-
     cfg = DetectorConfig(model_name=args.model_name, num_classes=len(classes), head=args.head,
                          feature_extractor=args.feature_extractor, imgsz=imgsz, backbone_impl=args.backbone_impl,
                          fine_tune=args.fine_tune, nms=args.nms, score_thresh=args.score_thresh,
@@ -178,6 +168,16 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
 
     train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(args, data_cfg, imgsz, rank, world,
                                                                                  device)
+    if not args.resume:  # created only once model and data are known to be fine: no empty folders on errors
+        run_dir = None
+        if main:
+            run_dir = increment_path(args.out_dir, args.name, "run", exist_ok=args.exist_ok)
+        if world > 1:  # every rank needs the folder name (for the disk cache)
+            holder = [str(run_dir) if main else None]
+            dist.broadcast_object_list(holder)
+            run_dir = Path(holder[0])
+    assert run_dir is not None
+
     if main:
         print(f"data: {len(train_ds)} training / {len(valid_ds)} validation images, {len(classes) - 1} classes "
               f"({', '.join(classes[1:])})")
@@ -185,10 +185,9 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
             paths = save_transformed_samples(train_ds, run_dir / "transformed_samples")
             print(f"wrote {len(paths)} augmented samples to {run_dir / 'transformed_samples'}")
 
-    cache = None
-    if args.cache_features:
-        cache = prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir, rank, world, main)
-        train_loader, train_sampler = cache
+    if args.cache_features:  # the image loader is replaced by one over cached backbone maps
+        train_loader, train_sampler = prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir, rank,
+                                                            world, main)
 
     train_model = model
     if world > 1:

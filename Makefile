@@ -21,7 +21,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs/*

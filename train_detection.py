@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm (default) or the official repo via torch.hub (needs DINOv3_REPO)")
     g.add_argument("--fine-tune", action="store_true", help="train the backbone too (default: frozen)")
     g.add_argument("--backbone-lr", type=float, default=None, help="LR for the backbone with --fine-tune")
-    g.add_argument("--fpn-channels", type=int, default=256)
+    g.add_argument("--fpn-channels", type=int, default=128,
+                   help="width of the FPN / pyramid and the head convs (256 = torchvision RetinaNet; 128 trains ~1.7x faster)")
     g.add_argument("--imgsz", type=int, nargs="+", default=[640, 640], metavar="N", help="W H, or one size")
     g.add_argument("--letterbox", action="store_true", help="keep aspect ratio and pad instead of stretching")
     g.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold")

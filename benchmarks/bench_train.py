@@ -130,7 +130,7 @@ def build_ours(model_name: str, imgsz: int, args: argparse.Namespace, device: to
     from src.detection.model import DetectorConfig, build_detector
 
     cfg = DetectorConfig(model_name=model_name, num_classes=NUM_CLASSES, imgsz=(imgsz, imgsz),
-                         feature_extractor=feature_extractor)
+                         feature_extractor=feature_extractor, fpn_channels=args.fpn_channels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_detector(cfg, verbose=False).to(device)
@@ -261,7 +261,7 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
     with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
         _, _, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1, device)
     model, opt, sched = build_ours(s["model_name"], imgsz, args, device, iters_per_epoch=len(loader),
-                                   feature_extractor=feature_extractor)
+                                   feature_extractor=feature_extractor, fpn_channels=args.fpn_channels)
     cached: dict[str, Any] = {}
 
     def build() -> None:

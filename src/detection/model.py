@@ -69,7 +69,7 @@ class DetectorConfig:
     score_thresh: float = 0.05
     max_det: int = 100
     arch_overrides: dict[str, Any] | None = None
-    fpn_channels: int = 256
+    fpn_channels: int = 128
 
     def __post_init__(self) -> None:
         self.imgsz = parse_imgsz(self.imgsz)

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=1.0)
     g.add_argument("--warmup-iters", type=int, default=None, help="overrides --warmup-epochs")
     g.add_argument("--clip-grad", type=float, default=10.0, help="max grad norm (0 = off)")
-    g.add_argument("--amp", nargs="?", const="auto", default=None, choices=["auto", "fp16", "bf16"],
-                   help="mixed precision: fp16 (+GradScaler) or bf16; auto = bf16 where supported")
+    g.add_argument("--amp", nargs="?", const="auto", default="auto", choices=["auto", "none", "fp16", "bf16"],
+                   help="mixed precision: auto (default) = bf16 where the GPU/CPU runs it natively, fp16 + GradScaler "
+                        "on older GPUs, else fp32; none = always fp32")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the trainable weights (evaluated/saved)")
     g.add_argument("--ema-decay", type=float, default=0.9998)
     g.add_argument("--seed", type=int, default=42)

@@ -154,15 +154,6 @@ def log(message: str) -> None:
     print(f"[bench_train] {message}", file=sys.stderr, flush=True)
 
 
-def bf16_available(device: torch.device) -> bool:
-    """Only measure bf16 where it has native kernels (emulated bf16 on CPU is slower, not a fair option)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    from src.detection.predict import cpu_bf16_supported
-
-    return cpu_bf16_supported()
-
-
 # --------------------------------------------------------------------------------------------------- data
 def make_data(root: Path, n_images: int, imgsz: int) -> Path:
     """Synthetic shapes at ``imgsz`` (the project's generator); returns the dataset config path."""
@@ -210,18 +201,20 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                                                 feature_extractor="last")
         models["last"] = last
     counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in models.items()}
-    bf16 = amp_settings("bf16", device)[0] if bf16_available(device) else None
+    default_amp = amp_settings(args.amp, device)[0]  # what a user's run gets: bf16 where native, else fp32
+    amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[default_amp]
     rows = []
     for batch in s["batches"]:
         steps = s["steps"][batch]
         ours_b, ref_b = fixed_batches(config, imgsz, batch, steps)
         fns = {"ref": lambda: reference_step(ref, ref_opt, ref_b, device),
-               "ours": lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args)}
+               "ours": lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=default_amp)}
         variants = s["variants"] and batch == max(s["batches"])
         if variants:
-            fns["last"] = lambda: our_epoch(last, ours_b, last_opt, last_sched, device, 1, args)
-            if bf16 is not None:
-                fns["bf16"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=bf16)
+            fns["last"] = lambda: our_epoch(last, ours_b, last_opt, last_sched, device, 1, args,
+                                            amp_dtype=default_amp)
+            if default_amp is not None:
+                fns["fp32"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=None)
         times = time_interleaved(fns, reps=s["reps"], warmup=s["warmup"], device=device)
         log(f"batch {batch}: {', '.join(f'{k} {batch * steps / min(v):.2f} img/s' for k, v in times.items())} (best)")
         n = batch * steps
@@ -230,18 +223,18 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         rows.append(make_row(
             f"train images/s, batch {batch}: reference step vs ours ({device.type})", rate["ref"], rate["ours"],
             GOAL_TRAIN, "img/s", higher_is_better=True,
-            note=f"{setup}; ours = defaults (multi-level RetinaNet, frozen backbone, fp32); params total/trainable: "
+            note=f"{setup}; ours = defaults (multi-level RetinaNet, frozen backbone, --amp auto = {amp_name}); params total/trainable: "
                  f"reference {counts['ref']}, ours {counts['ours']}"))
         if variants:
             rows.append(make_row(
                 f"train images/s, batch {batch}: reference step vs ours --feature-extractor last ({device.type})",
                 rate["ref"], rate["last"], "info", "img/s", higher_is_better=True,
                 note=f"{setup}; the reference's own head through our frozen path ({counts['last']} params)"))
-            if "bf16" in rate:
+            if "fp32" in rate:
                 rows.append(make_row(
-                    f"train images/s, batch {batch}: reference step vs ours --amp bf16 ({device.type})",
-                    rate["ref"], rate["bf16"], "info", "img/s", higher_is_better=True,
-                    note=f"{setup}; default model with bf16 autocast"))
+                    f"train images/s, batch {batch}: reference step vs ours --amp none ({device.type})",
+                    rate["ref"], rate["fp32"], "info", "img/s", higher_is_better=True,
+                    note=f"{setup}; default model in plain fp32"))
     return rows
 
 
@@ -249,7 +242,7 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
                feature_extractor: str = "multi", goal: Any = GOAL_CACHE) -> list[dict[str, Any]]:
     """Epoch seconds of the real training loader vs the ``--cache-features ram`` loader (epochs >= 2)."""
     from src.detection.datasets import load_data_config
-    from src.detection.train import data_loaders, prepare_feature_cache
+    from src.detection.train import amp_settings, data_loaders, prepare_feature_cache
 
     imgsz, batch = s["imgsz"], s["epoch_batch"]
     workers = 0 if device.type == "cpu" else 2  # 2 shared cores: a worker process only competes with compute
@@ -261,12 +254,14 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
     with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
         _, _, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1, device)
     model, opt, sched = build_ours(s["model_name"], imgsz, args, device, iters_per_epoch=len(loader),
-                                   feature_extractor=feature_extractor, fpn_channels=args.fpn_channels)
+                                   feature_extractor=feature_extractor)
     cached: dict[str, Any] = {}
+
+    amp = amp_settings(args.amp, device)[0]  # the default --amp auto, as train.py applies it
 
     def build() -> None:
         cached["loader"], cached["sampler"] = prepare_feature_cache(
-            args, model, data_cfg, (imgsz, imgsz), device, root / "cache_run", 0, 1, False)
+            args, model, data_cfg, (imgsz, imgsz), device, root / "cache_run", 0, 1, False, amp)
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         build_s = time_call(build, device)
@@ -274,9 +269,9 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
     plain, cache = [], []
     for epoch in range(1, s["epochs"] + 1):  # interleaved so both see the same machine load
         sampler.set_epoch(epoch)
-        plain.append(time_call(lambda: our_epoch(model, loader, opt, sched, device, epoch, args), device))
+        plain.append(time_call(lambda: our_epoch(model, loader, opt, sched, device, epoch, args, amp), device))
         c_sampler.set_epoch(epoch)
-        cache.append(time_call(lambda: our_epoch(model, c_loader, opt, sched, device, epoch, args), device))
+        cache.append(time_call(lambda: our_epoch(model, c_loader, opt, sched, device, epoch, args, amp), device))
     n = len(sampler)
     log(f"cache ({feature_extractor}): epochs without {[round(t, 1) for t in plain]}s, with {[round(t, 1) for t in cache]}s")
     head = "default multi-level" if feature_extractor == "multi" else "--feature-extractor last (reference head)"

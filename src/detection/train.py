@@ -51,10 +51,19 @@ def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
 
 
 def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    if amp is None:
+    """Autocast dtype and GradScaler for ``--amp``. ``auto`` (default): bf16 where the hardware runs it natively
+    (CUDA with bf16, CPUs with AVX-512 BF16 / AMX), fp16 + GradScaler on older GPUs, fp32 otherwise."""
+    if amp in (None, "none"):
         return None, None
     if amp == "auto":
-        amp = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            from .predict import cpu_bf16_supported
+
+            if not cpu_bf16_supported():
+                return None, None
+            amp = "bf16"
     if amp == "fp16":
         if device.type != "cuda":
             raise UserError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16")
@@ -185,9 +194,10 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
             paths = save_transformed_samples(train_ds, run_dir / "transformed_samples")
             print(f"wrote {len(paths)} augmented samples to {run_dir / 'transformed_samples'}")
 
+    amp_dtype, scaler = amp_settings(args.amp, device)
     if args.cache_features:  # the image loader is replaced by one over cached backbone maps
         train_loader, train_sampler = prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir, rank,
-                                                            world, main)
+                                                            world, main, amp_dtype)
 
     train_model = model
     if world > 1:
@@ -198,7 +208,6 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
     iters_per_epoch = len(train_loader)
     scheduler = build_scheduler(optimizer, schedule=args.scheduler, epochs=args.epochs, iters_per_epoch=iters_per_epoch,
                                 warmup_epochs=args.warmup_epochs, warmup_iters=args.warmup_iters, steps=args.lr_steps)
-    amp_dtype, scaler = amp_settings(args.amp, device)
     ema = ModelEMA(model, decay=args.ema_decay) if args.ema else None
 
     start_epoch, best_map = 1, -1.0
@@ -300,7 +309,8 @@ def restore_training_state(ckpt: dict[str, Any], model, optimizer, scheduler, sc
     return int(ckpt["epoch"]) + 1, -1.0 if best is None else float(best)
 
 
-def prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir: Path, rank: int, world: int, main: bool):
+def prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir: Path, rank: int, world: int, main: bool,
+                          amp_dtype: torch.dtype | None = None):
     """Build the cache for this rank's shard; returns (loader, sampler) that replace the image loader."""
     cache_ds, _ = build_datasets(data_cfg, imgsz=imgsz, augment="none", letterbox=args.letterbox,
                                  include_difficult=args.include_difficult,
@@ -311,7 +321,7 @@ def prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir: Path, r
                          cache_dir=run_dir / f"feature_cache_rank{rank}")
     t0 = time.perf_counter()
     cache.build(unwrap(model), cache_ds, shard, device, batch_size=args.batch, workers=args.workers,
-                collate_fn=collate_fn, show=main)
+                collate_fn=collate_fn, amp_dtype=amp_dtype, show=main)
     if main:
         print(f"feature cache ({args.cache_features}): {len(shard)} images x {1 + cache.flip} variants, "
               f"{cache.nbytes / 2**20:.0f} MiB, built in {time.perf_counter() - t0:.1f}s")

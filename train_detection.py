@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from src.detection.errors import run_cli
+from src.detection.transforms import DEFAULT_AUGMENT, PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--config", default="detection_configs/voc.yaml", help="dataset YAML (see detection_configs/)")
-    g.add_argument("--augment", default="flip", choices=["none", "flip", "ssd", "strong"])
+    g.add_argument("--augment", default=DEFAULT_AUGMENT, choices=PRESETS,
+                   help="augmentation preset (flip trained best on the synthetic set, docs/DEMO.md)")
     g.add_argument("--include-difficult", action="store_true", help="train on 'difficult' objects too")
     g.add_argument("--ignore-unknown-classes", action="store_true", help="skip objects whose class is not in CLASSES")
     g.add_argument("--skip-bad-samples", action="store_true", help="skip unreadable images / malformed XML")

@@ -315,7 +315,7 @@ def prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir: Path, r
     cache_ds, _ = build_datasets(data_cfg, imgsz=imgsz, augment="none", letterbox=args.letterbox,
                                  include_difficult=args.include_difficult,
                                  ignore_unknown_classes=args.ignore_unknown_classes or None,
-                                 skip_bad_samples=args.skip_bad_samples or None, verbose=False)
+                                 skip_bad_samples=args.skip_bad_samples or None, verbose=False, splits=("train",))
     shard = list(range(rank, len(cache_ds), world))  # under DDP each rank caches and trains on a fixed shard
     cache = FeatureCache(args.cache_features, flip=args.augment == "flip", seed=args.seed,
                          cache_dir=run_dir / f"feature_cache_rank{rank}")

@@ -47,10 +47,12 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     backbone_lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW (seed default) or SGD over trainable params; no weight decay on norms/biases; optional backbone LR."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for pname, p in unwrap(model).named_parameters():
+    dino = getattr(unwrap(model), "dino", None)
+    backbone_ids = {id(p) for p in dino.parameters()} if dino is not None else set()
+    for p in unwrap(model).parameters():
         if not p.requires_grad:
             continue
-        is_backbone = pname.startswith("backbone.") and ".dino." in f".{pname}."
+        is_backbone = id(p) in backbone_ids
         no_decay = p.ndim <= 1
         groups.setdefault((is_backbone, no_decay), []).append(p)
     if not groups:
@@ -165,8 +167,8 @@ class NonFiniteGuard:
     def __init__(self, limit: int):
         self.limit, self.in_row, self.total = limit, 0, 0
 
-    def check(self, loss: torch.Tensor, epoch: int) -> bool:
-        if torch.isfinite(loss).all():
+    def check(self, finite: bool, epoch: int) -> bool:
+        if finite:
             self.in_row = 0
             return True
         self.in_row += 1
@@ -207,7 +209,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         finite = torch.isfinite(loss.detach()).to(torch.float32)
         if is_distributed():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not guard.check(loss.detach() if finite.item() == 1.0 else torch.tensor(float("nan")), epoch):
+        if not guard.check(finite.item() == 1.0, epoch):
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             if scheduler is not None:

@@ -116,6 +116,16 @@ def plot_pr_curves(result: "EvalResult", path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def _epoch_axes(ax, ylabel: str, title: str) -> None:
+    """Shared styling of the per-epoch training plots."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_training_curves(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
     """``train_loss.png`` (epoch-mean total loss and each ``loss_*`` component) and ``map.png`` (mAP@[.5:.95],
     mAP@.5, mAP@.75 per evaluated epoch) from results.csv rows.
@@ -138,12 +148,7 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], out_dir: str | os.PathL
                     color="black" if total else None, label="total" if total else key[len("loss_"):])
             drawn = True
     if drawn:
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("loss (epoch mean)")
-        ax.set_title("Training loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _epoch_axes(ax, "loss (epoch mean)", "Training loss")
     else:
         _empty(ax, "no loss values yet")
     loss_png = _save(fig, out / "train_loss.png")
@@ -157,13 +162,8 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], out_dir: str | os.PathL
             ax.plot(epochs[ok], vals[ok], style, marker="o", ms=4, label=label)
             drawn = True
     if drawn:
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("mAP")
+        _epoch_axes(ax, "mAP", "Validation mAP")
         ax.set_ylim(0, 1)
-        ax.set_title("Validation mAP")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     else:
         _empty(ax, "no evaluation yet")
     map_png = _save(fig, out / "map.png")

@@ -4,7 +4,7 @@ from src.detection.errors import run_cli
 
 
 def main() -> int:
-    from src.detection.predict import build_image_parser, infer_images
+    from src.detection.infer_image import build_image_parser, infer_images
 
     infer_images(build_image_parser().parse_args())
     return 0

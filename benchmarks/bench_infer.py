@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
-from src.detection.predict import CPU_DEFAULT_PRECISION, Predictor, cpu_bf16_supported
+from src.detection.predictor import Predictor
+from src.detection.runtime import cpu_bf16_supported
 from src.detection.transforms import resize_image
 
 
@@ -171,7 +172,7 @@ def main() -> None:
     rows = run(quick=args.quick, compile=args.compile)
     size = "dinov3_convnext_atto @256, 320x240 frames" if args.quick else "dinov3_convnext_tiny @640, 640x480 frames"
     print(to_markdown(rows, f"Inference ({size}, CPU x{torch.get_num_threads()} threads, "
-                            f"CPU default precision {CPU_DEFAULT_PRECISION} (bf16 native: {cpu_bf16_supported()}); images/s or FPS)"))
+                            f"CPU default precision auto (bf16 native: {cpu_bf16_supported()}); images/s or FPS)"))
 
 
 if __name__ == "__main__":

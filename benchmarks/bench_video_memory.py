@@ -59,7 +59,7 @@ def run(quick: bool = False, frames: int | None = None) -> list[dict[str, Any]]:
     """One row: peak RSS (MiB) of the first vs the second half of a ``frames``-frame video run."""
     from src.detection.checkpoint import build_payload, model_meta
     from src.detection.model import DetectorConfig, build_detector
-    from src.detection.predict import Predictor
+    from src.detection.predictor import Predictor
     from src.detection.synthetic import CLASSES, generate_video
     from src.detection.video import open_source, process_video
 

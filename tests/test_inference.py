@@ -98,7 +98,7 @@ def best(pred: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 # ------------------------------------------------------------------------------------------------- Predictor
 def test_predictor_finds_box_in_original_coordinates(checkpoint: Path) -> None:
-    from src.detection.predict import Predictor
+    from src.detection.predictor import Predictor
 
     rgb = torch.from_numpy(make_scene()[:, :, ::-1].copy()).permute(2, 0, 1)
     predictor = Predictor(checkpoint, device="cpu", score_thresh=0.3, batch_size=2)
@@ -114,7 +114,7 @@ def test_predictor_finds_box_in_original_coordinates(checkpoint: Path) -> None:
 
 
 def test_predictor_rejects_contradicting_flags(checkpoint: Path) -> None:
-    from src.detection.predict import Predictor
+    from src.detection.predictor import Predictor
 
     with pytest.raises(UserError, match="--head ssd contradicts checkpoint"):
         Predictor(checkpoint, device="cpu", expect={"head": "ssd"})
@@ -219,7 +219,7 @@ def test_video_inference_keeps_fps_size_and_frame_count(checkpoint: Path, tmp_pa
 
 
 def test_video_max_frames_in_process(checkpoint: Path, tmp_path: Path) -> None:
-    from src.detection.predict import Predictor
+    from src.detection.predictor import Predictor
     from src.detection.video import open_source, process_video
 
     src = tmp_path / "clip.avi"

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import __version__
 from .errors import UserError
+from .runtime import unwrap
 from .utils import REPO_ROOT
 
 FORMAT = "dinov3-detection"
@@ -92,17 +93,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The real detector behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _frozen_backbone_keys(model: nn.Module) -> set[str]:
     """State-dict keys of ``model`` that belong to its frozen DINOv3 backbone (empty when fine-tuned)."""
     dino = getattr(model, "dino", None)
@@ -114,7 +104,7 @@ def _frozen_backbone_keys(model: nn.Module) -> set[str]:
 
 def model_meta(model: nn.Module, classes: list[str], letterbox: bool, weights: str | None = None) -> dict[str, Any]:
     """Checkpoint metadata for ``model``: its DetectorConfig plus what inference needs to reproduce preprocessing."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if not classes or classes[0] != "__background__":
         raise ValueError("classes must start with '__background__'")
     meta = dict(model.config.to_dict())
@@ -137,7 +127,7 @@ def build_payload(model: nn.Module, meta: dict[str, Any], optimizer: Any = None,
     ``rng=None`` captures the current RNG states. ``include_backbone=False`` drops a *frozen* backbone's tensors
     (a fine-tuned backbone is always saved, since no weights file could restore it).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     state = model.state_dict()
     skip = set() if include_backbone else _frozen_backbone_keys(model)
     meta = dict(meta)

@@ -21,84 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
-from torchvision.transforms.v2.functional import to_dtype
 
 from .errors import UserError
+from .image_io import IMAGE_EXTS, image_size, read_image
 from .transforms import DEFAULT_AUGMENT, build_transform
 from .utils import REPO_ROOT
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-# torchvision 0.29 deprecates its image codecs in favour of torchcodec but they are still the fastest here
-# (benchmarks/bench_decode.py); the notice is silenced per call, OpenCV is the fallback if they disappear.
-try:
-    from torchvision.io import ImageReadMode, decode_image as _tv_decode_image
-except ImportError:  # pragma: no cover - future torchvision without image codecs
-    _tv_decode_image = None
-
-
-# --------------------------------------------------------------------------------------------- images
-def _decode_torchvision(data: bytes) -> torch.Tensor:
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with warnings.catch_warnings():  # the deprecation notice is re-issued on every call (and pytest shows it)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _tv_decode_image(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-
-
-def _decode_cv2(data: bytes) -> torch.Tensor:
-    # IMREAD_COLOR applies EXIF orientation and converts grey/alpha/palette to 3 channels (BGR)
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise ValueError("OpenCV could not decode it")
-    return torch.from_numpy(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).contiguous()
-
-
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to an RGB uint8 tensor [3, H, W] with EXIF orientation applied.
-
-    JPEG/PNG through torchvision (libjpeg-turbo/libpng, fastest here: benchmarks/bench_decode.py); WebP, BMP and
-    anything torchvision rejects through OpenCV. Unreadable or truncated files raise UserError.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc.strerror or exc}; check the file exists and is readable")
-    if not data:
-        raise UserError(f"image {path} is empty (0 bytes); replace or remove it")
-    decoders = ([_decode_torchvision] if _tv_decode_image is not None else []) + [_decode_cv2]
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        decoders = [_decode_cv2]  # torchvision ignores WebP EXIF orientation; OpenCV applies it (and is as fast)
-    for decode in decoders:
-        try:
-            img = decode(data)
-            if img.dtype != torch.uint8:  # 16-bit PNG
-                img = to_dtype(img, torch.uint8, scale=True)
-            if img.ndim == 3 and img.shape[0] == 3 and img.shape[1] > 0 and img.shape[2] > 0:
-                return img
-        except (RuntimeError, ValueError, cv2.error):
-            continue
-    raise UserError(f"cannot decode image {path} (corrupt, truncated or unsupported format); replace or remove it")
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) after EXIF orientation, from the file header only (no pixel decoding)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.format in ("JPEG", "WEBP", "PNG", "TIFF") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                w, h = h, w
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; replace or remove it")
-    return h, w
-
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclass

@@ -14,28 +14,8 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .metrics import DetectionEvaluator
+from .runtime import autocast_context, is_distributed, is_main_process, unwrap, world_size
 from .transforms import boxes_to_original
-
-
-# ----------------------------------------------------------------------------------------------- distributed
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return rank() == 0
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # ----------------------------------------------------------------------------------------------- optimisation
@@ -149,12 +129,6 @@ class ModelEMA:
 
 
 # ----------------------------------------------------------------------------------------------- loops
-def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 def targets_to_device(targets: list[dict], device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Only what the detection losses need, as plain tensors."""
     return [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device, torch.float32),

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError, run_cli
-from .utils import increment_path, resolve_repo_path, select_device
+from .runtime import select_device
+from .utils import increment_path, resolve_repo_path
 
 
 def _report(result, out_dir: Path | Callable[[], Path] | None) -> None:

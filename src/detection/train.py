@@ -20,15 +20,15 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .checkpoint import build_payload, load_checkpoint, model_meta, save_checkpoint, set_rng_state
 from .datasets import build_dataloader, build_datasets, collate_fn, load_data_config, save_transformed_samples
-from .engine import (ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, is_main_process,
-                     train_one_epoch, unwrap)
+from .engine import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from .runtime import amp_settings, is_main_process, setup_distributed, unwrap
 from .errors import UserError
 from .feature_cache import FeatureCache, check_cacheable, collate_cached
 from .metrics import format_table, save_results
 from .model import DetectorConfig, build_detector
 from .plots import plot_training_curves
 from .sampling import EpochSampler, EpochSeededDataset, ShardSampler
-from .utils import increment_path, parse_imgsz, resolve_repo_path, seed_everything, select_device
+from .utils import increment_path, parse_imgsz, resolve_repo_path, seed_everything
 
 # Arguments a resumed run takes from the command line instead of the checkpoint.
 RESUME_OVERRIDABLE = {"epochs", "workers", "device", "eval_interval", "resume", "exist_ok", "amp"}
@@ -36,41 +36,6 @@ CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "
 
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
-def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
-    """Initialise DDP when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return select_device(device_arg), 0, 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Autocast dtype and GradScaler for ``--amp``. ``auto`` (default): bf16 where the hardware runs it natively
-    (CUDA with bf16, CPUs with AVX-512 BF16 / AMX), fp16 + GradScaler on older GPUs, fp32 otherwise."""
-    if amp in (None, "none"):
-        return None, None
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            from .predict import cpu_bf16_supported
-
-            if not cpu_bf16_supported():
-                return None, None
-            amp = "bf16"
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise UserError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16")
-        return torch.float16, torch.amp.GradScaler("cuda")
-    return torch.bfloat16, None
-
-
 def find_resume_checkpoint(args: argparse.Namespace) -> Path:
     if args.resume != "auto":
         return resolve_repo_path(args.resume)

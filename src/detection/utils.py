@@ -1,4 +1,4 @@
-"""Small shared helpers: repo paths, devices, run folders, seeding."""
+"""Small shared helpers: repository paths, run folders, seeding, image sizes."""
 
 from __future__ import annotations
 
@@ -30,21 +30,13 @@ def resolve_repo_path(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cuda``/``cuda:N``/``cpu`` are checked."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu or auto")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-        return dev
-    if name == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"--device {name!r} is not valid; use auto, cpu, cuda or cuda:N")
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A user-given path: absolute as is; relative to the working directory when it exists there (as every shell
+    tool does), else to the repository root (bundled configs such as ``detection_configs/voc.yaml``)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return p.absolute() if not p.is_absolute() else p
+    return REPO_ROOT / p
 
 
 def increment_path(parent: str | os.PathLike, name: str | None, default_stem: str, exist_ok: bool = False) -> Path:

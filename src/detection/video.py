@@ -27,7 +27,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 from .draw import bgr_to_tensor, draw_detections, draw_text
 from .errors import UserError
-from .predict import Item, Predictor, add_predictor_args, display_available, predictor_from_args, run_pipeline
+from .pipeline import Item, run_pipeline
+from .predictor import Predictor, add_predictor_args, display_available, predictor_from_args
 from .utils import REPO_ROOT, increment_path
 
 DEFAULT_FPS = 30.0

@@ -5,9 +5,10 @@ The timm path loads Meta's official ``.pth`` files *strictly*: after the officia
 official model never uses at inference (``mask_token``, the RoPE ``periods`` buffer - checked against timm's -, the
 ``bias_mask`` buffers - checked to be the 1/0/1 layout timm hard-codes - and the SAT ``local_cls_norm``).
 
-Outputs follow the official ``get_intermediate_layers`` exactly (see ``DinoBackbone``). Everything needed at run
-time is copied into ``ENTRYPOINTS`` below; the parity fixtures in ``../shared/fixtures/dinov3`` are used by the tests
-only.
+Weights in the transformers and timm layouts (and hub names) are read and renamed to the official keys by
+``weight_formats``, then go through the same strict mapping. Outputs follow the official ``get_intermediate_layers``
+exactly (see ``DinoBackbone``). Everything needed at run time is copied into ``ENTRYPOINTS`` below; the parity
+fixtures (``tests/fixtures/dinov3``) are used by the tests only.
 
 Input sizes that are not multiples of the stride: the official ViT patch conv floors (the bottom/right remainder
 pixels are ignored); timm asserts divisibility, so the timm ViT path crops the input to ``H//16*16 x W//16*16``
@@ -21,20 +22,25 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .utils import REPO_ROOT, load_dotenv_once, resolve_repo_path
+from .errors import ToolkitWarning, UserError
+from .utils import REPO_ROOT, load_dotenv_once, resolve_repo_path  # noqa: F401 - REPO_ROOT: tests read it here
+from .weight_formats import LoadedWeights, locate_weights, open_weights, read_torch_state_dict, resolve_weights
 
 __all__ = [
     "ENTRYPOINTS", "NORMALIZATION", "RandomWeightsWarning", "DinoBackbone", "build_backbone", "resolve_weights",
     "load_official_state_dict", "convert_official_state_dict", "official_param_count", "guess_model_name",
 ]
+
+# Reads a torch.save-d state dict (Meta's .pth among others); kept under its historical name.
+load_official_state_dict = read_torch_state_dict
 
 # Input normalization per weight family (official README / hub transforms).
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -43,7 +49,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
 }
 
 
-class RandomWeightsWarning(UserWarning):
+class RandomWeightsWarning(ToolkitWarning):
     """Emitted when a backbone is built without ``--weights`` (random initialisation)."""
 
 
@@ -202,56 +208,8 @@ def _timm_kwargs(family: str, arch: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Weights: lookup, reading, official -> timm conversion
+# Weights: official -> timm conversion (locating and reading every layout: weight_formats.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-def resolve_weights(weights: str | os.PathLike | None) -> Path | None:
-    """``--weights``: an existing path (as given, or relative to the repo root), else a bare file name looked up in
-    ``weights/`` and then ``$DINOv3_WEIGHTS`` (``.env`` is loaded). ``None`` -> ``None`` (random init)."""
-    if weights is None or str(weights) == "":
-        return None
-    load_dotenv_once()
-    given = Path(weights).expanduser()
-    candidates = [given, resolve_repo_path(given)]
-    if len(given.parts) == 1:  # bare name: also the weights folders
-        candidates.append(REPO_ROOT / "weights" / given)
-        env = os.environ.get("DINOv3_WEIGHTS")
-        if env:
-            candidates.append(resolve_repo_path(env) / given)
-    looked: list[str] = []
-    for cand in candidates:
-        if cand.is_file():
-            return cand.resolve()
-        if str(cand) not in looked:
-            looked.append(str(cand))
-    hint = "" if os.environ.get("DINOv3_WEIGHTS") else " ($DINOv3_WEIGHTS is not set)"
-    raise UserError(f"--weights {weights}: file not found; looked in: {', '.join(looked)}{hint}. Put the official "
-                    f".pth in weights/ or set DINOv3_WEIGHTS in .env")
-
-
-def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint (plain state dict, memory-mapped when possible) safely (``weights_only``)."""
-    path = Path(path)
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here is a bad file for the user
-        raise UserError(f"--weights {path}: cannot be read as a PyTorch checkpoint "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from exc
-    if isinstance(sd, dict) and sd.get("format") == "dinov3-detection":
-        raise UserError(f"--weights {path} is a detector checkpoint of this toolkit; pass it as --model, "
-                        f"--weights takes an official DINOv3 backbone .pth")
-    for key in ("model", "state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"--weights {path}: not a state dict of tensors; pass an official DINOv3 backbone .pth")
-    return sd
-
 
 def _checkpoint_family(sd: dict[str, torch.Tensor]) -> str | None:
     """Official key layout only (timm-format state dicts are not official checkpoints)."""
@@ -349,16 +307,20 @@ def _fmt_keys(keys: Sequence[str], n: int = 3) -> str:
 
 
 def convert_official_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, family: str, arch: dict[str, Any],
-                                model_name: str = "", source: str = "checkpoint") -> dict[str, torch.Tensor]:
+                                model_name: str = "", source: str = "checkpoint", allow_absent_unused: bool = False,
+                                key_name: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
     """Official DINOv3 state dict -> timm state dict for ``model``, strictly.
 
     Raises UserError unless the result has exactly ``model``'s keys and shapes and the only official keys left out
     are the inference-unused ones (``_expected_dropped``). Checks that each qkv ``bias_mask`` is 1/0/1 (timm drops the
     k third of the bias and hard-codes a zero k bias) and that the RoPE ``periods`` follow the official formula (timm
-    recomputes them). Meta tensors (shape-only checks) skip these value checks. Nothing is loaded here."""
+    recomputes them). Meta tensors (shape-only checks) skip these value checks. Nothing is loaded here.
+    ``allow_absent_unused``: the inference-unused keys may be missing (transformers / timm files never carry them);
+    ``key_name`` renames official keys in messages to the names the user's file uses."""
     from timm.models import convnext as timm_convnext
     from timm.models import eva as timm_eva
 
+    user_name = key_name or (lambda k: k)
     where = f"--weights {source}"
     ck_family = _checkpoint_family(sd)
     if ck_family != family:
@@ -370,8 +332,8 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, f
     unexpected = [k for k in sd if _dropped_by_timm_filter(family, k) and k not in expected_dropped]
     if family == "vit" and not arch["qkv_bias"]:
         unexpected += [k for k in sd if k.endswith("attn.qkv.bias")]  # timm would skip them with a print
-    missing = sorted(set(expected_dropped) - set(sd))
-    mismatched = [f"{k} {list(sd[k].shape)} vs model {shape}" for k, shape in expected_dropped.items()
+    missing = [] if allow_absent_unused else sorted(set(expected_dropped) - set(sd))
+    mismatched = [f"{user_name(k)} {list(sd[k].shape)} vs model {shape}" for k, shape in expected_dropped.items()
                   if k in sd and list(sd[k].shape) != shape]
 
     kept = {k: v for k, v in sd.items() if k not in expected_dropped and k not in unexpected}
@@ -379,7 +341,7 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, f
     if family == "vit":
         patch = kept.get("patch_embed.proj.weight")
         if patch is not None and tuple(patch.shape[-2:]) != (16, 16):  # timm would silently resample it
-            mismatched.append(f"patch_embed.proj.weight {list(patch.shape)} (patch size must be 16)")
+            mismatched.append(f"{user_name('patch_embed.proj.weight')} {list(patch.shape)} (patch size must be 16)")
             kept.pop("patch_embed.proj.weight")
         with contextlib.redirect_stdout(io.StringIO()):  # timm prints when it skips a bias
             out = timm_eva.checkpoint_filter_fn(kept, model)
@@ -392,9 +354,11 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, f
             except KeyError:
                 unexpected.append(k)
             except RuntimeError:
-                mismatched.append(f"{k} {list(v.shape)}")
+                mismatched.append(f"{user_name(k)} {list(v.shape)}")
     swiglu = family == "vit" and _ffn_align(arch["ffn_layer"]) > 0
-    name = lambda k: _official_key(k, family, swiglu)  # noqa: E731 - report keys by their official names
+    unexpected = [user_name(k) for k in unexpected]
+    missing = [user_name(k) for k in missing]
+    name = lambda k: user_name(_official_key(k, family, swiglu))  # noqa: E731 - keys as the user's file names them
     missing += list(dict.fromkeys(name(k) for k in target if k not in out))
     unexpected += list(dict.fromkeys(name(k) for k in out if k not in target))
     mismatched += [f"{name(k)} {list(v.shape)} vs model {list(target[k].shape)}"
@@ -473,11 +437,12 @@ class DinoBackbone(nn.Module):
     ``forward_last(x)`` == official ``get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]``;
     ``forward_multi(x)``: ConvNeXt stages 1,2,3 (strides 8/16/32, only stage 3 with the final norm, as the official
     code), ViT 4 evenly spaced blocks, all normed, stride 16. ``x`` is float, already normalized with ``mean``/``std``.
-    Frozen (the default): no gradients, stays in eval mode even inside a module put in ``train()``.
+    Frozen (the default): no gradients, stays in eval mode even inside a module put in ``train()``. Partly or fully
+    trainable: see ``set_trainable``. ``weights_source``: where the weights came from (``build_backbone`` sets it).
     """
 
     def __init__(self, model: nn.Module, model_name: str, family: str, arch: dict[str, Any], impl: str = "timm",
-                 weights_family: str = "lvd1689m", fine_tune: bool = False) -> None:
+                 weights_family: str = "lvd1689m", fine_tune: bool = False, unfreeze_last: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.model_name = model_name
@@ -501,15 +466,69 @@ class DinoBackbone(nn.Module):
             self.multi_channels = [dim] * len(self.multi_indices)
             self.multi_strides = [16] * len(self.multi_indices)
             self.size_divisor = 16
-        self.frozen = not fine_tune
-        if self.frozen:
-            self.model.requires_grad_(False)
-            self.model.eval()
+        self.weights_source: dict[str, Any] | None = None
+        self.frozen, self.unfreeze_last = True, 0
+        self.set_trainable(unfreeze_last if unfreeze_last is not None else (-1 if fine_tune else 0))
 
-    def train(self, mode: bool = True) -> "DinoBackbone":
+    # ----------------------------------------------------------------------------------------- trainable part
+    def _layer_of(self, name: str) -> int | None:
+        """Depth index of a parameter/module name of ``self.model``: -1 embeddings (ViT), 0..L-1 the blocks / stages
+        (the ConvNeXt stem belongs to stage 0, as in the official code), L the final norm; None for containers."""
+        if not name or name in ("blocks", "stages", "downsample_layers"):
+            return None
+        m = re.match(r"(?:blocks|stages|downsample_layers)\.(\d+)(?:\.|$)", name)
+        if m:
+            return int(m.group(1))
+        if re.match(r"(?:norm|norms|head|fc_norm|head_drop|cls_norm|local_cls_norm)(?:\.|$)", name):
+            return self.num_layers
+        return -1 if self.family == "vit" else 0
+
+    def _trains(self, layer: int | None) -> bool:
+        n = self.unfreeze_last
+        return layer is not None and (n == -1 or (n > 0 and layer >= self.num_layers - n))
+
+    def set_trainable(self, unfreeze_last: int) -> DinoBackbone:
+        """``0``: frozen (no gradients, always eval mode, run under ``no_grad``); ``-1``: everything trains;
+        ``N``: the last N ViT blocks / ConvNeXt stages plus the final norm train, the rest stays frozen, in eval mode,
+        and records no autograd graph (its parameters and the input need no gradient). ``frozen`` is True only
+        for 0."""
+        n, total = unfreeze_last, self.num_layers
+        what = "blocks" if self.family == "vit" else "stages"
+        if isinstance(n, bool) or not isinstance(n, int) or not -1 <= n <= total:
+            raise UserError(f"--unfreeze-last {n}: use 0 (frozen backbone), -1 (fine-tune all) or 1..{total} "
+                            f"(the last N of the {total} {what} of {self.model_name})")
+        if n > 0 and self.impl != "timm":
+            raise UserError(f"--unfreeze-last {n}: partial fine-tuning needs --backbone-impl timm (hub: 0 or -1)")
+        self.unfreeze_last, self.frozen = n, n == 0
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._trains(self._layer_of(name)))
+        return self.train(self.training)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Trainable parameters by depth, shallowest first (ViT: embeddings, block 0, ...; ConvNeXt: stage 0 with the
+        stem, ...); the final norm joins the deepest group. For layer-wise LR decay: the last group gets the backbone
+        LR, each earlier one R times the next. Empty when frozen."""
+        groups: dict[int, list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                layer = min(self._layer_of(name), self.num_layers - 1)
+                groups.setdefault(layer, []).append(p)
+        return [groups[k] for k in sorted(groups)]
+
+    def frozen_state_keys(self) -> set[str]:
+        """State-dict keys (of this module) that never change in training: frozen parameters and buffers."""
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        return {k for k, t in self.state_dict(keep_vars=True).items() if id(t) not in trainable}
+
+    def train(self, mode: bool = True) -> DinoBackbone:
         super().train(mode)
         if self.frozen:
             self.model.eval()  # a frozen backbone is a fixed feature extractor, never in training mode
+        elif mode and self.unfreeze_last > 0:
+            for name, module in self.model.named_modules():  # per module: containers span trained and frozen layers
+                layer = self._layer_of(name)
+                if layer is not None and not self._trains(layer):
+                    module.training = False
         return self
 
     def _grad_context(self) -> contextlib.AbstractContextManager:
@@ -623,16 +642,80 @@ def official_param_count(backbone: DinoBackbone) -> int:
 # Builders
 # ---------------------------------------------------------------------------------------------------------------
 
-def _select_entry(model_name: str, weights_path: Path | None) -> tuple[str, dict[str, Any]]:
-    """The entry for ``model_name``; an official checkpoint hash in the file name picks the weight variant
-    (SAT-493M vs LVD-1689M) of the same hub function, as the official hub does."""
+def _select_entry(model_name: str, loaded: LoadedWeights | None,
+                  weights_path: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The entry for ``model_name``, switched to the weight variant (SAT-493M vs LVD-1689M) of the same hub function
+    that the weights belong to: for Meta's files by the official checkpoint hash in the file name (as the official
+    hub does), for the other layouts by the weight family their content records (see weight_formats)."""
     entry = _entry(model_name)
-    if weights_path is not None:
+    if loaded is not None and loaded.format != "meta":
+        for name, e in ENTRYPOINTS.items():
+            if (loaded.weights_family and e["hub_function"] == entry["hub_function"]
+                    and e["weights_family"] == loaded.weights_family and e["official"] == entry["official"]):
+                return name, e
+        return model_name, entry
+    path = loaded.path if loaded is not None else weights_path
+    if path is not None:
         for name, e in ENTRYPOINTS.items():
             h = e["checkpoint_file"] and e["checkpoint_file"].rsplit("-", 1)[-1][:-4]
-            if h and f"-{h}" in weights_path.name and e["hub_function"] == entry["hub_function"]:
+            if h and f"-{h}" in path.name and e["hub_function"] == entry["hub_function"]:
                 return name, e
     return model_name, entry
+
+
+def _layout_signature(loaded: LoadedWeights) -> tuple | None:
+    """Architecture of transformers/timm weights, comparable with ``_arch_signature(...)[:5]``: the qkv-bias flag
+    (timm also publishes bias-free copies) and the SAT ``local_cls_norm`` (never exported) are left out."""
+    cfg = loaded.config_arch
+    if cfg is not None:
+        if cfg["family"] == "convnext":
+            return ("convnext", tuple(cfg["depths"]), tuple(cfg["dims"]))
+        return ("vit", cfg["embed_dim"], cfg["depth"], cfg["gated"], cfg["hidden"])
+    sig = _checkpoint_signature(loaded.state_dict)
+    return None if sig is None else sig[:5]
+
+
+def _describe(sig: tuple) -> str:
+    if sig[0] == "convnext":
+        return f"a ConvNeXt with depths {list(sig[1])}, widths {list(sig[2])}"
+    return f"a ViT with width {sig[1]}, {sig[2]} blocks, {'SwiGLU' if sig[3] else 'MLP'} hidden size {sig[4]}"
+
+
+def _candidates(loaded: LoadedWeights) -> list[str]:
+    """Entry points whose architecture the transformers/timm weights have; the weight family picks among twins."""
+    sig = _layout_signature(loaded)
+    heads = (loaded.config_arch or {}).get("num_heads")
+    names = [n for n, e in ENTRYPOINTS.items() if sig is not None and _arch_signature(e["family"], e["arch"])[:5] == sig
+             and (heads is None or e["arch"].get("num_heads") == heads)]
+    want = loaded.weights_family or "lvd1689m"
+    return sorted(names, key=lambda n: (ENTRYPOINTS[n]["weights_family"] != want, not ENTRYPOINTS[n]["official"]))
+
+
+def _infer_model_name(loaded: LoadedWeights) -> str:
+    name = guess_model_name(loaded.state_dict, loaded.path) if loaded.format == "meta" else next(
+        iter(_candidates(loaded)), None)
+    if name is None:
+        sig = _layout_signature(loaded) if loaded.format != "meta" else _checkpoint_signature(loaded.state_dict)
+        what = _describe(sig) if sig else "an unrecognised architecture"
+        raise UserError(f"{loaded.where} holds {what}, which is no DINOv3 entry point; pass --model-name (and "
+                        f"arch_overrides for a custom size)")
+    return name
+
+
+def _check_layout_arch(loaded: LoadedWeights, model_name: str, family: str, arch: dict[str, Any]) -> None:
+    """transformers/timm weights: the architecture they record must be the one --model-name builds."""
+    sig = _layout_signature(loaded)
+    want = _arch_signature(family, arch)[:5]
+    heads = (loaded.config_arch or {}).get("num_heads")
+    if sig == want and (heads is None or family != "vit" or heads == arch["num_heads"]):
+        return
+    guess = next(iter(_candidates(loaded)), None)
+    have = _describe(sig) if sig else f"a {loaded.family}"
+    if sig == want:
+        have += f" with {heads} attention heads (--model-name has {arch['num_heads']})"
+    hint = f"pass --model-name {guess} (or omit --model-name)" if guess else "check --model-name and --weights"
+    raise UserError(f"{loaded.where} ({loaded.format} layout) is {have} but --model-name {model_name} is "
+                    f"{_describe(want)}; {hint}")
 
 
 def _random_init_warning(model_name: str, entry: dict[str, Any]) -> None:
@@ -643,16 +726,24 @@ def _random_init_warning(model_name: str, entry: dict[str, Any]) -> None:
 
 
 def _build_timm(model_name: str, entry: dict[str, Any], arch: dict[str, Any],
-                weights_path: Path | None) -> nn.Module:
+                loaded: LoadedWeights | None) -> nn.Module:
     import timm
 
     kwargs = _timm_kwargs(entry["family"], arch)
-    if weights_path is None:
+    if loaded is None:
         return timm.create_model(entry["timm_name"], pretrained=False, **kwargs)
     with torch.device("meta"):  # weights replace everything: skip the (slow, for 7B huge) random init
         model = timm.create_model(entry["timm_name"], pretrained=False, **kwargs)
-    sd = load_official_state_dict(weights_path)
-    converted = convert_official_state_dict(sd, model, entry["family"], arch, model_name, str(weights_path))
+    sd = loaded.state_dict
+    if loaded.format == "timm" and entry["family"] == "vit" and arch["qkv_bias"] and not any(
+            k.endswith("attn.qkv.bias") for k in sd):
+        # timm also publishes DINOv3 ViTs built without q/v biases; a zero bias computes exactly the same
+        sd = dict(sd)
+        for k in [k for k in sd if k.endswith("attn.qkv.weight")]:
+            sd[k.replace(".weight", ".bias")] = torch.zeros(sd[k].shape[0], dtype=sd[k].dtype)
+    converted = convert_official_state_dict(sd, model, entry["family"], arch, model_name,
+                                            str(loaded.hub or loaded.path), allow_absent_unused=loaded.format != "meta",
+                                            key_name=loaded.key_name)
     _assign_state_dict(model, converted)
     return model
 
@@ -685,27 +776,53 @@ def _build_hub(entry: dict[str, Any], overrides: dict[str, Any] | None, weights_
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
 
 
-def build_backbone(model_name: str, weights: str | os.PathLike | None = None, impl: str = "timm",
-                   fine_tune: bool = False, arch_overrides: dict[str, Any] | None = None) -> DinoBackbone:
+def build_backbone(model_name: str | None = None, weights: str | os.PathLike | None = None, impl: str = "timm",
+                   fine_tune: bool = False, arch_overrides: dict[str, Any] | None = None,
+                   unfreeze_last: int | None = None) -> DinoBackbone:
     """Build ``model_name`` (see ``ENTRYPOINTS``) with timm (default) or the official code (``impl="hub"``).
 
-    ``weights``: official ``.pth`` (path or bare name, see ``resolve_weights``), loaded strictly; ``None`` gives random
-    weights with a ``RandomWeightsWarning``. Nothing is ever downloaded. ``arch_overrides`` takes official
-    constructor kwargs (e.g. ``depth``, ``embed_dim``, ``dims``) - used for tiny parity models.
+    ``weights``: Meta's ``.pth``, a transformers folder/file, a timm file, or a hub name (``hf-hub:...``,
+    ``timm:...``) - see ``weight_formats`` - loaded strictly; the layout is read from the content and recorded in
+    ``backbone.weights_source``. ``None`` gives random weights with a ``RandomWeightsWarning``. ``model_name=None``
+    takes the architecture from the weights. ``arch_overrides`` takes official constructor kwargs (e.g. ``depth``,
+    ``embed_dim``, ``dims``) - used for tiny parity models. Trainable part: ``unfreeze_last`` (see
+    ``DinoBackbone.set_trainable``; ``None`` -> ``-1`` if ``fine_tune`` else ``0``).
     """
     if impl not in ("timm", "hub"):
         raise UserError(f"--backbone-impl {impl!r} is not valid; use timm or hub")
-    entry = _entry(model_name)
-    weights_path = resolve_weights(weights)
-    model_name, entry = _select_entry(model_name, weights_path)
-    arch = _merge_arch(model_name, entry, arch_overrides)
+    if model_name is not None:
+        _entry(model_name)
+    loaded: LoadedWeights | None = None
     if impl == "hub":
         _hub_repo()  # fail on a missing clone before anything else
-    if weights_path is None:
+        path, hub = locate_weights(weights)
+        if path is not None and (hub or path.is_dir()):
+            raise UserError(f"--weights {weights}: --backbone-impl hub (Meta's code) loads Meta's .pth only; use "
+                            f"--backbone-impl timm for transformers/timm weights and hub names")
+        if model_name is None:
+            raise UserError("--backbone-impl hub needs --model-name")
+        model_name, entry = _select_entry(model_name, None, path)
+        source = None if path is None else {"format": "meta", "path": str(path), "hub": None}
+    else:
+        loaded = open_weights(weights)
+        if model_name is None:
+            if loaded is None:
+                raise UserError("--model-name is required when no --weights are given")
+            model_name = _infer_model_name(loaded)
+        model_name, entry = _select_entry(model_name, loaded)
+        source = loaded.source if loaded is not None else None
+    arch = _merge_arch(model_name, entry, arch_overrides)
+    if loaded is not None and loaded.format != "meta":
+        _check_layout_arch(loaded, model_name, entry["family"], arch)
+    if source is None:
         _random_init_warning(model_name, entry)
     if impl == "timm":
-        model = _build_timm(model_name, entry, arch, weights_path)
+        model = _build_timm(model_name, entry, arch, loaded)
     else:
-        model = _build_hub(entry, arch_overrides, weights_path)
-    return DinoBackbone(model, model_name, entry["family"], arch, impl=impl,
-                        weights_family=entry["weights_family"], fine_tune=fine_tune)
+        model = _build_hub(entry, arch_overrides, path)
+    weights_family = (loaded.weights_family if loaded is not None and loaded.weights_family
+                      else entry["weights_family"])
+    backbone = DinoBackbone(model, model_name, entry["family"], arch, impl=impl, weights_family=weights_family,
+                            fine_tune=fine_tune, unfreeze_last=unfreeze_last)
+    backbone.weights_source = source
+    return backbone

@@ -1,10 +1,12 @@
-"""PNG plots for evaluation (per-class AP, PR curves) and training (losses, mAP per epoch).
+"""Reporting: metric tables, per-class CSV and PNG plots for evaluation (per-class AP, PR curves) and training
+(losses, mAP per epoch). Metrics are computed in metrics.py; this module only presents them.
 
 Headless: the Agg backend is selected before pyplot is imported, so this works without a display.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from pathlib import Path
@@ -17,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-if TYPE_CHECKING:  # metrics imports plots lazily; keep this one-way at runtime
+if TYPE_CHECKING:
     from .metrics import EvalResult
 
 _MAX_CURVE_POINTS = 2000  # PR curves can have 100k+ points; the picture does not need them
@@ -168,3 +170,59 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], out_dir: str | os.PathL
         _empty(ax, "no evaluation yet")
     map_png = _save(fig, out / "map.png")
     return [loss_png, map_png]
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _fmt(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _columns(result: "EvalResult") -> list[tuple[str, str]]:
+    cols: list[tuple[str, str]] = []
+    if result.metric in ("coco", "all"):
+        cols += [("AP50", "ap50"), ("AP", "ap")]
+    if result.metric in ("voc07", "all"):
+        cols.append(("VOC07", "ap_voc07"))
+    if result.metric in ("voc12", "all"):
+        cols.append(("VOC12", "ap_voc12"))
+    return cols
+
+
+def format_table(result: "EvalResult") -> str:
+    """A plain-text table: class, #GT, AP50, AP [, VOC07, VOC12], then the mean over classes with ground truth.
+
+    The 'all' row holds COCO's own mAP@.5 / mAP@[.5:.95] (equal to the mean of the class rows) and the VOC means.
+    """
+    cols = _columns(result)
+    width = max([len("class")] + [len(r["class"]) for r in result.per_class] + [len("all")])
+    head = f"{'class':<{width}}  {'#GT':>6}" + "".join(f"  {h:>6}" for h, _ in cols)
+    lines = [head, "-" * len(head)]
+    for r in result.per_class:
+        lines.append(f"{r['class']:<{width}}  {r['n_gt']:>6}" + "".join(f"  {_fmt(r[k]):>6}" for _, k in cols))
+    overall = {"ap50": result.map50, "ap": result.map, "ap_voc07": result.voc07, "ap_voc12": result.voc12}
+    total = sum(r["n_gt"] for r in result.per_class)
+    lines.append("-" * len(head))
+    lines.append(f"{'all':<{width}}  {total:>6}" + "".join(f"  {_fmt(overall[k]):>6}" for _, k in cols))
+    return "\n".join(lines)
+
+
+def save_results(result: "EvalResult", out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``per_class_ap.csv`` (one row per class + a final ``all`` row), ``per_class_ap.png`` and
+    ``pr_curves.png`` into ``out_dir``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "per_class_ap.csv"
+    keys = ["class", "n_gt", "ap50", "ap", "ap_voc07", "ap_voc12"]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for r in result.per_class:
+            w.writerow([r["class"], r["n_gt"]] + [_csv(r[k]) for k in keys[2:]])
+        w.writerow(["all", sum(r["n_gt"] for r in result.per_class)]
+                   + [_csv(x) for x in (result.map50, result.map, result.voc07, result.voc12)])
+    return [csv_path, plot_per_class_ap(result, out / "per_class_ap.png"),
+            plot_pr_curves(result, out / "pr_curves.png")]
+
+
+def _csv(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.6f}"

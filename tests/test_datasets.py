@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from src.detection.datasets import (
+    SplitSource,
     VOCDataset,
     build_dataloader,
     build_datasets,
@@ -20,7 +21,6 @@ from src.detection.datasets import (
     load_data_config,
     read_image,
     save_transformed_samples,
-    SplitSource,
 )
 from src.detection.errors import UserError
 from src.detection.transforms import build_transform

@@ -1,4 +1,4 @@
-"""Synthetic generator: deterministic, loadable, and its boxes survive generator -> dataset -> batch exactly."""
+"""Synthetic generator: deterministic, loadable in every format, and its boxes survive generator -> dataset -> batch."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from src.detection import synthetic
@@ -86,3 +87,38 @@ def test_cli_writes_a_loadable_config(tmp_path, capsys):
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1  # the shapes move
     cfg = load_data_config(out / "shapes.yaml")
     assert len(list(cfg.train[0].images.glob("*.jpg"))) == 3 and len(list(cfg.valid[0].annots.glob("*.xml"))) == 2
+
+
+@pytest.mark.parametrize("fmt", ["coco", "yolo"])
+def test_other_formats_hold_the_generated_boxes(tmp_path, fmt):
+    from src.detection.datasets import load_ground_truth
+
+    seed, size = 2, 80
+    cfg = load_data_config(synthetic.generate_dataset(tmp_path / fmt, 2, 10, imgsz=size, seed=seed, format=fmt))
+    assert cfg.format == fmt and cfg.classes == synthetic.CLASSES
+    gts = load_ground_truth(cfg, "valid")
+    assert sorted(gts) == [f"valid_{i:05d}.jpg" for i in range(10)]
+    n_difficult = 0
+    for i in range(10):
+        objs = synthetic.make_image(np.random.default_rng([seed, 1, i]), size)[1]
+        gt = gts[f"valid_{i:05d}.jpg"]
+        want = torch.tensor([o[1] for o in objs], dtype=torch.float32).reshape(-1, 4)
+        torch.testing.assert_close(gt["boxes"], want, atol=1e-3, rtol=0)  # YOLO: 6 decimals of the image size
+        assert gt["labels"].tolist() == [synthetic.CLASSES.index(o[0]) for o in objs]
+        # COCO marks faint objects iscrowd (= difficult); YOLO has no such flag
+        assert gt["difficult"].tolist() == [o[2] and fmt == "coco" for o in objs]
+        n_difficult += sum(o[2] for o in objs)
+    assert n_difficult > 0  # the flag check above saw a faint object
+    layout = {"coco": ["annotations/train.json", "annotations/valid.json", "train/images/train_00000.jpg"],
+              "yolo": ["images/train/train_00000.jpg", "labels/val/valid_00009.txt"]}[fmt]
+    assert all((tmp_path / fmt / p).is_file() for p in layout)
+
+
+def test_cli_format_and_out_dir(tmp_path, capsys):
+    assert synthetic.main(["--out-dir", str(tmp_path / "y"), "--format", "yolo", "--train", "2", "--valid", "1",
+                           "--imgsz", "64"]) == 0
+    assert "(yolo)" in capsys.readouterr().out
+    cfg = load_data_config(tmp_path / "y/shapes.yaml")
+    assert cfg.format == "yolo" and cfg.classes == synthetic.CLASSES
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out-dir", str(tmp_path / "z"), "--format", "xml"])

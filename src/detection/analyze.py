@@ -1,6 +1,6 @@
-"""Dataset analysis: what is in a VOC dataset and what is wrong with it, as a table and PNG plots.
+"""Dataset analysis: what is in a dataset (VOC, COCO or YOLO) and what is wrong with it, as a table and PNG plots.
 
-    python -m src.detection.analyze --config detection_configs/voc.yaml [--out DIR]
+    python -m src.detection.analyze --config detection_configs/voc.yaml [--out-dir DIR]
 
 Parses annotations only (no pixel decoding) with the same reader training uses, in the forgiving mode
 (unknown classes and bad samples are counted, not fatal), so it reports every problem at once.
@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import VOCDataset, list_samples, load_data_config
+from .datasets import DetectionDataset, load_data_config, read_split
 from .errors import run_cli
-from .utils import increment_path
+from .utils import increment_path, resolve_path
 
 
-def dataset_stats(ds: VOCDataset) -> dict[str, Any]:
+def dataset_stats(ds: DetectionDataset) -> dict[str, Any]:
     """Per-split numbers: class counts (difficult included), objects per image, box sizes and aspects."""
     per_class: Counter = Counter()
     per_class_difficult: Counter = Counter()
@@ -68,6 +68,9 @@ def format_report(classes: list[str], stats: dict[str, dict[str, Any]]) -> str:
         lines += [f"{s} bad file: {reason}" for _, reason in rep.bad_files[:20]]
         if len(rep.bad_files) > 20:
             lines.append(f"{s}: ... and {len(rep.bad_files) - 20} more bad files")
+        lines += [f"{s} unmatched: {what}" for what in rep.unmatched_annotations[:20]]
+        if len(rep.unmatched_annotations) > 20:
+            lines.append(f"{s}: ... and {len(rep.unmatched_annotations) - 20} more annotations without an image")
     return "\n".join(lines)
 
 
@@ -120,21 +123,24 @@ def analyze_dataset(config: str | os.PathLike, out_dir: str | os.PathLike | None
     """Table text and plot paths for the config's train and valid splits."""
     cfg = load_data_config(config)
     stats = {}
-    for split, sources in (("train", cfg.train), ("valid", cfg.valid)):
-        ds = VOCDataset(list_samples(sources), cfg.classes, ignore_unknown_classes=True,
-                        skip_bad_samples=True, name=split, verbose=False)
-        stats[split] = dataset_stats(ds)
-    table = format_report(cfg.classes, stats)
+    for split in ("train", "valid"):
+        records, report = read_split(cfg, split, ignore_unknown_classes=True, skip_bad_samples=True)
+        stats[split] = dataset_stats(DetectionDataset(records, cfg.classes, report=report, name=split, verbose=False))
+    table = f"{cfg.path.name}: {cfg.format} dataset, {len(cfg.classes) - 1} classes\n\n" + format_report(cfg.classes, stats)
     out = Path(out_dir) if out_dir else increment_path("outputs/analyze", None, cfg.path.stem)
     return table, save_plots(cfg.classes, stats, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Count classes/objects and find annotation problems in a VOC dataset.")
-    ap.add_argument("--config", required=True, help="dataset YAML, e.g. detection_configs/voc.yaml")
-    ap.add_argument("--out", default=None, help="folder for the PNG plots (default outputs/analyze/<config>_N)")
+    ap = argparse.ArgumentParser(description="Count classes/objects and find annotation problems in a dataset "
+                                             "(Pascal VOC XML, COCO JSON or YOLO).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--config", required=True,
+                    help="dataset YAML (VOC, FORMAT: coco / yolo, or an Ultralytics data.yaml)")
+    ap.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                    help="folder for the PNG plots (None: outputs/analyze/<config>_N)")
     args = ap.parse_args(argv)
-    table, plots = analyze_dataset(args.config, args.out)
+    table, plots = analyze_dataset(args.config, resolve_path(args.out_dir) if args.out_dir else None)
     print(table)
     print(f"\nplots: {', '.join(str(p) for p in plots)}")
     return 0

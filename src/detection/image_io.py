@@ -22,7 +22,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec but they are still the fastest here
 # (benchmarks/bench_decode.py); the notice is silenced per call, OpenCV is the fallback if they disappear.
 try:
-    from torchvision.io import ImageReadMode, decode_image as _tv_decode_image
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as _tv_decode_image
 except ImportError:  # pragma: no cover - future torchvision without image codecs
     _tv_decode_image = None
 
@@ -53,7 +54,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc.strerror or exc}; check the file exists and is readable")
+        raise UserError(f"cannot read image {path}: {exc.strerror or exc}; check the file exists and is readable") from None
     if not data:
         raise UserError(f"image {path} is empty (0 bytes); replace or remove it")
     decoders = ([_decode_torchvision] if _tv_decode_image is not None else []) + [_decode_cv2]
@@ -79,7 +80,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             if im.format in ("JPEG", "WEBP", "PNG", "TIFF") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; replace or remove it")
+        raise UserError(f"cannot read image {path}: {exc}; replace or remove it") from None
     return h, w
 
 

@@ -1,13 +1,16 @@
-"""Synthetic shapes dataset in the seed's VOC XML layout (used by the demo and the tests).
+"""Synthetic shapes dataset in Pascal VOC XML, COCO JSON or YOLO layout (used by the demo and the tests).
 
-    python -m src.detection.synthetic --out input/shapes --train 400 --valid 100 [--imgsz 256] [--seed 0] [--video N]
+    python -m src.detection.synthetic --out-dir input/shapes --train 400 --valid 100 [--format voc|coco|yolo]
+        [--imgsz 256] [--seed 0] [--video N]
 
-writes ``<out>/{train,valid}/{images,labels}`` (JPEG + Pascal VOC XML) and ``<out>/shapes.yaml`` whose paths
-are relative to the YAML itself. Images: coloured circles, squares and triangles (random colours) on smooth
+writes JPEG images and labels in ``annotations.split_layout``'s layout for the format (voc:
+``<out>/{train,valid}/{images,labels}``) and ``<out>/shapes.yaml`` whose paths are relative to the YAML itself
+(for yolo an Ultralytics data.yaml; YOLO cannot mark difficult objects, so faint ones are ordinary objects there). Images: coloured circles, squares and triangles (random colours) on smooth
 noisy textures; sizes from ~8 px to half the image; overlaps allowed up to IoU 0.3 (later shapes occlude
 earlier ones); ~5% of objects are faint (alpha-blended, low contrast) and marked ``difficult``; ~8% of
 images have no objects. Every image depends only on (seed, split, index), so output is deterministic.
-``--video N`` adds ``<out>/demo.mp4``: N frames of shapes bouncing over a fixed background.
+``--video N`` adds ``<out>/demo.mp4`` (N frames of shapes that move, cross and pass behind an occluder) and its
+MOTChallenge ground truth ``<out>/demo_gt.txt`` (``synthetic_video.py``).
 Box coordinates are integers: the tight bounding box of the drawn pixels' defining geometry.
 """
 
@@ -15,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
+from .annotations import LABEL_FORMATS, LabelWriter, dataset_config, split_layout
 from .errors import UserError, run_cli
 
 CLASSES = ["__background__", "circle", "square", "triangle"]
@@ -108,57 +111,35 @@ def make_image(rng: np.random.Generator, imgsz: int) -> tuple[np.ndarray, list[t
     return img, objects
 
 
-def write_voc_xml(path: Path, filename: str, size: tuple[int, int], objects: list[tuple[str, list, bool]]) -> None:
-    """Pascal VOC XML for one image; ``size`` is (H, W). Also used by inference's --save-xml round-trip tests."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = path.parent.name
-    ET.SubElement(root, "filename").text = filename
-    sz = ET.SubElement(root, "size")
-    for tag, v in (("width", size[1]), ("height", size[0]), ("depth", 3)):
-        ET.SubElement(sz, tag).text = str(v)
-    for name, box, difficult in objects:
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = name
-        ET.SubElement(obj, "pose").text = "Unspecified"
-        ET.SubElement(obj, "truncated").text = "0"
-        ET.SubElement(obj, "difficult").text = "1" if difficult else "0"
-        bb = ET.SubElement(obj, "bndbox")
-        for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), box):
-            ET.SubElement(bb, tag).text = str(v)
-    ET.indent(root)
-    ET.ElementTree(root).write(path, encoding="utf-8")
-
-
 def generate_dataset(
-    out: str | os.PathLike, n_train: int, n_valid: int, imgsz: int = 256, seed: int = 0, quality: int = 95
+    out: str | os.PathLike, n_train: int, n_valid: int, imgsz: int = 256, seed: int = 0, quality: int = 95,
+    format: str = "voc",
 ) -> Path:
     """Write the dataset and its config; returns the config path (``<out>/shapes.yaml``)."""
     if n_train < 1 or n_valid < 1:
         raise UserError(f"--train {n_train} / --valid {n_valid}: both must be at least 1")
     if imgsz < 64:
         raise UserError(f"--imgsz {imgsz}: use at least 64 pixels")
+    if format not in LABEL_FORMATS:
+        raise UserError(f"--format {format}: use one of {', '.join(LABEL_FORMATS)}")
     out = Path(out)
     for split_id, (split, n) in enumerate((("train", n_train), ("valid", n_valid))):
-        img_dir, lbl_dir = out / split / "images", out / split / "labels"
+        img_dir, lbl_dir = split_layout(format, out, split)
         img_dir.mkdir(parents=True, exist_ok=True)
-        lbl_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            rng = np.random.default_rng([seed, split_id, i])
-            img, objects = make_image(rng, imgsz)
-            stem = f"{split}_{i:05d}"
-            cv2.imwrite(str(img_dir / f"{stem}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, quality])
-            write_voc_xml(lbl_dir / f"{stem}.xml", f"{stem}.jpg", img.shape[:2], objects)
-    cfg = {
-        "TRAIN_IMG": "train/images",
-        "TRAIN_ANNOT": "train/labels",
-        "VALID_IMG": "valid/images",
-        "VALID_ANNOT": "valid/labels",
-        "CLASSES": CLASSES,
-        "VISUALIZE_TRANSFORMED_IMAGES": False,
-    }
+        with LabelWriter(format, lbl_dir, CLASSES, json_name=f"{split}.json", classes_file=None) as writer:
+            for i in range(n):
+                rng = np.random.default_rng([seed, split_id, i])
+                img, objects = make_image(rng, imgsz)
+                name = f"{split}_{i:05d}.jpg"
+                cv2.imwrite(str(img_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+                writer.add(img_dir / name, img.shape[:2], [o[1] for o in objects],
+                           [CLASSES.index(o[0]) for o in objects], difficult=[o[2] for o in objects], name=name)
+    cfg = dataset_config(format, CLASSES)
+    if format != "yolo":
+        cfg["VISUALIZE_TRANSFORMED_IMAGES"] = False
     cfg_path = out / "shapes.yaml"
-    header = f"# Synthetic shapes: {n_train} train / {n_valid} valid, {imgsz}px, seed {seed}. Paths are relative to this file.\n"
+    header = (f"# Synthetic shapes ({format}): {n_train} train / {n_valid} valid, {imgsz}px, seed {seed}. "
+              "Paths are relative to this file.\n")
     cfg_path.write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return cfg_path
 
@@ -202,23 +183,29 @@ def generate_video(path: str | os.PathLike, n_frames: int, imgsz: int = 256, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (VOC XML layout + config).")
-    ap.add_argument("--out", default="input/shapes", help="output folder (default input/shapes)")
+    ap = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (images, labels and a config).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out-dir", "--out", dest="out_dir", default="input/shapes", help="output folder")
+    ap.add_argument("--format", default="voc", choices=LABEL_FORMATS,
+                    help="annotation format: Pascal VOC XML, COCO JSON or YOLO text (Ultralytics layout)")
     ap.add_argument("--train", type=int, default=400, help="training images")
     ap.add_argument("--valid", type=int, default=100, help="validation images")
     ap.add_argument("--imgsz", type=int, default=256, help="square image size in pixels")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     ap.add_argument("--video", type=int, default=0, metavar="FRAMES",
-                    help="also write <out>/demo.mp4 with this many frames of moving shapes (24 fps)")
+                    help="also write <out-dir>/demo.mp4 with this many frames of moving, crossing and occluded "
+                         "shapes (24 fps) and its MOTChallenge ground truth <out-dir>/demo_gt.txt")
     args = ap.parse_args(argv)
-    from .utils import resolve_repo_path
+    from .utils import resolve_path
 
-    out = resolve_repo_path(args.out)
-    cfg = generate_dataset(out, args.train, args.valid, imgsz=args.imgsz, seed=args.seed)
-    print(f"wrote {args.train} train / {args.valid} valid images and config {cfg}")
+    out = resolve_path(args.out_dir)
+    cfg = generate_dataset(out, args.train, args.valid, imgsz=args.imgsz, seed=args.seed, format=args.format)
+    print(f"wrote {args.train} train / {args.valid} valid images ({args.format}) and config {cfg}")
     if args.video:
-        video = generate_video(out / "demo.mp4", args.video, imgsz=args.imgsz, seed=args.seed)
-        print(f"wrote {args.video}-frame video {video}")
+        from .synthetic_video import generate_tracking_video
+
+        video, gt = generate_tracking_video(out / "demo.mp4", args.video, width=args.imgsz, seed=args.seed)
+        print(f"wrote {args.video}-frame video {video} and its ground truth {gt}")
     return 0
 
 

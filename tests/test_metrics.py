@@ -16,13 +16,8 @@ import torch
 
 from benchmarks.bench_eval import make_eval_set, markdown, run
 from src.detection.errors import UserError
-from src.detection.metrics import (
-    DetectionEvaluator,
-    format_table,
-    save_results,
-    score_predictions_json,
-    voc_ap,
-)
+from src.detection.metrics import DetectionEvaluator, score_predictions_json, voc_ap
+from src.detection.report import format_table, save_results
 
 CLASSES = ["__background__", "cat", "dog", "bird"]
 

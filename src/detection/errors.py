@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Callable, NoReturn
+
+
+class ToolkitWarning(UserWarning):
+    """Warnings meant for the person at the shell (random weights, skipped samples): CLIs print them as one line."""
 
 
 class UserError(Exception):
@@ -15,21 +20,33 @@ class UserError(Exception):
     """
 
 
-def fail(message: str) -> NoReturn:
-    raise UserError(message)
-
-
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
-    """Run a CLI ``main`` and exit: 0 on success, 2 with one line on UserError, 130 on Ctrl-C."""
-    # Warnings meant for users (random weights, skipped samples) print as one line, without source excerpts.
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"WARNING: {message}\n".replace(
-        "WARNING: WARNING: ", "WARNING: ")
+    """Run a CLI ``main`` and exit: 0 on success, 2 with one line on UserError, 130 on Ctrl-C.
+
+    ToolkitWarnings print as one ``WARNING:`` line while ``main`` runs."""
     try:
-        code = main()
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # restored on exit: library users keep Python's default display
+            code = main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` & co. closed early: not an error of ours
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - silences the interpreter's flush at exit
+        sys.exit(0)
     sys.exit(int(code or 0))
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One ``WARNING: ...`` line for ToolkitWarnings (no source excerpt); Python's display for the rest."""
+    if issubclass(category, ToolkitWarning):
+        text = str(message)
+        print(text if text.startswith("WARNING: ") else f"WARNING: {text}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)

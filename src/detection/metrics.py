@@ -26,7 +26,6 @@ AP (recall thresholds 0, 0.1, ..., 1.0 as exact tenths), VOC12 = area under the 
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import io
 import json
@@ -381,69 +380,6 @@ def _coco_datasets(s: dict[str, list[np.ndarray]], n_classes: int) -> tuple[Any,
     return out[0], out[1]
 
 
-# ------------------------------------------------------------------------------------------------ reporting
-def _fmt(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
-    vals = [r[key] for r in rows if not math.isnan(r[key])]
-    return float(np.mean(vals)) if vals else math.nan
-
-
-def _columns(result: EvalResult) -> list[tuple[str, str]]:
-    cols: list[tuple[str, str]] = []
-    if result.metric in ("coco", "all"):
-        cols += [("AP50", "ap50"), ("AP", "ap")]
-    if result.metric in ("voc07", "all"):
-        cols.append(("VOC07", "ap_voc07"))
-    if result.metric in ("voc12", "all"):
-        cols.append(("VOC12", "ap_voc12"))
-    return cols
-
-
-def format_table(result: EvalResult) -> str:
-    """A plain-text table: class, #GT, AP50, AP [, VOC07, VOC12], then the mean over classes with ground truth.
-
-    The 'all' row holds COCO's own mAP@.5 / mAP@[.5:.95] (equal to the mean of the class rows) and the VOC means.
-    """
-    cols = _columns(result)
-    width = max([len("class")] + [len(r["class"]) for r in result.per_class] + [len("all")])
-    head = f"{'class':<{width}}  {'#GT':>6}" + "".join(f"  {h:>6}" for h, _ in cols)
-    lines = [head, "-" * len(head)]
-    for r in result.per_class:
-        lines.append(f"{r['class']:<{width}}  {r['n_gt']:>6}" + "".join(f"  {_fmt(r[k]):>6}" for _, k in cols))
-    overall = {"ap50": result.map50, "ap": result.map, "ap_voc07": result.voc07, "ap_voc12": result.voc12}
-    total = sum(r["n_gt"] for r in result.per_class)
-    lines.append("-" * len(head))
-    lines.append(f"{'all':<{width}}  {total:>6}" + "".join(f"  {_fmt(overall[k]):>6}" for _, k in cols))
-    return "\n".join(lines)
-
-
-def save_results(result: EvalResult, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``per_class_ap.csv`` (one row per class + a final ``all`` row), ``per_class_ap.png`` and
-    ``pr_curves.png`` into ``out_dir``; returns the paths written."""
-    from . import plots
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "per_class_ap.csv"
-    keys = ["class", "n_gt", "ap50", "ap", "ap_voc07", "ap_voc12"]
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys)
-        for r in result.per_class:
-            w.writerow([r["class"], r["n_gt"]] + [_csv(r[k]) for k in keys[2:]])
-        w.writerow(["all", sum(r["n_gt"] for r in result.per_class)]
-                   + [_csv(x) for x in (result.map50, result.map, result.voc07, result.voc12)])
-    return [csv_path, plots.plot_per_class_ap(result, out / "per_class_ap.png"),
-            plots.plot_pr_curves(result, out / "pr_curves.png")]
-
-
-def _csv(x: float) -> str:
-    return "" if math.isnan(x) else f"{x:.6f}"
-
-
 # ------------------------------------------------------------------------------ saved predictions (no model)
 def score_predictions_json(
     predictions_json: str | os.PathLike | list[dict[str, Any]],
@@ -524,6 +460,6 @@ def score_predictions_json(
 
 
 __all__ = [
-    "DetectionEvaluator", "EvalResult", "format_table", "save_results", "score_predictions_json", "voc_ap",
+    "DetectionEvaluator", "EvalResult", "score_predictions_json", "voc_ap",
     "voc_match", "METRICS",
 ]

@@ -1,12 +1,13 @@
-"""Detect objects in a video, camera or stream: ``python infer_det_video.py --input video.mp4 --model best_model.pth``."""
+"""Detect (and track) objects in a video, camera, stream or folder of frames:
+``python infer_det_video.py --input video.mp4 --model best_model.pth [--track --save-json --save-mot]``."""
 
 from src.detection.errors import run_cli
 
 
 def main() -> int:
-    from src.detection.video import build_video_parser, infer_video
+    from src.detection.video import build_video_parser, infer_video, video_config_from_args
 
-    infer_video(build_video_parser().parse_args())
+    infer_video(video_config_from_args(build_video_parser().parse_args()))
     return 0
 
 

@@ -9,6 +9,7 @@ DATA=input/shapes
 RUN=outputs/img_det/demo
 INFER=outputs/inference/demo
 VIDEO_OUT=outputs/inference/demo_video
+TRACK_OUT=outputs/inference/demo_track
 START=$SECONDS
 
 echo "== 1/4 synthetic dataset -> $DATA (2,000 train / 200 valid images at 192 px + a 240-frame video)"
@@ -29,8 +30,11 @@ echo "== 3/4 image inference (40 validation images)"
 $PY infer_det_image.py --input "$DATA/valid/images/valid_000[0-3]*.jpg" --model "$RUN/best_model.pth" \
     --threshold 0.5 --out-dir "$INFER"
 
-echo "== 4/4 video inference"
+echo "== 4/4 video inference (plain, then tracked)"
 $PY infer_det_video.py --input "$DATA/demo.mp4" --model "$RUN/best_model.pth" --threshold 0.5 --out-dir "$VIDEO_OUT"
+echo "   ... and tracked: IDs, smoothed boxes, per-frame JSON Lines + MOTChallenge rows (ground truth: $DATA/demo_gt.txt)"
+$PY infer_det_video.py --input "$DATA/demo.mp4" --model "$RUN/best_model.pth" --threshold 0.5 --out-dir "$TRACK_OUT" \
+    --track --save-json --save-mot
 
 echo
 echo "Demo finished in $((SECONDS - START)) s. Outputs:"
@@ -38,4 +42,5 @@ echo "  dataset            $DATA  (config $DATA/shapes.yaml, video $DATA/demo.mp
 echo "  training run       $RUN  (best_model.pth, results.csv, train_loss.png, map.png, per_class_ap.csv)"
 echo "  annotated images   $INFER  (predictions.json)"
 echo "  annotated video    $VIDEO_OUT"
+echo "  tracked video      $TRACK_OUT  (demo.mp4 with track IDs, demo.jsonl, demo.mot.txt, summary.json)"
 echo "  (random-weight backbone: the numbers show the pipeline works, not DINOv3's accuracy)"

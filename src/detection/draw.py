@@ -38,19 +38,23 @@ def _text_color(bg: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def draw_detections(frame: np.ndarray, boxes: np.ndarray | torch.Tensor, labels: Sequence[int] | torch.Tensor,
-                    scores: Sequence[float] | torch.Tensor, classes: Sequence[str]) -> np.ndarray:
-    """Draw boxes with ``class score`` labels onto a BGR uint8 ``frame`` in place (and return it)."""
+                    scores: Sequence[float] | torch.Tensor, classes: Sequence[str],
+                    ids: Sequence[int] | None = None) -> np.ndarray:
+    """Draw boxes with ``class score`` labels onto a BGR uint8 ``frame`` in place (and return it).
+
+    With track ``ids`` the label reads ``#id class score`` and the colour follows the ID instead of the class."""
     h, w = frame.shape[:2]
     line, scale, thick = _style(h, w)
     boxes = boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes)
     labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
     scores = scores.tolist() if isinstance(scores, torch.Tensor) else list(scores)
-    for box, label, score in zip(boxes.reshape(-1, 4), labels, scores):
-        color = class_color(int(label))
+    ids = [int(i) for i in ids] if ids is not None else [None] * len(labels)
+    for box, label, score, tid in zip(boxes.reshape(-1, 4), labels, scores, ids):
+        color = class_color(int(label) if tid is None else tid)
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
         cv2.rectangle(frame, (x1, y1), (x2, y2), color, line, cv2.LINE_AA)
         name = classes[label] if 0 <= label < len(classes) else str(label)
-        text = f"{name} {score:.2f}"
+        text = f"{name} {score:.2f}" if tid is None else f"#{tid} {name} {score:.2f}"
         (tw, th), base = cv2.getTextSize(text, _FONT, scale, thick)
         # Label above the box, or inside it when the box touches the top edge.
         ty = y1 - base - 2 if y1 - th - base - 2 >= 0 else y1 + th + 2

@@ -4,9 +4,9 @@ from src.detection.errors import run_cli
 
 
 def main() -> int:
-    from src.detection.infer_image import build_image_parser, infer_images
+    from src.detection.infer_image import build_image_parser, image_config_from_args, infer_images
 
-    infer_images(build_image_parser().parse_args())
+    infer_images(image_config_from_args(build_image_parser().parse_args()))
     return 0
 
 

@@ -15,10 +15,10 @@ synthetic images (``src.detection.synthetic``) for both sides, in the same proce
   ``loss.backward(); optimizer.step()``.
 * ours = ``build_detector(DetectorConfig(...))`` with the toolkit's defaults (multi-level RetinaNet on a frozen
   backbone, uint8 input) trained by ``engine.train_one_epoch`` with the optimizer / scheduler / grad clipping
-  ``train_detection.py`` builds by default.
+  a default ``TrainConfig`` gives (``train.run`` builds them the same way).
 * epoch time = ``train_one_epoch`` over the real training loader of ``train.py`` (decode + flip augmentation
   included), against the loader ``train.py`` builds for ``--cache-features ram`` (``FeatureCache`` +
-  ``collate_cached``); epochs from 2 on are compared (epoch 1 also pays the warm-up); the one-off cache build is
+  ``CachedBatches``); epochs from 2 on are compared (epoch 1 also pays the warm-up); the one-off cache build is
   reported in the note.
 
 Data loading is outside the timed span of the images/s rows (both sides get ready batches) and inside the
@@ -35,18 +35,15 @@ import sys
 import tempfile
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from src.detection.utils import REPO_ROOT
-
-if str(REPO_ROOT) not in sys.path:  # train_detection.py (the CLI's argument parser) lives at the repo root
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks.common import make_row, markdown_table, time_call, time_interleaved  # noqa: E402
+from benchmarks.common import make_row, markdown_table, time_call, time_interleaved
+from src.detection.train_config import TrainConfig
 
 NUM_CLASSES = 21  # the reference figures were measured with the 20 VOC classes + background
 SEED_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
@@ -78,7 +75,7 @@ class ReferenceBackbone(nn.Module):
         self.dino = dino
         self.out_channels = dino.last_channels
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict([("0", self.dino.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0])])
 
 
@@ -116,36 +113,29 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: 
 
 
 # --------------------------------------------------------------------------------------------------- ours
-def train_args(extra: list[str]) -> argparse.Namespace:
-    """``train_detection.py``'s parsed defaults plus ``extra`` flags - the settings a user's run gets."""
-    from train_detection import build_parser
-
-    return build_parser().parse_args(extra)
-
-
-def build_ours(model_name: str, imgsz: int, args: argparse.Namespace, device: torch.device, iters_per_epoch: int,
-               feature_extractor: str = "multi"):
-    """Our detector (defaults: multi-level RetinaNet, frozen backbone) + the optimizer/scheduler train.py builds."""
+def build_ours(cfg: TrainConfig, device: torch.device, iters_per_epoch: int):
+    """Our detector as a training run with ``cfg`` builds it (defaults: multi-level RetinaNet, frozen backbone),
+    with the optimizer and scheduler ``train.run`` builds from the same config."""
     from src.detection.engine import build_optimizer, build_scheduler
-    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.model import build_detector
 
-    cfg = DetectorConfig(model_name=model_name, num_classes=NUM_CLASSES, imgsz=(imgsz, imgsz),
-                         feature_extractor=feature_extractor, fpn_channels=args.fpn_channels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_detector(cfg, verbose=False).to(device)
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.backbone_lr)
-    scheduler = build_scheduler(optimizer, schedule=args.scheduler, epochs=args.epochs, iters_per_epoch=iters_per_epoch,
-                                warmup_epochs=args.warmup_epochs, warmup_iters=args.warmup_iters, steps=args.lr_steps)
+        model = build_detector(cfg.detector_config(NUM_CLASSES), verbose=False).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.backbone_lr,
+                                layer_decay=cfg.layer_decay)
+    scheduler = build_scheduler(optimizer, schedule=cfg.scheduler, epochs=cfg.epochs, iters_per_epoch=iters_per_epoch,
+                                warmup_epochs=cfg.warmup_epochs, warmup_iters=cfg.warmup_iters, steps=cfg.lr_steps)
     return model, optimizer, scheduler
 
 
-def our_epoch(model, batches, optimizer, scheduler, device: torch.device, epoch: int, args, amp_dtype=None) -> None:
-    """``engine.train_one_epoch`` with train.py's default settings (its progress bar silenced)."""
+def our_epoch(model, batches, optimizer, scheduler, device: torch.device, epoch: int, cfg: TrainConfig,
+              amp_dtype=None) -> None:
+    """``engine.train_one_epoch`` with the settings ``train.run`` uses for ``cfg`` (progress bar silenced)."""
     from src.detection.engine import train_one_epoch
 
     with contextlib.redirect_stderr(io.StringIO()):
-        train_one_epoch(model, batches, optimizer, scheduler, device, epoch, clip_grad=args.clip_grad,
+        train_one_epoch(model, batches, optimizer, scheduler, device, epoch, clip_grad=cfg.clip_grad,
                         amp_dtype=amp_dtype, total=len(batches), desc="bench")
 
 
@@ -185,23 +175,22 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
     """Images/s of training steps, reference vs ours, at each batch size; at the largest batch also two
     informative variants (``--amp bf16``, ``--feature-extractor last``) that show where the time goes."""
     from src.detection.model import count_parameters
-    from src.detection.train import amp_settings
+    from src.detection.runtime import amp_settings
 
     imgsz, name = s["imgsz"], s["model_name"]
-    args = train_args([])
+    args = TrainConfig(model_name=name, imgsz=(imgsz, imgsz))  # a user's run with the defaults
     torch.manual_seed(0)
     ref = build_reference(name, imgsz).to(device)
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
-    ours, opt, sched = build_ours(name, imgsz, args, device, iters_per_epoch=100)
+    ours, opt, sched = build_ours(args, device, iters_per_epoch=100)
     models = {"ref": ref, "ours": ours}
     if s["variants"]:
         torch.manual_seed(0)
-        last, last_opt, last_sched = build_ours(name, imgsz, args, device, iters_per_epoch=100,
-                                                feature_extractor="last")
+        last, last_opt, last_sched = build_ours(replace(args, feature_extractor="last"), device, iters_per_epoch=100)
         models["last"] = last
     counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in models.items()}
-    default_amp = amp_settings(args.amp, device)[0]  # what a user's run gets: bf16 where native, else fp32
+    default_amp = amp_settings(args.precision, device)[0]  # what a user's run gets: bf16 where native, else fp32
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[default_amp]
     rows = []
     for batch in s["batches"]:
@@ -242,26 +231,25 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
                feature_extractor: str = "multi", goal: Any = GOAL_CACHE) -> list[dict[str, Any]]:
     """Epoch seconds of the real training loader vs the ``--cache-features ram`` loader (epochs >= 2)."""
     from src.detection.datasets import load_data_config
-    from src.detection.train import amp_settings, data_loaders, prepare_feature_cache
+    from src.detection.runtime import amp_settings
+    from src.detection.train import data_loaders, prepare_feature_cache
 
     imgsz, batch = s["imgsz"], s["epoch_batch"]
     workers = 0 if device.type == "cpu" else 2  # 2 shared cores: a worker process only competes with compute
-    args = train_args(["--config", str(config), "--imgsz", str(imgsz), "--batch", str(batch), "--workers",
-                       str(workers), "--model-name", s["model_name"], "--cache-features", "ram",
-                       "--feature-extractor", feature_extractor])
+    args = TrainConfig(config=str(config), imgsz=(imgsz, imgsz), batch=batch, workers=workers,
+                       model_name=s["model_name"], cache_features="ram", feature_extractor=feature_extractor)
     data_cfg = load_data_config(config)
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
-        _, _, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1, device)
-    model, opt, sched = build_ours(s["model_name"], imgsz, args, device, iters_per_epoch=len(loader),
-                                   feature_extractor=feature_extractor)
+        train_ds, valid_ds, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1, device)
+    model, opt, sched = build_ours(args, device, iters_per_epoch=len(loader))
     cached: dict[str, Any] = {}
 
-    amp = amp_settings(args.amp, device)[0]  # the default --amp auto, as train.py applies it
+    amp = amp_settings(args.precision, device)[0]  # the default --precision auto, as train.run applies it
 
     def build() -> None:
-        cached["loader"], cached["sampler"] = prepare_feature_cache(
-            args, model, data_cfg, (imgsz, imgsz), device, root / "cache_run", 0, 1, False, amp)
+        cached["loader"], cached["sampler"], _ = prepare_feature_cache(
+            args, model, train_ds, valid_ds, device, root / "cache_run", 0, 1, False, amp)
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         build_s = time_call(build, device)

@@ -114,7 +114,7 @@ def tiny_model():
 
 def test_model_round_trip_without_backbone_file(tiny_model, tmp_path: Path) -> None:
     meta = ck.model_meta(tiny_model, ["__background__", "a", "b"], letterbox=True)
-    assert meta["imgsz"] == [64, 96] and meta["letterbox"] is True and len(meta["mean"]) == 3
+    assert meta["imgsz"] == [64, 96] and meta["input"]["letterbox"] is True and len(meta["input"]["mean"]) == 3
     path = ck.save_checkpoint(tmp_path / "m.pth", ck.build_payload(tiny_model, meta, epoch=4, best_metric=0.5))
     model, meta2 = ck.model_from_checkpoint(path, "cpu", overrides={"score_thresh": 0.2})
     assert meta2["includes_backbone"] is True and meta2["classes"] == ["__background__", "a", "b"]
@@ -142,3 +142,15 @@ def test_checkpoint_without_backbone(tiny_model, tmp_path: Path) -> None:
     path = ck.save_checkpoint(tmp_path / "slim.pth", slim)
     with pytest.raises(UserError, match="saved without its backbone.*--weights"):
         ck.model_from_checkpoint(path, "cpu")
+
+
+def test_edited_checkpoint_is_one_line_naming_keys(tiny_model, tmp_path: Path) -> None:
+    payload = ck.build_payload(tiny_model, ck.model_meta(tiny_model, ["__background__", "a", "b"]))
+    weight = next(k for k in payload["model"] if k.startswith("head.") and k.endswith("weight"))
+    payload["model"][weight] = torch.zeros(1, 2)
+    payload["model"]["head.extra.bias"] = torch.zeros(1)
+    path = ck.save_checkpoint(tmp_path / "edited.pth", payload)
+    with pytest.raises(UserError) as exc:
+        ck.model_from_checkpoint(path, "cpu")
+    msg = str(exc.value)
+    assert "\n" not in msg and "head.extra.bias" in msg and f"{weight} [1, 2]" in msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -129,35 +130,145 @@ def test_epoch_keyed_sampling_is_reproducible_and_sharded():
     assert sorted(sum((list(ShardSampler(10, r, 3)) for r in range(3)), [])) == list(range(10))
 
 
-def test_feature_cache_training_matches_image_training(tmp_path):
-    """With augment none, an epoch on cached fp16 features gives (almost) the same losses as on images."""
-    from src.detection.datasets import build_datasets, collate_fn, load_data_config
-    from src.detection.feature_cache import FeatureCache, collate_cached
-    from src.detection.model import DetectorConfig, build_detector
+def _tiny_data(tmp_path, n_train=6, n_valid=3):
+    from src.detection.datasets import load_data_config
     from src.detection.synthetic import generate_dataset
 
-    cfg_path = generate_dataset(tmp_path / "d", 8, 2, imgsz=64, seed=0)
-    data = load_data_config(cfg_path)
-    train_ds, _ = build_datasets(data, imgsz=(64, 64), augment="none", verbose=False)
+    return load_data_config(generate_dataset(tmp_path / "d", n_train, n_valid, imgsz=64, seed=0))
+
+
+def _tiny_model(num_classes, imgsz, letterbox=False):
+    from src.detection.model import DetectorConfig, build_detector
+
     torch.manual_seed(0)
-    model = build_detector(DetectorConfig("dinov3_convnext_atto", len(data.classes), head="fcos", imgsz=(64, 64),
-                                          fpn_channels=64), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random backbone weights: intended here
+        return build_detector(DetectorConfig("dinov3_convnext_atto", num_classes, head="fcos", imgsz=imgsz,
+                                             fpn_channels=64, letterbox=letterbox), verbose=False)
+
+
+@pytest.mark.parametrize("letterbox", [False, True])
+def test_cached_samples_are_the_live_pipelines_samples(tmp_path, letterbox):
+    """For every (seed, epoch, index) the cache holds the live pipeline's boxes and the backbone maps of the live
+    pipeline's image (flip first, then resize / pad bottom-right), in both resize modes; validation likewise."""
+    from src.detection.datasets import build_datasets, collate_fn
+    from src.detection.feature_cache import CachedBatches, FeatureCache
+
+    data = _tiny_data(tmp_path)
+    imgsz = (96, 64)  # not the images' aspect ratio: letterbox pads 32 columns
+    train_ds, valid_ds = build_datasets(data, imgsz=imgsz, augment="flip", letterbox=letterbox, verbose=False)
+    model = _tiny_model(len(data.classes), imgsz, letterbox)
+    cache = FeatureCache("ram", flip=True, seed=5)
+    cache.build(model, train_ds, [0, 1, 2, 3, 4, 5, 0], torch.device("cpu"), batch_size=4, show=False)
+    assert len(cache) == 6  # the repeated (DDP padding) index is computed once
+    live = EpochSeededDataset(train_ds, seed=5)
+    seen = set()
+    with torch.no_grad():
+        for epoch in (1, 2, 3):
+            for i in range(6):
+                image, target = live[(epoch, i)]
+                feats, cached = cache[(epoch, i)]
+                torch.testing.assert_close(cached["boxes"], target["boxes"].as_subclass(torch.Tensor))
+                assert torch.equal(cached["labels"], target["labels"])
+                for c, ref in zip(feats, model.backbone_features(image[None])):
+                    torch.testing.assert_close(c.float(), ref[0], rtol=2e-3, atol=2e-3)  # fp16 storage
+                seen.add(cache.flipped((epoch, i))[1])
+        assert seen == {False, True}
+        valid = FeatureCache("ram", flip=False, seed=5)
+        valid.build(model, valid_ds, [0, 1, 2], torch.device("cpu"), batch_size=2, show=False)
+        images, targets, feats = next(iter(CachedBatches(valid, [2, 0], 2, imgsz)))
+        live_images, live_targets = collate_fn([valid_ds[2], valid_ds[0]])
+        assert images.shape == live_images.shape
+        for got, want in zip(targets, live_targets):
+            assert set(got) == set(want)
+            for k in ("orig_boxes", "orig_labels", "orig_difficult", "labels"):
+                assert torch.equal(got[k], want[k]), k
+            assert tuple(got["orig_size"]) == tuple(want["orig_size"]) and got["image_id"] == want["image_id"]
+        for c, ref in zip(feats, model.backbone_features(live_images)):
+            torch.testing.assert_close(c.float(), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_feature_cache_training_matches_image_training(tmp_path):
+    """A step on cached fp16 features gives (almost) the losses of the same step on the live images."""
+    from src.detection.datasets import build_datasets, collate_fn
+    from src.detection.feature_cache import CachedBatches, FeatureCache
+
+    data = _tiny_data(tmp_path, n_train=8)
+    train_ds, _ = build_datasets(data, imgsz=(64, 64), augment="flip", verbose=False, splits=("train",))
+    model = _tiny_model(len(data.classes), (64, 64))
     cache = FeatureCache("ram", flip=True, seed=0)
-    cache.build(model, train_ds, list(range(8)), torch.device("cpu"), batch_size=4, workers=0,
-                collate_fn=collate_fn, show=False)
-    assert len(cache.ram) == 16  # 8 images x (original, flipped)
+    cache.build(model, train_ds, list(range(8)), torch.device("cpu"), batch_size=4, show=False)
+    assert cache.nbytes == sum(t.numel() * 2 for levels in cache.levels.values() for t in levels)
+    sampler = EpochSampler(8, seed=0)
+    sampler.set_epoch(3)
+    keys = list(sampler)[:4]
     model.train()
-    images, targets = collate_fn([train_ds[i] for i in range(4)])
+    images, targets = collate_fn([EpochSeededDataset(train_ds, 0)[k] for k in keys])
     direct = model(images, targets)
-    cached_batch = collate_cached([cache._get(i, False) for i in range(4)], (64, 64))
-    with model.cached_features(cached_batch[2]):
-        from_cache = model(cached_batch[0], cached_batch[1])
+    cached_images, cached_targets, feats = next(iter(CachedBatches(cache, keys, 4, (64, 64))))
+    with model.cached_features(feats):
+        from_cache = model(cached_images, cached_targets)
     for k in direct:
         assert from_cache[k].item() == pytest.approx(direct[k].item(), rel=2e-2)
-    # flipped variant: flipped boxes of the same image
-    flipped = cache._get(0, True)[1]["boxes"]
-    plain = cache._get(0, False)[1]["boxes"]
-    torch.testing.assert_close(flipped[:, [0, 2]], 64 - plain[:, [2, 0]])
+
+
+def test_padded_shards_give_every_rank_the_same_number_of_steps():
+    from src.detection.sampling import padded_shard
+
+    for n, world in ((17, 2), (5, 4), (8, 3), (1, 2)):
+        shards = [padded_shard(n, r, world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1 and len(shards[0]) == -(-n // world)
+        assert set(sum(shards, [])) == set(range(n))
+
+
+def test_ema_weights_for_saving_do_not_alias_the_live_ones():
+    model = nn.Sequential(nn.Linear(2, 2))
+    ema = ModelEMA(model, decay=0.5, warmup=1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    saved = ema.averaged(model.state_dict())
+    torch.testing.assert_close(saved["0.weight"], ema.shadow["0.weight"])
+    assert not torch.allclose(saved["0.weight"], model[0].weight)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # training goes on: the saved copy must not follow
+    torch.testing.assert_close(saved["0.weight"], ema.shadow["0.weight"])
+
+
+def test_layer_decay_gives_earlier_backbone_layers_smaller_learning_rates():
+    model = _tiny_model(4, (64, 64))
+    model.dino.set_trainable(2)  # the last 2 of 4 ConvNeXt stages (+ final norm)
+    opt = build_optimizer(model, "adamw", 1e-3, 0.01, backbone_lr=1e-4, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    groups = model.dino.layer_groups()
+    assert len(groups) == 2
+    assert {lr_of[id(p)] for p in groups[1]} == {1e-4} and {lr_of[id(p)] for p in groups[0]} == {5e-5}
+    backbone = {id(p) for p in model.dino.parameters()}
+    assert {lr for i, lr in lr_of.items() if i not in backbone} == {1e-3}
+    assert set(lr_of) == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_compiled_training_step_runs_the_compiled_module():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from src.detection.train import compile_for_training
+
+    model = _tiny_model(3, (64, 64))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_for_training(model, "eager")
+    opt = build_optimizer(model, "adamw", 1e-3, 0.01)
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    out = train_one_epoch(compiled, [(images, targets)], opt, None, torch.device("cpu"), 1)
+    assert math.isfinite(out["train_loss"])
+    assert counters["stats"]["calls_captured"] > 0  # dynamo traced the module the step called
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # and it trained the real model
+    torch._dynamo.reset()
 
 
 def test_fine_tune_backbone_gets_its_own_learning_rate():

@@ -1,10 +1,15 @@
-"""The standalone evaluation entry: scoring a saved predictions JSON against a dataset without a model."""
+"""The standalone evaluation entry: scoring a saved predictions JSON against a dataset without a model, and
+reproducing a training run's own evaluation from its checkpoint (the same path as inference)."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -70,3 +75,85 @@ def test_bad_predictions_file_is_one_line(dataset: Path, tmp_path: Path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and args[1].split("/")[-1] in lines[0]
         assert not any(tmp_path.glob("eval_*")), "a failed evaluation must not leave a run folder"
+
+
+def test_cut_predictions_are_scored_with_a_warning(dataset: Path, tmp_path: Path):
+    from src.detection.evaluate import EvalConfig, evaluate_predictions
+
+    gts = load_ground_truth(load_data_config(dataset), split="valid")
+    rows = predictions_from_ground_truth(gts)  # every score 0.9: what a file cut at --threshold 0.5 looks like
+    old = tmp_path / "old" / "predictions.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps(rows))
+    with pytest.warns(UserWarning, match="lowest score is 0.9.*looks cut.*underestimated"):
+        evaluate_predictions(EvalConfig(config=str(dataset), predictions=str(old), out_dir=None))
+    # a file whose writer recorded the cut
+    (old.parent / "summary.json").write_text(json.dumps({"predictions": str(old), "predictions_score_floor": 0.5}))
+    with pytest.warns(UserWarning, match=r"only detections scoring >= 0.5 \(cut"):
+        evaluate_predictions(EvalConfig(config=str(dataset), predictions=str(old), out_dir=None))
+    # recorded down to the evaluation threshold: no warning, even though every score is high
+    (old.parent / "summary.json").write_text(json.dumps({"predictions": str(old), "predictions_score_floor": 0.05}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate_predictions(EvalConfig(config=str(dataset), predictions=str(old), out_dir=None))
+    assert result.map50 == pytest.approx(1.0)
+
+
+def test_evaluate_help_shows_defaults():
+    out = run_evaluate(["--help"])
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and "(default: outputs/eval)" in text and "--threshold THRESHOLD, --score-thresh" in text
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A short letterbox run at a non-square size on a tiny synthetic set (as tests/test_train.py builds them),
+    validated on its own training images so that the model finds objects after a few epochs."""
+    root = tmp_path_factory.mktemp("e2e")
+    data = generate_dataset(root / "data", 24, 4, imgsz=96, seed=1)
+    fit = data.parent / "fit.yaml"
+    fit.write_text(data.read_text().replace("VALID_IMG: valid/", "VALID_IMG: train/")
+                   .replace("VALID_ANNOT: valid/", "VALID_ANNOT: train/"))
+    out = subprocess.run([sys.executable, "train_detection.py", "--config", str(fit), "--model-name",
+                          "dinov3_convnext_atto", "--head", "fcos", "--fpn-channels", "64", "--imgsz", "96", "64",
+                          "--letterbox", "--augment", "none", "--batch", "4", "--workers", "0", "--lr", "2e-3",
+                          "--warmup-epochs", "0.3", "--seed", "0", "--epochs", "10", "--eval-interval", "5",
+                          "--out-dir", str(root), "--name", "run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return fit, root / "run"
+
+
+def best_row(run: Path) -> dict[str, float]:
+    with open(run / "results.csv") as f:
+        rows = [{k: float(v) if v else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+    scored = [r for r in rows if not math.isnan(r["map"])]
+    return max(scored, key=lambda r: r["map"])  # first of equals, as training keeps the first best
+
+
+@pytest.mark.slow
+def test_evaluate_model_reproduces_the_best_row_and_inference_json_scores_the_same(trained_run, tmp_path: Path):
+    from src.detection.annotations import split_layout
+    from src.detection.evaluate import EvalConfig, evaluate_checkpoint, evaluate_predictions
+    from src.detection.infer_image import build_image_parser, image_config_from_args, infer_images
+
+    data, run = trained_run
+    best = best_row(run)
+    assert best["map50"] > 0  # a model that finds something, so the comparison below means something
+    result = evaluate_checkpoint(EvalConfig(config=str(data), model=str(run / "best_model.pth"), metric="coco",
+                                            workers=0, out_dir=None))
+    for key in ("map", "map50", "map75"):
+        assert getattr(result, key) == pytest.approx(best[key], rel=0, abs=1e-12), key
+
+    images = split_layout("voc", data.parent, "train")[0]  # the validation split of the fit config
+    infer_images(image_config_from_args(build_image_parser().parse_args(
+        ["-i", str(images), "--model", str(run / "best_model.pth"), "--threshold", "0.5", "--device", "cpu",
+         "--batch", "8", "--no-save", "--out-dir", str(tmp_path / "inf")])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file is not cut: no warning
+        scored = evaluate_predictions(EvalConfig(config=str(data), predictions=str(tmp_path / "inf" / "predictions.json"),
+                                                 metric="coco", out_dir=None))
+    for key in ("map", "map50", "map75", "map_small", "mar_100"):
+        assert getattr(scored, key) == pytest.approx(getattr(result, key), rel=0, abs=1e-9, nan_ok=True), key

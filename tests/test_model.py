@@ -324,3 +324,72 @@ def test_bf16_autocast_and_channels_last(head, family):
         assert (det["boxes"][:, 2] <= W).all() and (det["boxes"][:, 3] <= H).all()
         # same best-scoring box within bf16 noise
         assert abs(float(det["scores"][0]) - float(r["scores"][0])) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ head depth
+def _tower_convs(branch) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in branch.conv.modules())
+
+
+@pytest.mark.parametrize("head", ["retinanet", "fcos"])
+@pytest.mark.parametrize("n", [0, 1, 2, 4])
+def test_head_convs_sets_both_towers_with_torchvision_names(head, n):
+    """A head of depth n is torchvision's head with only conv.0..n-1 in each tower: its state dict loads into
+    torchvision's own 4-conv head (GroupNorm, as the multi-level recipe) with exactly the deeper layers missing."""
+    from functools import partial
+
+    from torchvision.models.detection.fcos import FCOSHead
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    model = build(tiny(head=head, head_convs=n))
+    assert model.config.head_convs == n
+    for branch in (model.head.classification_head, model.head.regression_head):
+        assert _tower_convs(branch) == n
+    c, anchors = 64, model.anchor_generator.num_anchors_per_location()[0]
+    if head == "fcos":
+        full = FCOSHead(c, anchors, NUM_CLASSES)
+    else:
+        full = RetinaNetHead(c, anchors, NUM_CLASSES, norm_layer=partial(torch.nn.GroupNorm, 32))
+    result = full.load_state_dict(model.head.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    deeper = {k for k in full.state_dict() if ".conv." in k and int(k.split(".conv.")[1].split(".")[0]) >=
+              (3 * n if head == "fcos" else n)}  # FCOS towers are flat (conv, norm, relu) x n
+    assert set(result.missing_keys) == deeper
+    losses = model(images(), targets())
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_head_convs_defaults_and_parameter_counts():
+    """`last` keeps torchvision's 4 convs (the reference's head); `multi` uses HEAD_CONVS['multi']; each conv layer
+    removed from both towers takes away exactly one 3x3 conv + GroupNorm per branch."""
+    from src.detection.model import HEAD_CONVS
+
+    assert HEAD_CONVS["last"] == 4
+    for head in ("retinanet", "fcos"):
+        assert build(tiny(head=head, mode="last")).config.head_convs == 4
+        default = build(tiny(head=head))
+        assert default.config.head_convs == HEAD_CONVS["multi"]
+        four = build(tiny(head=head, head_convs=4))
+        c = 64
+        bias = c if head == "fcos" else 0  # torchvision's RetinaNet tower convs have no bias before a norm
+        per_layer = 2 * (9 * c * c + bias + 2 * c)  # two branches x (conv, GroupNorm affine)
+        assert count_parameters(four)[1] - count_parameters(default)[1] == (4 - HEAD_CONVS["multi"]) * per_layer
+    assert build(tiny(head="ssd")).config.head_convs is None
+
+
+def test_head_convs_config_round_trip_and_older_metadata():
+    """The built depth is recorded; metadata written before the field existed means torchvision's 4 convs, so
+    such checkpoints keep loading strictly."""
+    model = build(tiny(head="fcos", head_convs=1))
+    d = model.config.to_dict()
+    assert d["head_convs"] == 1 and DetectorConfig.from_dict(d).head_convs == 1
+    old = build(tiny(head="fcos", head_convs=4))
+    legacy = {k: v for k, v in old.config.to_dict().items() if k != "head_convs"}
+    rebuilt = build(DetectorConfig.from_dict(legacy))
+    rebuilt.load_state_dict(old.state_dict(), strict=True)
+    ssd_meta = {k: v for k, v in build(tiny(head="ssd")).config.to_dict().items() if k != "head_convs"}
+    assert DetectorConfig.from_dict(ssd_meta).head_convs is None
+    with pytest.raises(UserError, match="--head-convs 5"):
+        tiny(head="fcos", head_convs=5)
+    with pytest.raises(UserError, match="--head-convs 2: the SSD head"):
+        tiny(head="ssd", head_convs=2)

@@ -3,15 +3,24 @@
 Payload (all plain tensors / containers / numbers / strings, so the safe unpickler accepts it)::
 
     {"format": "dinov3-detection", "format_version": 1,
-     "meta": DetectorConfig.to_dict() + classes, letterbox, mean, std, toolkit_version, includes_backbone,
+     "meta": DetectorConfig.to_dict() (its "input" dict = the InputSpec) + classes, toolkit_version,
+             includes_backbone, weights,
      "model": state_dict, "optimizer", "scheduler", "scaler", "ema", "epoch", "best_metric", "rng"}
 
 By default the frozen backbone is saved inside ``model`` so inference needs no backbone weights file;
 ``include_backbone=False`` keeps only the trainable part, and loading then needs the backbone ``--weights``.
+Metadata written before the ``input`` dict existed (``imgsz``/``letterbox``/``mean``/``std`` at the top level) loads
+the same way (``DetectorConfig.from_dict``).
+
+Checkpoints trained by the reference project (``{"model_state_dict": ..., "epoch", "optimizer_state_dict"}`` with
+the hub model under ``backbone.backbone_model.`` and torchvision head names) carry no metadata: the user supplies
+what the reference's own commands took (``--model-name``, ``--head``, ``--config``, ``--imgsz``), see
+``adopt_reference_checkpoint``; the official backbone keys are mapped with ``backbones.convert_official_state_dict``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -32,6 +41,9 @@ from .utils import REPO_ROOT
 
 FORMAT = "dinov3-detection"
 FORMAT_VERSION = 1
+REFERENCE_FORMAT = "reference"  # ``format`` of a loaded reference-project checkpoint (it has none of its own)
+REFERENCE_BACKBONE_PREFIX = "backbone.backbone_model."  # the reference wrapped the hub model under this name
+REFERENCE_IMGSZ = 640  # the reference commands' default --imgsz
 
 # Key fragments of raw DINOv3 backbone state dicts (official ConvNeXt / ViT checkpoints and timm names), used only
 # to tell the user they passed a backbone file where a detector checkpoint was expected.
@@ -102,16 +114,18 @@ def _frozen_backbone_keys(model: nn.Module) -> set[str]:
     return {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ids}
 
 
-def model_meta(model: nn.Module, classes: list[str], letterbox: bool, weights: str | None = None) -> dict[str, Any]:
-    """Checkpoint metadata for ``model``: its DetectorConfig plus what inference needs to reproduce preprocessing."""
+def model_meta(model: nn.Module, classes: list[str], letterbox: bool | None = None,
+               weights: str | None = None) -> dict[str, Any]:
+    """Checkpoint metadata for ``model``: its resolved DetectorConfig (with the ``input`` spec: size, letterbox,
+    size multiple, mean/std) plus the classes. ``letterbox`` overrides the config's (None: keep it)."""
     model = unwrap(model)
     if not classes or classes[0] != "__background__":
         raise ValueError("classes must start with '__background__'")
-    meta = dict(model.config.to_dict())
-    dino = model.dino
-    meta.update(classes=list(classes), letterbox=bool(letterbox), mean=[float(v) for v in dino.mean],
-                std=[float(v) for v in dino.std], toolkit_version=__version__,
-                weights=str(weights) if weights else None)
+    cfg = model.config
+    if letterbox is not None and bool(letterbox) != cfg.letterbox:
+        cfg = dataclasses.replace(cfg, letterbox=bool(letterbox))
+    meta = dict(cfg.to_dict())
+    meta.update(classes=list(classes), toolkit_version=__version__, weights=str(weights) if weights else None)
     return meta
 
 
@@ -175,8 +189,17 @@ def _looks_like_backbone(obj: Any) -> bool:
         and not any(k.startswith(("head.", "backbone.body", "anchor")) for k in keys)
 
 
+def _looks_like_reference(obj: Any) -> bool:
+    """A reference-project checkpoint: ``model_state_dict`` holding its hub backbone and torchvision head keys."""
+    sd = obj.get("model_state_dict") if isinstance(obj, dict) and "format" not in obj else None
+    return isinstance(sd, dict) and any(isinstance(k, str) and k.startswith(REFERENCE_BACKBONE_PREFIX) for k in sd)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate one of our checkpoints; every kind of wrong file becomes a one-line UserError."""
+    """Load and validate one of our checkpoints; every kind of wrong file becomes a one-line UserError.
+
+    A reference-project checkpoint comes back as ``{"format": REFERENCE_FORMAT, "meta": None, "model": ...}``:
+    pass it through :func:`adopt_reference_checkpoint` before building a model from it."""
     p = _find(path)
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
@@ -190,6 +213,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint {p} is corrupt or truncated ({first}); re-copy it or use another checkpoint "
                         f"(e.g. last_model.pth)") from None
+    if _looks_like_reference(obj):
+        return {"format": REFERENCE_FORMAT, "meta": None, "model": obj["model_state_dict"],
+                "epoch": obj.get("epoch"), "path": str(p)}
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         if _looks_like_backbone(obj):
             raise UserError(f"{p} looks like a backbone weights file, not a detector checkpoint; pass it with "
@@ -209,19 +235,111 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def detector_config_from_meta(meta: dict[str, Any], overrides: dict[str, Any] | None = None):
-    """The DetectorConfig stored in ``meta`` with ``overrides`` (e.g. imgsz, nms, score_thresh) applied."""
+    """The DetectorConfig stored in ``meta`` with ``overrides`` (e.g. nms, score_thresh) applied (None = keep)."""
     from .model import DetectorConfig  # local: model.py pulls in timm
 
-    fields = set(DetectorConfig.__dataclass_fields__)
-    cfg = {k: v for k, v in meta.items() if k in fields}
+    cfg = DetectorConfig.from_dict(meta)
+    names = set(DetectorConfig.__dataclass_fields__)
+    changes = {}
     for k, v in (overrides or {}).items():
-        if k not in fields:
+        if k not in names:
             raise ValueError(f"unknown DetectorConfig override {k!r}")
         if v is not None:
-            cfg[k] = v
-    if isinstance(cfg.get("imgsz"), list):
-        cfg["imgsz"] = tuple(cfg["imgsz"])
-    return DetectorConfig.from_dict(cfg)
+            changes[k] = v
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def reference_head(sd: dict[str, Any]) -> str | None:
+    """Which torchvision head a reference state dict holds (SSD heads are ``module_list``s)."""
+    if any(k.startswith("head.classification_head.module_list.") for k in sd):
+        return "ssd"
+    if any(k.startswith("head.classification_head.cls_logits.") for k in sd):
+        return "retinanet"
+    return None
+
+
+def adopt_reference_checkpoint(ckpt: dict[str, Any], *, model_name: str | None, classes: list[str] | None,
+                               head: str | None = None, imgsz: Any = None, feature_extractor: str | None = None,
+                               backbone_impl: str = "timm", arch_overrides: dict[str, Any] | None = None
+                               ) -> dict[str, Any]:
+    """Give a reference-project checkpoint (see :func:`load_checkpoint`) the metadata its commands took as flags.
+
+    The reference trained only the single last feature map with stretched inputs (``feature_extractor='last'``,
+    whose anchors are the reference's), so that is what is built; ``imgsz`` defaults to the reference's 640.
+    The state dict keeps the reference's key names until :func:`model_from_checkpoint` maps them.
+    """
+    from .model import DetectorConfig
+
+    where = ckpt.get("path", "checkpoint")
+    if not model_name or not classes:
+        need = " and ".join(f for f, v in (("--model-name", model_name), ("--config", classes)) if not v)
+        raise UserError(f"--model {where} was trained by the reference project and records no model description; "
+                        f"pass {need} as with the reference's commands (plus --head and --imgsz if it used them)")
+    found = reference_head(ckpt["model"])
+    if head and found and head != found:
+        raise UserError(f"--head {head} contradicts --model {where}, whose weights are a {found} head; "
+                        f"pass --head {found}")
+    if feature_extractor not in (None, "last"):
+        raise UserError(f"--feature-extractor {feature_extractor}: reference-project checkpoints use the single last "
+                        f"feature map; drop the flag")
+    from .backbones import ENTRYPOINTS
+
+    official = {k[len(REFERENCE_BACKBONE_PREFIX):] for k in ckpt["model"] if k.startswith(REFERENCE_BACKBONE_PREFIX)}
+    if "local_cls_norm.weight" in official and ENTRYPOINTS.get(model_name, {}).get("family") == "vit":
+        # SAT-493M hub weights carry the (inference-unused) local class-token norm. Normalization stays the hub
+        # name's default (ImageNet statistics), assumed for every reference checkpoint since none records its own
+        arch_overrides = {**(arch_overrides or {}), "untie_global_and_local_cls_norm": True}
+    cfg = DetectorConfig(model_name=model_name, num_classes=len(classes), head=head or found or "retinanet",
+                         feature_extractor="last", imgsz=imgsz or REFERENCE_IMGSZ, backbone_impl=backbone_impl,
+                         arch_overrides=arch_overrides)
+    meta = {**cfg.to_dict(), "classes": list(classes), "includes_backbone": True, "source": REFERENCE_FORMAT,
+            "toolkit_version": __version__, "weights": None}
+    return {**ckpt, "format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta}
+
+
+def convert_reference_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """Reference key names -> ours: the hub backbone (``backbone.backbone_model.<official key>``) goes through the
+    official->timm mapping of ``backbones.convert_official_state_dict`` (as is for ``--backbone-impl hub``); the
+    torchvision head keys are the same in both projects."""
+    from .backbones import convert_official_state_dict
+
+    dino = model.dino
+    official = {k[len(REFERENCE_BACKBONE_PREFIX):]: v for k, v in sd.items() if k.startswith(REFERENCE_BACKBONE_PREFIX)}
+    rest = {k: v for k, v in sd.items() if not k.startswith(REFERENCE_BACKBONE_PREFIX)}
+    if dino.impl == "hub":
+        mapped = official
+    else:
+        source = f"{where} ({REFERENCE_BACKBONE_PREFIX}*)"
+        try:
+            mapped = convert_official_state_dict(official, dino.model, dino.family, dino.arch, dino.model_name,
+                                                 source=source)
+        except UserError as exc:
+            raise UserError(str(exc).replace(f"--weights {source}", f"--model {where}: the backbone "
+                                             f"({REFERENCE_BACKBONE_PREFIX}*)", 1)) from None
+    prefix = _prefix_of(model, dino.model)
+    return {**{prefix + k: v for k, v in mapped.items()}, **rest}
+
+
+def _prefix_of(model: nn.Module, sub: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is sub:
+            return f"{name}." if name else ""
+    raise ValueError("submodule not found")  # pragma: no cover
+
+
+def _check_state_dict(model: nn.Module, sd: dict[str, Any], where: str, what: str, hint: str,
+                      allowed_missing: set[str] = frozenset()) -> None:
+    """One-line UserError naming missing / unexpected / other-shaped keys (before load_state_dict raises)."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in sd and k not in allowed_missing]
+    unexpected = [k for k in sd if k not in target]
+    mismatched = [f"{k} {list(sd[k].shape)} vs {list(target[k].shape)}" for k in sd
+                  if k in target and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:2])})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
+                 f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:2])})" if mismatched else ""]
+        raise UserError(f"checkpoint {where} does not match the {what}: {'; '.join(p for p in parts if p)}; {hint}")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str | torch.device = "cpu",
@@ -229,14 +347,18 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
                           ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the detector a checkpoint describes and load its weights; returns ``(model in eval mode, meta)``.
 
-    No backbone weights file is needed when the checkpoint includes the backbone (the default); otherwise
-    ``weights`` (``--weights``) or the path stored in ``meta['weights']`` supplies it.
+    The model normalizes and pads exactly as ``meta``'s input spec says (``model.input_spec``); ``meta["input"]``
+    is that spec and ``meta["imgsz"]`` its size. No backbone weights file is needed when the checkpoint includes
+    the backbone (the default); otherwise ``weights`` (``--weights``) or the path stored in ``meta['weights']``.
     """
     from .model import build_detector
 
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     where = ckpt.get("path", "checkpoint")
+    if ckpt.get("format") == REFERENCE_FORMAT or ckpt.get("meta") is None:
+        raise UserError(f"--model {where} was trained by the reference project and records no model description; "
+                        f"pass --model-name and --config as with the reference's commands")
     meta = dict(ckpt["meta"])
     cfg = detector_config_from_meta(meta, overrides)
     includes_backbone = bool(meta.get("includes_backbone", True))
@@ -252,16 +374,17 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
 
             warnings.simplefilter("ignore", RandomWeightsWarning)
         model = build_detector(cfg, weights=backbone_weights, verbose=False)
-    result = model.load_state_dict(ckpt["model"], strict=False)
-    missing = list(result.missing_keys)
-    if not includes_backbone:
-        allowed = _frozen_backbone_keys(model)
-        missing = [k for k in missing if k not in allowed]
-    if missing or result.unexpected_keys:
-        detail = (f"missing {len(missing)} (e.g. {missing[:2]}), unexpected {len(result.unexpected_keys)} "
-                  f"(e.g. {list(result.unexpected_keys)[:2]})")
-        raise UserError(f"checkpoint {where} does not match the {cfg.model_name}/{cfg.head} model its metadata "
-                        f"describes: {detail}; was it edited or written by another version?")
+    state = ckpt["model"]
+    if meta.get("source") == REFERENCE_FORMAT:
+        state = convert_reference_state_dict(state, model, where)
+        _check_state_dict(model, state, where, f"reference {cfg.model_name}/{cfg.head} model (last feature map, "
+                          f"{cfg.num_classes - 1} classes)", "check --model-name, --head and the CLASSES of --config")
+    else:
+        allowed = _frozen_backbone_keys(model) if not includes_backbone else set()
+        _check_state_dict(model, state, where, f"{cfg.model_name}/{cfg.head} model its metadata describes",
+                          "was it edited or written by another version?", allowed)
+    model.load_state_dict(state, strict=includes_backbone)
     model.to(device).eval()
-    meta["imgsz"] = tuple(cfg.imgsz)
+    meta["imgsz"] = tuple(model.input_spec.imgsz)
+    meta["input"] = model.input_spec.to_dict()
     return model, meta

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,6 @@ from tqdm import tqdm
 from .errors import UserError
 from .metrics import DetectionEvaluator
 from .runtime import autocast_context, is_distributed, is_main_process, unwrap, world_size
-from .transforms import boxes_to_original
 
 
 # ----------------------------------------------------------------------------------------------- optimisation
@@ -24,23 +24,38 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    backbone_lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW (seed default) or SGD over trainable params; no weight decay on norms/biases; optional backbone LR."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    dino = getattr(unwrap(model), "dino", None)
-    backbone_ids = {id(p) for p in dino.parameters()} if dino is not None else set()
-    for p in unwrap(model).parameters():
+                    backbone_lr: float | None = None, layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW (seed default) or SGD over trainable params; no weight decay on norms/biases.
+
+    Backbone parameters that train get ``backbone_lr`` (default ``lr``) for the deepest trained layer and
+    ``layer_decay`` times the next layer's LR for each earlier one (layer-wise LR decay; groups from
+    ``DinoBackbone.layer_groups``). Every group records its ``name`` for logs.
+    """
+    m = unwrap(model)
+    dino = getattr(m, "dino", None)
+    depth_of: dict[int, int] = {}  # id(param) -> distance from the deepest trained backbone layer
+    backbone_ids: set[int] = set()
+    if dino is not None:
+        backbone_ids = {id(p) for p in dino.parameters()}
+        groups_by_depth = dino.layer_groups() if hasattr(dino, "layer_groups") else [
+            [p for p in dino.parameters() if p.requires_grad]]
+        for d, params in enumerate(reversed(groups_by_depth)):
+            depth_of.update({id(p): d for p in params})
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}  # (backbone depth or -1 for the head, no_decay)
+    for p in m.parameters():
         if not p.requires_grad:
             continue
-        is_backbone = id(p) in backbone_ids
-        no_decay = p.ndim <= 1
-        groups.setdefault((is_backbone, no_decay), []).append(p)
+        depth = depth_of.get(id(p), 0) if id(p) in backbone_ids else -1
+        groups.setdefault((depth, p.ndim <= 1), []).append(p)
     if not groups:
         raise UserError("the model has no trainable parameters; check --fine-tune / the head configuration")
+    base_backbone_lr = lr if backbone_lr is None else backbone_lr
     param_groups = []
-    for (is_backbone, no_decay), params in sorted(groups.items()):
-        group_lr = backbone_lr if (is_backbone and backbone_lr is not None) else lr
-        param_groups.append({"params": params, "lr": group_lr, "weight_decay": 0.0 if no_decay else weight_decay})
+    for (depth, no_decay), params in sorted(groups.items()):
+        group_lr = lr if depth < 0 else base_backbone_lr * layer_decay ** depth
+        part = "head" if depth < 0 else f"backbone-{depth}"
+        param_groups.append({"params": params, "lr": group_lr, "weight_decay": 0.0 if no_decay else weight_decay,
+                             "name": f"{part}{'-no-decay' if no_decay else ''}"})
     if name == "adamw":
         return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -118,6 +133,11 @@ class ModelEMA:
                 for n, t in live.items():
                     t.copy_(backup[n])
 
+    def averaged(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A copy of a model ``state`` dict with the averaged tensors in place of the live ones (for saving: a
+        state dict taken inside ``swapped_in`` would share storage with the parameters restored on exit)."""
+        return {k: self.shadow[k].detach().clone() if k in self.shadow else v for k, v in state.items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "decay": self.decay, "shadow": self.shadow}
 
@@ -168,14 +188,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     n_steps, skipped = 0, 0
     bar = tqdm(batches, total=total, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False)
     for batch in bar:
-        images, targets = batch[0], batch[1]
-        features = batch[2] if len(batch) > 2 else None
-        images = images.to(device, non_blocking=True)
-        targets = targets_to_device(targets, device)
+        images = batch[0].to(device, non_blocking=True)
+        targets = targets_to_device(batch[1], device)
         cache_ctx = contextlib.nullcontext()
-        if features is not None:
-            features = [f.to(device, non_blocking=True).float() for f in features]
-            cache_ctx = unwrap(model).cached_features(features)
+        if len(batch) > 2:  # feature cache: fp16 maps, cast once by the model to its input dtype
+            cache_ctx = unwrap(model).cached_features([f.to(device, non_blocking=True) for f in batch[2]])
         with cache_ctx, autocast_context(device, amp_dtype):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
@@ -223,32 +240,52 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     return means
 
 
+def _eval_spec(model: nn.Module, spec: Any, imgsz: tuple[int, int] | None, letterbox: bool | None):
+    """The input spec evaluation maps boxes back with: ``spec``, else the model's with ``imgsz``/``letterbox``."""
+    if spec is not None:
+        return spec
+    return unwrap(model).input_spec.replace(imgsz=imgsz, letterbox=letterbox)
+
+
 @torch.inference_mode()
-def predict_batches(model: nn.Module, loader: Iterable, device: torch.device, *, imgsz: tuple[int, int],
-                    letterbox: bool, amp_dtype: torch.dtype | None = None, desc: str = "eval"):
-    """Yield ``(predictions, targets)`` per batch, predictions mapped to ORIGINAL image coordinates (CPU)."""
+def predict_batches(model: nn.Module, loader: Iterable, device: torch.device, *, spec: Any = None,
+                    imgsz: tuple[int, int] | None = None, letterbox: bool | None = None,
+                    amp_dtype: torch.dtype | str | None = None, desc: str = "eval"):
+    """Yield ``(predictions, targets)`` per batch, predictions mapped to ORIGINAL image coordinates (CPU).
+
+    The loader's images were resized by ``spec`` (``InputSpec``; default: the model's, with ``imgsz``/``letterbox``
+    if given) and boxes go back through ``spec.boxes_to_original`` - the same functions inference uses. Batches of
+    ``(images, targets, cached_features)`` run the model on the cached backbone maps.
+    """
     model.eval()
-    for images, targets in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False):
+    spec = _eval_spec(model, spec, imgsz, letterbox)
+    for batch in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False):
+        images, targets = batch[0], batch[1]
         images = images.to(device, non_blocking=True)
-        with autocast_context(device, amp_dtype):
+        cache_ctx = contextlib.nullcontext()
+        if len(batch) > 2 and batch[2] is not None:
+            cache_ctx = unwrap(model).cached_features([f.to(device, non_blocking=True) for f in batch[2]])
+        with cache_ctx, autocast_context(device, amp_dtype):
             outputs = model(images)
         preds = []
         for out, t in zip(outputs, targets):
-            boxes = boxes_to_original(out["boxes"].float().cpu(), tuple(t["orig_size"]), imgsz, letterbox)
+            boxes = spec.boxes_to_original(out["boxes"].float().cpu(), tuple(t["orig_size"]))
             preds.append({"boxes": boxes, "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
         yield preds, targets
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, classes: list[str], *,
-             imgsz: tuple[int, int], letterbox: bool, metric: str = "coco", amp_dtype: torch.dtype | None = None):
-    """Run the model over ``loader`` and score it in original image coordinates.
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, classes: list[str], *, spec: Any = None,
+             imgsz: tuple[int, int] | None = None, letterbox: bool | None = None, metric: str = "coco",
+             amp_dtype: torch.dtype | str | None = None):
+    """Run the model over ``loader`` and score it in original image coordinates (``predict_batches``).
 
     Only boxes are kept (streaming). Under DDP each rank scores its shard and rank 0 merges them.
     Returns the metrics result on rank 0 and ``None`` elsewhere.
     """
     evaluator = DetectionEvaluator(classes, metric=metric)
     start = time.perf_counter()
-    for preds, targets in predict_batches(model, loader, device, imgsz=imgsz, letterbox=letterbox, amp_dtype=amp_dtype):
+    for preds, targets in predict_batches(model, loader, device, spec=spec, imgsz=imgsz, letterbox=letterbox,
+                                          amp_dtype=amp_dtype):
         gts = [{"boxes": t["orig_boxes"], "labels": t["orig_labels"], "difficult": t["orig_difficult"]} for t in targets]
         evaluator.update(preds, gts)
     if is_distributed():

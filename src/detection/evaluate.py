@@ -3,23 +3,63 @@
     python -m src.detection.evaluate --model outputs/img_det/run_1/best_model.pth --config detection_configs/voc.yaml
     python -m src.detection.evaluate --predictions outputs/inference/run_1/predictions.json --config <yaml>
 
-The first runs a checkpoint over the validation split; the second scores saved COCO-results-format predictions
-(``file_name`` + ``category_id`` = class index in ``CLASSES`` + ``bbox`` [x, y, w, h] + ``score``) without a model.
+The first runs a checkpoint over the validation split exactly as training evaluated it (same resize op, same box
+mapping, same precision), so it reproduces the run's results.csv; the second scores saved COCO-results-format
+predictions (``file_name`` + ``category_id`` = class index in ``CLASSES`` + ``bbox`` [x, y, w, h] + ``score``)
+without a model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from .errors import UserError, run_cli
-from .runtime import select_device
-from .utils import increment_path, resolve_repo_path
+from .errors import ToolkitWarning, UserError, run_cli
+from .runtime import PRECISIONS, amp_settings, inference_precision, select_device
+from .utils import increment_path, parse_imgsz, resolve_path
+
+METRICS = ("coco", "voc07", "voc12", "all")
+# A predictions file whose lowest score is above this was most likely cut at a display threshold.
+CUT_SUSPECT_SCORE = 0.25
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``python -m src.detection.evaluate`` (one of ``model`` / ``predictions``)."""
+
+    config: str
+    model: str | None = None
+    predictions: str | None = None
+    metric: str = "all"
+    batch: int = 8
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"
+    threshold: float | None = None
+    out_dir: str | None = "outputs/eval"
+    name: str | None = None
+    model_name: str | None = None  # reference-project checkpoints only (they record no model description)
+    head: str | None = None
+    imgsz: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.predictions is None):
+            raise UserError("pass exactly one of --model (a checkpoint) or --predictions (a predictions JSON)")
+        if self.metric not in METRICS:
+            raise UserError(f"--metric {self.metric!r}: use one of {', '.join(METRICS)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
+        if self.imgsz is not None:
+            self.imgsz = parse_imgsz(self.imgsz)
 
 
 def _report(result, out_dir: Path | Callable[[], Path] | None) -> None:
-    from .metrics import format_table, save_results
+    from .report import format_table, save_results
 
     print(format_table(result))
     if callable(out_dir):  # created only now, so a failed evaluation leaves no empty run folder behind
@@ -29,69 +69,181 @@ def _report(result, out_dir: Path | Callable[[], Path] | None) -> None:
         print(f"wrote {', '.join(p.name for p in paths)} to {out_dir}")
 
 
-def evaluate_checkpoint(model_path: str, config: str, *, metric: str = "coco", batch: int = 8, workers: int = 2,
-                        device: str = "auto", out_dir: str | Path | Callable[[], Path] | None = None, score_thresh: float | None = None,
-                        letterbox: bool | None = None):
-    """Score a checkpoint on the validation split of ``config``; returns the metrics result."""
+def _training_options(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The training run's recorded options (``train_config``, or ``args`` in older checkpoints); {} if none."""
+    for key in ("train_config", "args"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return {}
+
+
+def _training_precision(ckpt: dict[str, Any], device) -> str | None:
+    """The precision the training run evaluated in (its recorded ``--precision``/``--amp``), if it runs here."""
+    train = _training_options(ckpt)
+    amp = train.get("precision", train.get("amp"))
+    if amp is None:
+        return None
+    try:
+        dtype, _ = amp_settings(amp, device)
+    except UserError:  # e.g. fp16 training evaluated on a CPU: fall back to the inference rule
+        return None
+    return {None: "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(None if dtype is None else str(dtype))
+
+
+def evaluate_checkpoint(cfg: EvalConfig | str, config: str | None = None, *,
+                        out_dir: str | Path | Callable[[], Path] | None = None, **legacy: Any):
+    """Score a checkpoint on the validation split of ``cfg.config``; returns the metrics result.
+
+    The same path as training's per-epoch evaluation: the validation loader resizes with the checkpoint's
+    ``InputSpec`` (``ResizeTo``), ``engine.evaluate`` maps boxes back with it, at the training run's evaluation
+    precision (``--precision auto``; explicit values override). ``evaluate_checkpoint(path, config, metric=...,
+    score_thresh=...)`` (the older keyword form) still works.
+    """
+    if not isinstance(cfg, EvalConfig):
+        if "score_thresh" in legacy:
+            legacy["threshold"] = legacy.pop("score_thresh")
+        if "letterbox" in legacy and legacy.pop("letterbox") is not None:
+            raise ValueError("evaluate_checkpoint: the letterbox mode comes from the checkpoint's input spec")
+        cfg = EvalConfig(config=str(config), model=str(cfg), out_dir=None, **legacy)
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .datasets import build_dataloader, build_datasets, load_data_config
     from .engine import evaluate
+    from .predictor import prepare_checkpoint
 
-    dev = select_device(device)
-    ckpt = load_checkpoint(model_path)
-    data_cfg = load_data_config(config)
+    dev = select_device(cfg.device)
+    ckpt = load_checkpoint(resolve_path(cfg.model))
+    data_cfg = load_data_config(cfg.config)
+    ckpt = prepare_checkpoint(ckpt, {"model_name": cfg.model_name, "head": cfg.head}
+                              | ({"classes": data_cfg.classes} if ckpt.get("meta") is None else {}), cfg.imgsz)
     classes = list(ckpt["meta"]["classes"])
     if list(data_cfg.classes) != classes:
-        raise UserError(f"{config}: CLASSES {data_cfg.classes[1:]} differ from the checkpoint's {classes[1:]}; "
+        raise UserError(f"{cfg.config}: CLASSES {data_cfg.classes[1:]} differ from the checkpoint's {classes[1:]}; "
                         f"evaluate with the config the model was trained on")
-    model, meta = model_from_checkpoint(ckpt, dev, overrides={"score_thresh": score_thresh})
-    imgsz = tuple(meta["imgsz"])
-    lb = bool(meta.get("letterbox", False)) if letterbox is None else letterbox
-    _, valid_ds = build_datasets(data_cfg, imgsz=imgsz, augment="none", letterbox=lb, splits=("valid",))
-    loader = build_dataloader(valid_ds, batch, workers)
-    result = evaluate(model, loader, dev, classes, imgsz=imgsz, letterbox=lb, metric=metric)
+    model, _ = model_from_checkpoint(ckpt, dev, overrides={"score_thresh": cfg.threshold})
+    spec = model.input_spec.with_imgsz(cfg.imgsz)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = _training_precision(ckpt, dev) or "auto"
+    precision = inference_precision(precision, dev, sum(p.numel() for p in model.dino.parameters()))
+    args = _training_options(ckpt)
+    _, valid_ds = build_datasets(data_cfg, imgsz=spec.imgsz, augment="none", letterbox=spec.letterbox,
+                                 ignore_unknown_classes=args.get("ignore_unknown_classes") or None,
+                                 skip_bad_samples=args.get("skip_bad_samples") or None, splits=("valid",))
+    loader = build_dataloader(valid_ds, cfg.batch, cfg.workers)
+    result = evaluate(model, loader, dev, classes, spec=spec, metric=cfg.metric, amp_dtype=precision)
     _report(result, Path(out_dir) if isinstance(out_dir, (str, Path)) else out_dir)
     return result
 
 
-def evaluate_predictions(predictions: str, config: str, *, metric: str = "coco",
-                         out_dir: str | Path | Callable[[], Path] | None = None):
-    """Score a saved predictions JSON against the validation split's XML annotations (no model, no images)."""
+def recorded_score_floor(path: Path) -> float | None:
+    """The lowest score a predictions file was written with, as the image command records it beside the file
+    (``summary.json``: ``predictions_score_floor``); None when nothing records it."""
+    summary = path.parent / "summary.json"
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or Path(str(data.get("predictions", ""))).name != path.name:
+        return None
+    floor = data.get("predictions_score_floor")
+    return float(floor) if isinstance(floor, (int, float)) else None
+
+
+def _warn_if_cut(path: Path, eval_floor: float) -> float | None:
+    """Warn (once, one line) when the predictions were cut at a score threshold; returns the cut, if any."""
+    floor = recorded_score_floor(path)
+    if floor is not None:
+        if floor > eval_floor + 1e-9:
+            warnings.warn(f"{path.name} holds only detections scoring >= {floor:g} (cut when it was written); mAP "
+                          f"counts no lower-scored detections and is underestimated - re-run infer_det_image.py "
+                          f"with --threshold {eval_floor:g} or lower", ToolkitWarning, stacklevel=2)
+            return floor
+        return None
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = rows.get("annotations", []) if isinstance(rows, dict) else rows
+    scores = [r["score"] for r in rows if isinstance(r, dict) and isinstance(r.get("score"), (int, float))]
+    if scores and min(scores) >= CUT_SUSPECT_SCORE:
+        warnings.warn(f"{path.name}: the lowest score is {min(scores):.3g}, so it looks cut at a score threshold "
+                      f"(older infer_det_image.py files keep only detections >= --threshold); mAP is underestimated - "
+                      f"re-run infer_det_image.py to keep low-scored detections", ToolkitWarning, stacklevel=2)
+        return min(scores)
+    return None
+
+
+def evaluate_predictions(cfg: EvalConfig | str, config: str | None = None, *,
+                         out_dir: str | Path | Callable[[], Path] | None = None, **legacy: Any):
+    """Score a saved predictions JSON against the validation split's annotations (no model, no images).
+
+    A file cut at a score threshold (see ``recorded_score_floor``) is scored as it is, with a warning.
+    """
+    if not isinstance(cfg, EvalConfig):
+        cfg = EvalConfig(config=str(config), predictions=str(cfg), out_dir=None, **legacy)
     from .datasets import load_data_config, load_ground_truth
     from .metrics import score_predictions_json
+    from .model import DetectorConfig
 
-    path = resolve_repo_path(predictions)
+    path = resolve_path(cfg.predictions)
     if not path.is_file():
-        raise UserError(f"--predictions {predictions} not found; pass a predictions.json written by infer_det_image.py")
-    data_cfg = load_data_config(config)
+        raise UserError(f"--predictions {cfg.predictions} not found; pass a predictions.json written by "
+                        f"infer_det_image.py")
+    data_cfg = load_data_config(cfg.config)
     gts = load_ground_truth(data_cfg, split="valid")
-    result = score_predictions_json(path, gts, data_cfg.classes, metric=metric)
+    result = score_predictions_json(path, gts, data_cfg.classes, metric=cfg.metric)
+    cut = _warn_if_cut(path, DetectorConfig.__dataclass_fields__["score_thresh"].default)
+    if cut is not None:
+        print(f"note: scored predictions cut at score >= {cut:g}")
     _report(result, Path(out_dir) if isinstance(out_dir, (str, Path)) else out_dir)
     return result
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint (.pth) to evaluate on the validation split")
     src.add_argument("--predictions", help="predictions JSON (COCO results format with file_name) to score")
-    p.add_argument("--config", required=True, help="dataset YAML")
-    p.add_argument("--metric", default="all", choices=["coco", "voc07", "voc12", "all"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--score-thresh", type=float, default=None, help="override the checkpoint's score threshold")
-    p.add_argument("--out-dir", default="outputs/eval", help="parent folder for per_class_ap.csv and plots")
-    p.add_argument("--name", default=None)
-    args = p.parse_args()
-    def out() -> Path:
-        return increment_path(args.out_dir, args.name, "eval", exist_ok=True)
+    p.add_argument("--config", required=True, help="dataset YAML (its validation split is scored)")
+    p.add_argument("--metric", default="all", choices=METRICS, help="COCO mAP, Pascal VOC07/VOC12 AP@.5, or all")
+    p.add_argument("--batch", type=int, default=8, help="images per forward (--model)")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (--model)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (--model)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision (--model); auto = what the training run evaluated with")
+    p.add_argument("--threshold", "--score-thresh", dest="threshold", type=float, default=None,
+                   help="override the checkpoint's evaluation score threshold (--model)")
+    p.add_argument("--out-dir", default="outputs/eval",
+                   help="parent folder of the result folder (per_class_ap.csv, plots), relative to the working "
+                        "directory")
+    p.add_argument("--name", default=None, help="result folder name (default: eval_N)")
+    g = p.add_argument_group("reference-project checkpoints (they record no model description)")
+    g.add_argument("--model-name", default=None, help="backbone entry point the reference run used")
+    g.add_argument("--head", default=None, help="retinanet | ssd (default: read from the weights)")
+    g.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N", help="W [H] (reference default 640)")
+    return p
 
-    if args.model:
-        evaluate_checkpoint(args.model, args.config, metric=args.metric, batch=args.batch, workers=args.workers,
-                            device=args.device, out_dir=out, score_thresh=args.score_thresh)
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
+    from .predictor import config_from_args
+
+    return config_from_args(EvalConfig, args)
+
+
+def main() -> int:
+    cfg = eval_config_from_args(build_parser().parse_args())
+
+    def out() -> Path:
+        return increment_path(resolve_path(cfg.out_dir), cfg.name, "eval", exist_ok=True)
+
+    if cfg.model:
+        evaluate_checkpoint(cfg, out_dir=out)
     else:
-        evaluate_predictions(args.predictions, args.config, metric=args.metric, out_dir=out)
+        evaluate_predictions(cfg, out_dir=out)
     return 0
 
 

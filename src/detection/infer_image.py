@@ -1,52 +1,87 @@
-"""The image-inference command (``infer_det_image.py``): find images, predict, draw, write JSON / label files."""
+"""The image-inference command (``infer_det_image.py``): find images, predict, draw, write JSON / label files.
+
+``predictions.json`` (COCO results format, full precision) keeps every detection down to the checkpoint's
+evaluation score threshold, so ``evaluate --predictions`` on it scores like ``evaluate --model``; the annotated
+images and label files hold only detections scoring at least ``--threshold``. ``summary.json`` records the lowest
+score kept in the JSON (``predictions_score_floor``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .annotations import write_voc_xml
+from .annotations import LABEL_FORMATS, LabelWriter
 from .errors import UserError
 from .image_io import find_images, read_image
 from .pipeline import Item, run_pipeline
-from .predictor import add_predictor_args, display_available, predictor_from_args
+from .predictor import (
+    PredictConfig,
+    add_predictor_args,
+    build_predictor,
+    config_from_args,
+    display_available,
+    filter_detections,
+    predict_config_from_args,
+)
 from .utils import increment_path
+
+
+@dataclass
+class ImageInferConfig:
+    """Options of ``infer_det_image.py``: the shared ``PredictConfig`` plus the image command's own."""
+
+    predict: PredictConfig
+    input: str
+    recursive: bool = False
+    save_labels: bool = False
+    save_format: str = "voc"
+
+    def __post_init__(self) -> None:
+        if self.save_format not in LABEL_FORMATS:
+            raise UserError(f"--save-format {self.save_format!r}: use one of {', '.join(LABEL_FORMATS)}")
 
 
 def coco_results(image_id: int, file_name: str, pred: dict[str, torch.Tensor], classes: Sequence[str]
                  ) -> list[dict[str, Any]]:
-    """COCO results-format rows (bbox = [x, y, w, h] in original pixels) plus file and class names."""
+    """COCO results-format rows (bbox = [x, y, w, h] in original pixels, full precision so that scoring the file
+    reproduces the model's own evaluation) plus file and class names."""
     rows = []
     for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
         x1, y1, x2, y2 = box
         rows.append({"image_id": image_id, "file_name": file_name, "category_id": int(label),
                      "category_name": classes[label] if 0 <= label < len(classes) else str(label),
-                     "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                     "score": round(float(score), 5)})
+                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return rows
 
 
-def infer_images(args: argparse.Namespace) -> dict[str, Any]:
-    """The body of infer_det_image.py: predict every image, write annotated images / predictions.json / XML."""
+def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
+    """The body of infer_det_image.py: predict every image, write annotated images / predictions.json / labels."""
     import cv2
     from tqdm import tqdm
 
     from .draw import draw_on_image
 
-    files, root = find_images(args.input, args.recursive)
-    predictor = predictor_from_args(args)
-    out_dir = Path(args.out_dir) if args.out_dir else increment_path("outputs/inference", None, "run")
+    if isinstance(cfg, argparse.Namespace):
+        cfg = image_config_from_args(cfg)
+    pc = cfg.predict
+    files, root = find_images(cfg.input, cfg.recursive)
+    predictor = build_predictor(pc, keep_low_scores=True)
+    out_dir = pc.resolved_out_dir() or increment_path("outputs/inference", None, "run")
     out_dir.mkdir(parents=True, exist_ok=True)
     show = False
-    if args.show:
+    if pc.show:
         show, why = display_available()
         if not show:
             print(f"note: --show ignored: {why}")
+    labels = LabelWriter(cfg.save_format, out_dir / "labels", predictor.classes) if cfg.save_labels else None
 
     def load(i_path: tuple[int, Path]) -> Item:
         i, path = i_path
@@ -70,15 +105,16 @@ def infer_images(args: argparse.Namespace) -> dict[str, Any]:
             skipped.append(str(path))
             tqdm.write(f"skipped {path}: {item.error}")
             return
-        pred = item.pred
         counts["images"] += 1
+        results.extend(coco_results(i + 1, rel.as_posix(), item.pred, predictor.classes))
+        pred = filter_detections(item.pred, pc.threshold)
         counts["detections"] += len(pred["boxes"])
-        results.extend(coco_results(i + 1, rel.as_posix(), pred, predictor.classes))
-        if args.save_xml:
-            write_voc_xml(out_dir / "labels" / rel.with_suffix(".xml"), path, item.orig_hw, pred, predictor.classes)
-        if not args.no_save or show:
+        if labels is not None:
+            labels.add(path, item.orig_hw, pred["boxes"], pred["labels"], scores=pred["scores"],
+                       name=rel.as_posix(), image_id=i + 1)
+        if not pc.no_save or show:
             frame = draw_on_image(image, pred, predictor.classes)
-            if not args.no_save:
+            if not pc.no_save:
                 target = out_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not cv2.imwrite(str(target), frame):
@@ -92,26 +128,44 @@ def infer_images(args: argparse.Namespace) -> dict[str, Any]:
         run_pipeline(predictor, (load(x) for x in enumerate(files)), sink)
     finally:
         bar.close()
+        if labels is not None:
+            labels.close()
+        if show:
+            cv2.destroyAllWindows()
     elapsed = time.perf_counter() - t0
     pred_path = out_dir / "predictions.json"
-    pred_path.write_text(json.dumps(results, indent=1))
+    pred_path.write_text(json.dumps(results))
     summary = {"images": counts["images"], "skipped": len(skipped), "detections": counts["detections"],
+               "threshold": pc.threshold, "predictions": str(pred_path),
+               "predictions_detections": len(results), "predictions_score_floor": predictor.score_thresh,
                "model_images_per_s": round(predictor.model_timer.rate, 3),
                "end_to_end_images_per_s": round(counts["images"] / elapsed, 3) if elapsed > 0 else 0.0,
-               "out_dir": str(out_dir), "predictions": str(pred_path)}
+               "out_dir": str(out_dir)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     note = f", {len(skipped)} unreadable skipped" if skipped else ""
-    print(f"{counts['images']} images{note}, {counts['detections']} detections >= {args.threshold}; "
+    print(f"{counts['images']} images{note}, {counts['detections']} detections >= {pc.threshold}; "
           f"model {summary['model_images_per_s']:.2f} img/s, end-to-end {summary['end_to_end_images_per_s']:.2f} "
-          f"img/s; results in {out_dir}")
+          f"img/s; results in {out_dir} (predictions.json keeps scores >= {predictor.score_thresh:g} for evaluation)")
     if counts["images"] == 0:
-        raise UserError(f"--input {args.input}: none of the {len(files)} images could be read")
+        raise UserError(f"--input {cfg.input}: none of the {len(files)} images could be read")
     return summary
 
 
 def build_image_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Detect objects in images with a trained checkpoint.")
-    parser.add_argument("--input", required=True, help="image file, folder or glob (quote it)")
-    parser.add_argument("--recursive", action="store_true", help="also search subfolders of a folder --input")
-    parser.add_argument("--save-xml", action="store_true", help="write one Pascal VOC XML per image (labels/)")
+    parser = argparse.ArgumentParser(description="Detect objects in images with a trained checkpoint.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("input")
+    g.add_argument("-i", "--input", required=True, help="image file, folder or glob (quote it)")
+    g.add_argument("--recursive", action="store_true", help="also search subfolders of a folder --input")
     add_predictor_args(parser)
+    g = parser.add_argument_group("label files (pre-labelling)")
+    g.add_argument("--save-labels", "--save-xml", dest="save_labels", action="store_true",
+                   help="write the detections >= --threshold as label files under <out-dir>/labels")
+    g.add_argument("--save-format", choices=LABEL_FORMATS, default="voc",
+                   help="label format: voc (one XML per image), coco (labels/annotations.json), yolo (one .txt per "
+                        "image + classes.txt)")
     return parser
+
+
+def image_config_from_args(args: argparse.Namespace) -> ImageInferConfig:
+    return config_from_args(ImageInferConfig, args, predict=predict_config_from_args(args))

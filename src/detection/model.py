@@ -10,19 +10,22 @@
   ViTDet-style simple feature pyramid over the ViT blocks - with RetinaNet (torchvision's v2 recipe: GroupNorm
   head, GIoU loss), SSD (plus extra levels down to a 1x1 grid) or FCOS on top.
 
-The images reach the model already resized to ``imgsz`` by the data pipeline, so the transform never resizes:
-it only turns uint8 into float, normalizes with the backbone's mean/std (the one place that happens) and pads to
-the stride the features need. Detections come back in input (= ``imgsz``) coordinates.
+The images reach the model already resized by ``InputSpec.preprocess`` (the validation loader's resize op), so
+the transform never resizes: it only turns uint8 into float, normalizes with the spec's mean/std (the one place
+that happens) and pads to the spec's size multiple. Detections come back in input coordinates;
+``model.input_spec.boxes_to_original`` maps them to the original image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .errors import UserError
+from .transforms import boxes_to_original as _boxes_to_original
+from .transforms import letterbox_size, resize_image
 from .utils import parse_imgsz
 
 HEADS = ("retinanet", "ssd", "fcos")
@@ -50,13 +55,127 @@ SEED_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
 SEED_ASPECT_RATIOS = ((0.5, 1.0, 2.0),)
 # Anchor / default-box base size = ANCHOR_STRIDE_FACTOR x stride (RetinaNet: 32 px at stride 8 ... 512 at 128).
 ANCHOR_STRIDE_FACTOR = 4
+# Conv layers per RetinaNet / FCOS head branch (classification and box regression each). torchvision's 4 stay for
+# `last` (the reference's head, parameter for parameter). For `multi`, the head over P3..P7 is nearly all of a
+# cached / frozen-backbone training step and the FPN already mixes features, so a shorter tower pays: see
+# benchmarks/bench_head.py for the cost and docs/DEMO.md for the accuracy it keeps.
+HEAD_CONVS = {"last": 4, "multi": 2}
+LEGACY_HEAD_CONVS = 4  # torchvision's, and what checkpoints without a recorded head_convs were built with
+MAX_HEAD_CONVS = 4  # torchvision's RetinaNet head builds exactly 4; fewer are taken from its tower
 SSD_ASPECT_RATIOS = [2, 3]  # per level: 2 square boxes + 2 per ratio = 6 default boxes per location
+
+
+# ----------------------------------------------------------------------------------------------- input spec
+# The LVD-1689M (ImageNet) statistics: what a config that names no weights family normalizes with.
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes model input and how boxes come back: the one description shared by training-time
+    evaluation, ``evaluate``, both inference commands and checkpoints (``meta["input"]``).
+
+    * ``imgsz`` (W, H): every image is resized to it, stretched or (``letterbox``) aspect-preserving with grey
+      padding at the bottom/right (``transforms.ResizeTo``, the same op the validation loader uses);
+    * ``size_multiple``: the model zero-pads its input to a multiple of this (16 for ViT ``last``, 32 for ConvNeXt
+      and for the pyramids) - read from the built backbone, never assumed;
+    * ``mean``/``std``: the normalization the model applies (per backbone weight family: LVD-1689M or SAT-493M);
+    * ``fixed_aspect``: SSD default boxes are fractions of the input tensor, so such a model must always see
+      inputs of the training aspect ratio (no ``keep_aspect``, no ``--imgsz`` of another shape).
+    """
+
+    imgsz: tuple[int, int]
+    letterbox: bool = False
+    size_multiple: int = 32
+    mean: tuple[float, float, float] = DEFAULT_MEAN
+    std: tuple[float, float, float] = DEFAULT_STD
+    fixed_aspect: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = partial(object.__setattr__, self)  # frozen: normalise the types once, here
+        set_("imgsz", parse_imgsz(self.imgsz))
+        set_("letterbox", bool(self.letterbox))
+        set_("size_multiple", int(self.size_multiple))
+        set_("mean", tuple(float(v) for v in self.mean))
+        set_("std", tuple(float(v) for v in self.std))
+        set_("fixed_aspect", bool(self.fixed_aspect))
+        if self.size_multiple < 1 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"invalid input spec {self}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists / numbers (``weights_only``- and YAML-safe)."""
+        return {"imgsz": list(self.imgsz), "letterbox": self.letterbox, "size_multiple": self.size_multiple,
+                "mean": list(self.mean), "std": list(self.std), "fixed_aspect": self.fixed_aspect}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes: Any) -> InputSpec:
+        """A copy with ``changes`` (None values ignored, so optional CLI overrides pass straight through)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def with_imgsz(self, imgsz: Sequence[int] | int | None, flag: str = "--imgsz") -> InputSpec:
+        """The spec at another input size; a fixed-aspect (SSD) model only accepts the training aspect ratio."""
+        if imgsz is None:
+            return self
+        w, h = parse_imgsz(imgsz)
+        W, H = self.imgsz
+        if self.fixed_aspect and abs(w * H - h * W) > 0.01 * W * H:
+            raise UserError(f"{flag} {w} {h}: this SSD model was trained at {W}x{H} and its default boxes are "
+                            f"fractions of the input, so the input must keep the aspect ratio {W}:{H} "
+                            f"(e.g. {flag} {2 * W} {2 * H}); or drop {flag}")
+        return self.replace(imgsz=(w, h))
+
+    # ------------------------------------------------------------------ geometry
+    def input_size(self, orig_hw: Sequence[int], keep_aspect: bool = False) -> tuple[int, int]:
+        """(W, H) of the model input for an image of original size (H, W).
+
+        ``keep_aspect`` (inference speed option): the letterbox content at the letterbox scale
+        ``min(W / w0, H / h0)``, with the padding cut down to the next multiple of ``size_multiple`` instead of
+        ``imgsz`` - same scale as a letterbox-trained model saw, less padding to compute.
+        """
+        if not keep_aspect:
+            return self.imgsz
+        self.check_keep_aspect()
+        h, w = letterbox_size(orig_hw, self.imgsz)
+        m = self.size_multiple
+        W, H = self.imgsz
+        return min(math.ceil(w / m) * m, math.ceil(W / m) * m), min(math.ceil(h / m) * m, math.ceil(H / m) * m)
+
+    def preprocess(self, image: Tensor, keep_aspect: bool = False) -> Tensor:
+        """Original uint8 [3,H,W] (or a batch of equal sizes) -> uint8 model input (normalization is the model's)."""
+        if not keep_aspect:
+            return resize_image(image, self.imgsz, self.letterbox)
+        return resize_image(image, self.imgsz, letterbox=True, canvas=self.input_size(image.shape[-2:], True))
+
+    def boxes_to_original(self, boxes: Tensor, orig_hw: Sequence[int], keep_aspect: bool = False) -> Tensor:
+        """xyxy boxes in model-input coordinates -> the original (H, W) image's, clamped (inverse of preprocess)."""
+        return _boxes_to_original(boxes, orig_hw, self.imgsz, self.letterbox or keep_aspect)
+
+    def check_keep_aspect(self) -> None:
+        """UserError when ``keep_aspect`` cannot be used (fixed-aspect SSD models)."""
+        if self.fixed_aspect:
+            raise UserError("--keep-aspect: this SSD model's default boxes are fractions of the input, so it must "
+                            f"see the training aspect ratio {self.imgsz[0]}:{self.imgsz[1]}; drop --keep-aspect")
+
+    def describe(self) -> str:
+        mode = "letterbox" if self.letterbox else "stretch"
+        return f"{self.imgsz[0]}x{self.imgsz[1]} {mode}, pad /{self.size_multiple}"
 
 
 # --------------------------------------------------------------------------------------------------- config
 @dataclass
 class DetectorConfig:
-    """Everything needed to rebuild a detector; ``to_dict()`` goes into checkpoint metadata."""
+    """Everything needed to rebuild a detector; ``to_dict()`` goes into checkpoint metadata.
+
+    The input fields (``imgsz``, ``letterbox``, ``mean``, ``std``, ``size_multiple``) form ``input_spec``; ``mean``/
+    ``std``/``size_multiple`` left at None are filled in by ``build_detector`` from the backbone (its weight family
+    and strides), so ``model.config`` is always complete. ``to_dict`` writes them as one ``input`` dict.
+    """
 
     model_name: str
     num_classes: int  # including __background__ (index 0), as torchvision and the seed count it
@@ -70,10 +189,20 @@ class DetectorConfig:
     max_det: int = 100
     arch_overrides: dict[str, Any] | None = None
     fpn_channels: int = 128
+    letterbox: bool = False
+    mean: tuple[float, float, float] | None = None  # None: the backbone weight family's statistics
+    std: tuple[float, float, float] | None = None
+    size_multiple: int | None = None  # None: what the built model pads to
+    # conv layers per head branch (RetinaNet / FCOS); None: HEAD_CONVS[feature_extractor] (SSD has none)
+    head_convs: int | None = None
 
     def __post_init__(self) -> None:
         self.imgsz = parse_imgsz(self.imgsz)
         self.num_classes = int(self.num_classes)
+        self.letterbox = bool(self.letterbox)
+        self.mean = None if self.mean is None else tuple(float(v) for v in self.mean)
+        self.std = None if self.std is None else tuple(float(v) for v in self.std)
+        self.size_multiple = None if self.size_multiple is None else int(self.size_multiple)
         if self.head not in HEADS:
             raise UserError(f"--head {self.head!r} is not valid; choose one of {', '.join(HEADS)}")
         if self.feature_extractor not in FEATURE_EXTRACTORS:
@@ -95,22 +224,63 @@ class DetectorConfig:
             # the heads use GroupNorm(32): a 1-channel group cannot be normalized on a 1x1 level
             raise UserError(f"--fpn-channels {self.fpn_channels}: use a multiple of 32, at least 64 (e.g. 256)")
         self.fpn_channels = int(self.fpn_channels)
+        self.head_convs = _check_head_convs(self.head_convs, self.head)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The input specification (complete on ``model.config``; a fresh config needs ``build_detector`` first,
+        since the size multiple and the default mean/std come from the backbone)."""
+        if self.size_multiple is None or self.mean is None or self.std is None:
+            raise ValueError("this DetectorConfig is not resolved yet: use build_detector(cfg).input_spec "
+                             "(or model.config.input_spec)")
+        return InputSpec(self.imgsz, self.letterbox, self.size_multiple, self.mean, self.std,
+                         fixed_aspect=self.head == "ssd")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types only (lists, not tuples) so it survives ``torch.load(weights_only=True)`` and YAML."""
+        """Plain types only (lists, not tuples) so it survives ``torch.load(weights_only=True)`` and YAML.
+
+        The input fields go into one ``input`` dict (``InputSpec.to_dict``); ``imgsz`` also stays at the top level
+        for readers of older metadata."""
         d = asdict(self)
+        for k in _INPUT_FIELDS:
+            d.pop(k)
         d["imgsz"] = [int(v) for v in self.imgsz]
         d["arch_overrides"] = _plain(self.arch_overrides)
+        d["input"] = {"imgsz": list(d["imgsz"]), "letterbox": self.letterbox, "size_multiple": self.size_multiple,
+                      "mean": None if self.mean is None else list(self.mean),
+                      "std": None if self.std is None else list(self.std), "fixed_aspect": self.head == "ssd"}
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
-        """Inverse of ``to_dict``; keys that are not config fields (e.g. the rest of checkpoint meta) are ignored."""
+    def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
+        """Inverse of ``to_dict``; keys that are not config fields (e.g. the rest of checkpoint meta) are ignored.
+
+        Metadata written before the ``input`` dict existed keeps ``imgsz``/``letterbox``/``mean``/``std`` at the
+        top level; both forms are read."""
         names = {f.name for f in fields(cls)}
         missing = [k for k in ("model_name", "num_classes") if k not in d]
         if missing:
             raise UserError(f"detector config is missing {', '.join(missing)}; the checkpoint metadata is incomplete")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "head_convs" not in d and d.get("head", "retinanet") != "ssd":
+            kwargs["head_convs"] = LEGACY_HEAD_CONVS  # metadata from before the field: torchvision's 4 convs
+        if isinstance(d.get("input"), dict):
+            kwargs.update({k: v for k, v in d["input"].items() if k in _INPUT_FIELDS or k == "imgsz"})
+        return cls(**kwargs)
+
+
+_INPUT_FIELDS = ("letterbox", "mean", "std", "size_multiple")
+
+
+def _check_head_convs(value: Any, head: str) -> int | None:
+    if value is None:
+        return None
+    if head == "ssd":
+        raise UserError(f"--head-convs {value}: the SSD head has no conv tower (one conv per level); drop --head-convs")
+    if not 0 <= int(value) <= MAX_HEAD_CONVS:
+        raise UserError(f"--head-convs {value}: use 0..{MAX_HEAD_CONVS} conv layers per head branch "
+                        f"(torchvision's RetinaNet/FCOS use {LEGACY_HEAD_CONVS})")
+    return int(value)
 
 
 def _plain(value: Any) -> Any:
@@ -223,7 +393,7 @@ class DetFCOSHead(_Float32Outputs, FCOSHead):
 class SingleLevel(nn.Module):
     """`last` mode: the backbone's last map is the only level (no parameters)."""
 
-    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+    def forward(self, feats: list[Tensor]) -> OrderedDict[str, Tensor]:
         return OrderedDict([("0", feats[-1])])
 
 
@@ -234,7 +404,7 @@ class FPNNeck(nn.Module):
         super().__init__()
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelP6P7(out_channels, out_channels))
 
-    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+    def forward(self, feats: list[Tensor]) -> OrderedDict[str, Tensor]:
         return self.fpn(OrderedDict((f"c{i}", f) for i, f in enumerate(feats)))
 
 
@@ -256,7 +426,7 @@ class SimpleFeaturePyramid(nn.Module):
                                                        activation_layer=None) for _ in range(3))
         self.p6p7 = LastLevelP6P7(out_channels, out_channels)
 
-    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+    def forward(self, feats: list[Tensor]) -> OrderedDict[str, Tensor]:
         x = torch.cat(feats, dim=1) if len(feats) > 1 else feats[0]
         levels = [self.up(x), self.proj16(x), self.proj32(self.down(x))]
         p = [conv(level) for conv, level in zip(self.outs, levels)]
@@ -279,7 +449,7 @@ class ExtraLevels(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+    def forward(self, feats: list[Tensor]) -> OrderedDict[str, Tensor]:
         out = self.pyramid(feats)
         x = next(reversed(out.values()))
         for i, block in enumerate(self.extra):
@@ -313,7 +483,7 @@ class DinoFeatures(nn.Module):
             return [self.dino.forward_last(x)]
         return list(self.dino.forward_multi(x))
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         feats = self._take_cache(x) if self._cached is not None else self.dino_features(x)
         return self.neck(feats)
 
@@ -343,6 +513,11 @@ class _DinoDetector:
     def dino(self) -> nn.Module:
         """The DINOv3 backbone (``DinoBackbone``)."""
         return self.backbone.dino
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """How images must be prepared for this model and how its boxes map back (see ``InputSpec``)."""
+        return self.config.input_spec
 
     def backbone_features(self, images: Tensor | Sequence[Tensor]) -> list[Tensor]:
         """The frozen backbone's maps for ``images`` (after normalization/padding): what the feature cache stores."""
@@ -397,7 +572,7 @@ class DinoFCOS(_DinoDetector, FCOS):
     pass
 
 
-Detector = Union[DinoRetinaNet, DinoSSD, DinoFCOS]
+Detector = DinoRetinaNet | DinoSSD | DinoFCOS
 
 
 # -------------------------------------------------------------------------------------------- builders
@@ -426,6 +601,13 @@ def num_extra_levels(grid: tuple[int, int]) -> int:
 def _padded(imgsz: tuple[int, int], divisible: int) -> tuple[int, int]:
     w, h = imgsz
     return math.ceil(w / divisible) * divisible, math.ceil(h / divisible) * divisible
+
+
+def _shorten_towers(head: RetinaNetHead, n_convs: int) -> None:
+    """Keep the first ``n_convs`` of the 4 conv layers torchvision's RetinaNet head builds per branch (it has no
+    depth argument; FCOSHead has ``num_convs``). Module names stay torchvision's (``conv.0`` ...)."""
+    for branch in (head.classification_head, head.regression_head):
+        branch.conv = nn.Sequential(*list(branch.conv)[:n_convs])
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -463,16 +645,19 @@ def build_detector(cfg: DetectorConfig, weights: str | None = None, verbose: boo
         divisible = base[-1]  # P5 = image / 32 exactly; P6/P7 round up like torchvision's
 
     num_classes = cfg.num_classes
+    n_convs = HEAD_CONVS[cfg.feature_extractor] if cfg.head_convs is None else cfg.head_convs
     common = dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms, detections_per_img=cfg.max_det)
     if cfg.head == "retinanet":
         if cfg.feature_extractor == "last":  # the reference project's model, parameter for parameter
             anchors = Float32AnchorGenerator(SEED_ANCHOR_SIZES, SEED_ASPECT_RATIOS)
             head = DetRetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes)
+            _shorten_towers(head, n_convs)
         else:  # torchvision's RetinaNet v2 recipe: GroupNorm in the head, GIoU box loss
             anchors = Float32AnchorGenerator(retinanet_anchor_sizes(strides), ((0.5, 1.0, 2.0),) * len(strides))
             head = DetRetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes,
                                     norm_layer=partial(nn.GroupNorm, 32))
             head.regression_head._loss_type = "giou"
+            _shorten_towers(head, n_convs)
         model: Detector = DinoRetinaNet(DinoFeatures(dino, cfg.feature_extractor, neck, channels, strides),
                                         num_classes, anchor_generator=anchors, head=head, **common)
     elif cfg.head == "ssd":
@@ -490,12 +675,18 @@ def build_detector(cfg: DetectorConfig, weights: str | None = None, verbose: boo
             raise UserError(f"--head fcos: {cfg.model_name} gives {channels}-channel features, but FCOS's GroupNorm(32) "
                             f"needs a multiple of 32 (at least 64); use --feature-extractor multi")
         anchors = Float32AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-        head = DetFCOSHead(channels, 1, num_classes)
+        head = DetFCOSHead(channels, 1, num_classes, num_convs=n_convs)
         model = DinoFCOS(DinoFeatures(dino, cfg.feature_extractor, neck, channels, strides), num_classes,
                          anchor_generator=anchors, head=head, **common)
 
-    model.transform = DetectionTransform(dino.mean, dino.std, divisible, cfg.imgsz)
-    model.config = cfg
+    if cfg.size_multiple is not None and cfg.size_multiple != divisible:
+        raise UserError(f"the configuration expects inputs padded to /{cfg.size_multiple}, but {cfg.model_name} "
+                        f"({cfg.feature_extractor}) pads to /{divisible}; was the checkpoint written by another version?")
+    # mean/std: the configuration's (a checkpoint's record) or the statistics of the backbone's weight family
+    model.config = dataclasses.replace(cfg, mean=cfg.mean or tuple(dino.mean), std=cfg.std or tuple(dino.std),
+                                       size_multiple=divisible, head_convs=None if cfg.head == "ssd" else n_convs)
+    spec = model.config.input_spec
+    model.transform = DetectionTransform(spec.mean, spec.std, spec.size_multiple, spec.imgsz)
     if verbose:
         total, trainable = count_parameters(model)
         print(f"{total:,} total parameters.")

@@ -1,33 +1,44 @@
-"""The shared Predictor (checkpoint -> preprocess -> batched forward -> boxes in original coordinates) and the
-flags both inference commands share."""
+"""The shared Predictor (checkpoint -> preprocess -> batched forward -> boxes in original coordinates), the typed
+configuration both inference commands share (``PredictConfig``, ``add_predictor_args``, ``build_predictor``).
+
+Public Predictor interface (``OnnxPredictor`` in onnx_runtime.py offers the same): ``classes``, ``meta``,
+``input_spec``, ``keep_aspect``, ``score_thresh``, ``batch_size``, ``device``, ``precision``, ``model_timer``,
+``input_size(orig_hw)``, ``preprocess(image)``, ``forward(batch)``, ``postprocess(raw, orig_sizes)``,
+``predict(images)``, ``describe()``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import REFERENCE_FORMAT, adopt_reference_checkpoint, load_checkpoint, model_from_checkpoint
 from .errors import UserError
 from .runtime import PRECISIONS, Stopwatch, autocast_context, inference_precision, select_device
-from .utils import REPO_ROOT, parse_imgsz
+from .utils import parse_imgsz, resolve_path
 
-SIZE_MULTIPLE = 32  # aspect-preserving input sizes are rounded to the coarsest backbone stride
+# torch.compile backend for ``compile=True`` (tests swap in a counting backend).
+COMPILE_BACKEND: Any = "inductor"
 
 
 class Predictor:
     """Load a checkpoint once, then ``predict(images)`` -> boxes in the images' original coordinates.
 
-    The checkpoint's metadata supplies model name, head, classes, imgsz, letterbox and normalization, so the
-    checkpoint alone is enough. ``imgsz``, ``letterbox``, ``score_thresh``, ``nms``, ``max_det`` override it.
-    ``expect`` holds what the user claimed on the command line (model_name, head, feature_extractor, classes);
-    a contradiction with the checkpoint is a UserError rather than a silently different model.
-    ``keep_aspect`` feeds each image at an aspect-preserving size whose long side is ``max(imgsz)`` (no square
-    stretch, no padding to compute) - default: on for letterbox-trained checkpoints, where it sees exactly the
-    letterboxed content without the padding.
+    The checkpoint's input spec (``model.input_spec``: size, letterbox, size multiple, mean/std) drives
+    preprocessing and the mapping back, through the same functions the validation loader and ``engine.evaluate``
+    use, so the checkpoint alone is enough. ``imgsz``/``letterbox`` override the spec's size/resize mode,
+    ``score_thresh``, ``nms``, ``max_det`` the detection settings (None = the checkpoint's, i.e. the evaluation
+    ones). ``expect`` holds what the user claimed on the command line (model_name, head, feature_extractor,
+    classes): a contradiction with the checkpoint is a UserError; for a reference-project checkpoint, which
+    records nothing, they describe the model (see ``checkpoint.adopt_reference_checkpoint``).
+    ``keep_aspect``: feed each image at the letterbox scale with padding only up to the model's size multiple
+    (faster; not for SSD, whose default boxes need the training aspect ratio).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | dict, device: str | torch.device = "auto", half: bool = False,
@@ -38,17 +49,19 @@ class Predictor:
                  compile: bool = False) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(str(device))
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        ckpt = prepare_checkpoint(ckpt, expect or {}, imgsz)
         self.checkpoint_path = ckpt.get("path", "checkpoint")
-        _check_expectations(ckpt["meta"], expect or {}, self.checkpoint_path)
         # imgsz is not a model override: the detectors are fully convolutional, and SSD's number of levels is
         # fixed by the training imgsz (part of the weights). A different --imgsz only changes the input resize.
         overrides = {"score_thresh": score_thresh, "nms": nms, "max_det": max_det}
         self.model, self.meta = model_from_checkpoint(ckpt, self.device, overrides, weights=weights)
         self.classes: list[str] = list(self.meta["classes"])
-        self.imgsz: tuple[int, int] = parse_imgsz(imgsz) if imgsz is not None else tuple(self.meta["imgsz"])
-        self.meta["imgsz"] = self.imgsz
-        self.letterbox = bool(self.meta.get("letterbox", False) if letterbox is None else letterbox)
-        self.keep_aspect = self.letterbox if keep_aspect is None else bool(keep_aspect)
+        self.input_spec = self.model.input_spec.with_imgsz(imgsz).replace(letterbox=letterbox)
+        self.keep_aspect = bool(keep_aspect)
+        if self.keep_aspect:
+            self.input_spec.check_keep_aspect()
+        self.meta["imgsz"] = self.input_spec.imgsz
+        self.meta["input"] = self.input_spec.to_dict()
         self.batch_size = max(1, int(batch_size))
         backbone_params = sum(t.numel() for t in self.model.dino.parameters())
         self.precision = inference_precision(precision, self.device, backbone_params, half)
@@ -57,8 +70,24 @@ class Predictor:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
-            self.model.dino = torch.compile(self.model.dino, dynamic=False)
+            # The module forward actually calls: torchvision's detector runs self.backbone (DINOv3 + neck); the
+            # box decoding / NMS after it is data-dependent Python that compiles to nothing useful.
+            self.model.backbone.compile(backend=COMPILE_BACKEND, dynamic=False)
         self.model_timer = Stopwatch(self.device)
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def imgsz(self) -> tuple[int, int]:
+        return self.input_spec.imgsz
+
+    @property
+    def letterbox(self) -> bool:
+        return self.input_spec.letterbox
+
+    @property
+    def score_thresh(self) -> float:
+        """Lowest score the model returns (its post-processing threshold)."""
+        return float(self.model.score_thresh)
 
     def _autocast(self):
         return autocast_context(self.device, self.precision)
@@ -66,23 +95,11 @@ class Predictor:
     # ------------------------------------------------------------------ steps
     def input_size(self, orig_hw: Sequence[int]) -> tuple[int, int]:
         """Model input size (W, H) for an image of original size (H, W)."""
-        if not self.keep_aspect:
-            return self.imgsz
-        h0, w0 = int(orig_hw[0]), int(orig_hw[1])
-        side = max(self.imgsz)
-        scale = side / max(h0, w0)
-        w = max(SIZE_MULTIPLE, round(w0 * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-        h = max(SIZE_MULTIPLE, round(h0 * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-        return w, h
+        return self.input_spec.input_size(orig_hw, self.keep_aspect)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """Original uint8 [3,H,W] -> resized uint8 model input on the device (resized on the GPU when there)."""
-        from .transforms import resize_image
-
-        size = self.input_size(image.shape[-2:])
-        image = image.to(self.device, non_blocking=True)
-        letterbox = self.letterbox and not self.keep_aspect
-        return resize_image(image, size, letterbox)
+        return self.input_spec.preprocess(image.to(self.device, non_blocking=True), self.keep_aspect)
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -97,12 +114,9 @@ class Predictor:
     def postprocess(self, raw: list[dict[str, torch.Tensor]], orig_sizes: Sequence[Sequence[int]]
                     ) -> list[dict[str, torch.Tensor]]:
         """Boxes back to original (H, W) coordinates as float32 CPU tensors."""
-        from .transforms import boxes_to_original
-
         preds = []
         for det, hw in zip(raw, orig_sizes):
-            size = self.input_size(hw)
-            boxes = boxes_to_original(det["boxes"].float(), hw, size, self.letterbox and not self.keep_aspect)
+            boxes = self.input_spec.boxes_to_original(det["boxes"].float(), hw, self.keep_aspect)
             preds.append({"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(),
                           "labels": det["labels"].to(torch.int64).cpu()})
         return preds
@@ -123,11 +137,30 @@ class Predictor:
         return results  # type: ignore[return-value]
 
     def describe(self) -> str:
-        m = self.meta
-        mode = "aspect-preserving" if self.keep_aspect else ("letterbox" if self.letterbox else "stretch")
-        return (f"{m.get('model_name')} + {m.get('head')} ({m.get('feature_extractor')}), "
-                f"{len(self.classes) - 1} classes, imgsz {self.imgsz[0]}x{self.imgsz[1]} {mode}, "
-                f"{self.device} {self.precision}")
+        m, spec = self.meta, self.input_spec
+        mode = "letterbox scale, aspect-preserving input" if self.keep_aspect else (
+            "letterbox" if spec.letterbox else "stretch")
+        source = ", reference-project checkpoint" if m.get("source") == REFERENCE_FORMAT else ""
+        return (f"{m.get('model_name')} + {m.get('head')} ({m.get('feature_extractor')}{source}), "
+                f"{len(self.classes) - 1} classes, imgsz {spec.imgsz[0]}x{spec.imgsz[1]} {mode}, "
+                f"mean {tuple(round(v, 3) for v in spec.mean)}, {self.device} {self.precision}")
+
+
+def filter_detections(pred: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
+    """The detections of ``pred`` scoring at least ``threshold`` (what is drawn / written as labels)."""
+    keep = pred["scores"] >= threshold
+    return {k: v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape else v for k, v in pred.items()}
+
+
+def prepare_checkpoint(ckpt: dict[str, Any], expect: dict[str, Any], imgsz: Any = None) -> dict[str, Any]:
+    """Check the user's flags against an own checkpoint, or describe a reference-project checkpoint with them."""
+    if ckpt.get("format") == REFERENCE_FORMAT:
+        return adopt_reference_checkpoint(
+            ckpt, model_name=expect.get("model_name"), classes=expect.get("classes"), head=expect.get("head"),
+            imgsz=imgsz, feature_extractor=expect.get("feature_extractor"),
+            backbone_impl=expect.get("backbone_impl") or "timm", arch_overrides=expect.get("arch_overrides"))
+    _check_expectations(ckpt["meta"], expect, ckpt.get("path", "checkpoint"))
+    return ckpt
 
 
 def _check_expectations(meta: dict[str, Any], expect: dict[str, Any], where: str) -> None:
@@ -147,42 +180,105 @@ def _check_expectations(meta: dict[str, Any], expect: dict[str, Any], where: str
                             f"(the checkpoint's metadata is used) or pass the matching checkpoint")
 
 
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class PredictConfig:
+    """Options shared by the image and video commands (``add_predictor_args`` defines the flags)."""
+
+    model: str
+    threshold: float = 0.5
+    imgsz: tuple[int, int] | None = None
+    model_name: str | None = None
+    config: str | None = None
+    head: str | None = None
+    feature_extractor: str | None = None
+    weights: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    half: bool = False
+    batch: int | None = None
+    letterbox: bool | None = None
+    keep_aspect: bool = False
+    nms: float | None = None
+    max_det: int | None = None
+    compile: bool = False
+    out_dir: str | None = None
+    show: bool = False
+    no_save: bool = False
+
+    def __post_init__(self) -> None:
+        if self.imgsz is not None:
+            self.imgsz = parse_imgsz(self.imgsz)
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise UserError(f"--threshold {self.threshold}: a score threshold is in [0, 1]")
+        if self.batch is not None and int(self.batch) < 1:
+            raise UserError(f"--batch {self.batch}: at least 1")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
+
+    def expect(self) -> dict[str, Any]:
+        """What the flags claim about the model (checked against / describing the checkpoint)."""
+        return {"model_name": self.model_name, "head": self.head, "feature_extractor": self.feature_extractor,
+                "classes": config_classes(self.config) if self.config else None}
+
+    def resolved_out_dir(self) -> Path | None:
+        """``--out-dir`` relative to the working directory first, then the repository root."""
+        return resolve_path(self.out_dir) if self.out_dir else None
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any):
+    """A config dataclass from a parsed namespace: the fields present in it (plus ``extra``)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+
+
+def predict_config_from_args(args: argparse.Namespace) -> PredictConfig:
+    return config_from_args(PredictConfig, args)
+
+
 def add_predictor_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by infer_det_image.py and infer_det_video.py (the seed's names first)."""
-    parser.add_argument("--model", required=True, help="detector checkpoint (.pth from train_detection.py)")
-    parser.add_argument("--imgsz", type=int, nargs="+", default=None,
-                        help="model input size W [H]; default: the checkpoint's")
-    parser.add_argument("--threshold", type=float, default=0.5, help="minimum score of a drawn/saved detection")
-    parser.add_argument("--model-name", default=None, help="checked against the checkpoint (optional)")
-    parser.add_argument("--config", default=None, help="dataset YAML; its CLASSES are checked against the checkpoint")
-    parser.add_argument("--head", default=None, help="checked against the checkpoint (optional)")
-    parser.add_argument("--feature-extractor", default=None, help="checked against the checkpoint (optional)")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weights; only needed for checkpoints saved without the backbone")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--half", action="store_true", help="fp16 autocast on CUDA (bf16 on CPU)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="autocast precision; auto = fp32 on CUDA (fp16 with --half), bf16 on CPUs with native "
-                             "bf16 for backbones >= 20M parameters, else fp32")
-    parser.add_argument("--batch", type=int, default=None, help="images per forward (default 8 on CUDA, 1 on CPU)")
-    parser.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
-                        help="override the checkpoint's letterbox/stretch resize")
-    parser.add_argument("--keep-aspect", action=argparse.BooleanOptionalAction, default=None,
-                        help="aspect-preserving input size, long side = max(imgsz) (default: on for letterbox models)")
-    parser.add_argument("--nms", type=float, default=None, help="NMS IoU threshold (default: the checkpoint's)")
-    parser.add_argument("--max-det", type=int, default=None, help="max detections per image")
-    parser.add_argument("--out-dir", default=None, help="output folder (default: outputs/inference/<run>_N)")
-    parser.add_argument("--show", action="store_true", help="show results in a window (needs a display)")
-    parser.add_argument("--no-save", action="store_true", help="do not write annotated images/video")
+    """Flags shared by infer_det_image.py and infer_det_video.py (the reference's names first)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="detector checkpoint (.pth from train_detection.py or the reference project; .onnx export)")
+    g.add_argument("--threshold", "--score-thresh", dest="threshold", type=float, default=0.5,
+                   help="minimum score of a drawn detection (and of saved label files)")
+    g.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N",
+                   help="model input size W [H]; default: the checkpoint's (reference checkpoints: 640)")
+    g.add_argument("--model-name", default=None,
+                   help="checked against the checkpoint; required for reference-project checkpoints")
+    g.add_argument("--config", default=None,
+                   help="dataset YAML; its CLASSES are checked against the checkpoint (required for reference ones)")
+    g.add_argument("--head", default=None, help="retinanet | ssd | fcos; checked against the checkpoint")
+    g.add_argument("--feature-extractor", default=None, help="multi | last; checked against the checkpoint")
+    g.add_argument("--weights", default=None,
+                   help="backbone weights; only needed for checkpoints saved without the backbone")
+    g.add_argument("--nms", type=float, default=None, help="NMS IoU threshold (default: the checkpoint's)")
+    g.add_argument("--max-det", type=int, default=None, help="max detections per image (default: the checkpoint's)")
+    g.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the checkpoint's letterbox/stretch resize (default: as trained)")
+    g.add_argument("--keep-aspect", action="store_true",
+                   help="faster: letterbox scale with padding only to the model's size multiple (not for SSD)")
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision; auto = fp32 on CUDA (fp16 with --half), bf16 on CPUs with native "
+                        "bf16 for backbones >= 20M parameters, else fp32")
+    g.add_argument("--half", action="store_true", help="fp16 autocast on CUDA (same as --precision fp16)")
+    g.add_argument("--batch", type=int, default=None, help="images per forward (default: 8 on CUDA, 1 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone + neck (slow first batch)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--out-dir", default=None,
+                   help="output folder, relative to the working directory (default: outputs/inference/<run>_N)")
+    g.add_argument("--show", action="store_true", help="show results in a window (needs a display)")
+    g.add_argument("--no-save", action="store_true", help="do not write annotated images/video")
 
 
 def config_classes(config: str) -> list[str]:
     """CLASSES of a dataset YAML (only the class list; the data folders need not exist for inference)."""
     import yaml
 
-    path = Path(config)
-    if not path.is_file() and not path.is_absolute():
-        path = REPO_ROOT / config
+    path = resolve_path(config)
     if not path.is_file():
         raise UserError(f"--config {config}: file not found")
     try:
@@ -195,24 +291,50 @@ def config_classes(config: str) -> list[str]:
     return [str(c) for c in classes]
 
 
-def predictor_from_args(args: argparse.Namespace) -> Predictor:
-    """Build the Predictor from the shared flags, with notes for flags that do nothing here."""
-    expect = {"model_name": args.model_name, "head": args.head, "feature_extractor": args.feature_extractor,
-              "classes": config_classes(args.config) if args.config else None}
-    device = select_device(args.device)
-    if args.half and device.type != "cuda" and args.precision is None:
-        print("note: --half is for CUDA; on CPU it means bf16 autocast where the CPU supports it")
-    batch = args.batch or (8 if device.type == "cuda" else 1)
-    ckpt = load_checkpoint(args.model)
-    if args.weights and ckpt["meta"].get("includes_backbone", True):
-        print(f"note: --weights {args.weights} ignored: the checkpoint already contains the backbone weights")
-        args.weights = None
-    predictor = Predictor(ckpt, device=device, half=args.half, imgsz=args.imgsz, letterbox=args.letterbox,
-                          score_thresh=args.threshold, nms=args.nms, max_det=args.max_det, batch_size=batch,
-                          precision=args.precision, keep_aspect=args.keep_aspect, weights=args.weights,
-                          expect=expect)
-    print(f"model: {predictor.describe()}")
+def build_predictor(cfg: PredictConfig, keep_low_scores: bool = False, verbose: bool = True):
+    """The predictor ``cfg`` describes: a ``Predictor`` for a .pth, an ``OnnxPredictor`` for a .onnx file.
+
+    By default the model returns detections down to ``cfg.threshold``; ``keep_low_scores`` keeps them down to the
+    checkpoint's evaluation score threshold (for predictions files that score like ``evaluate --model``) - then
+    filter with ``filter_detections(pred, cfg.threshold)`` before drawing.
+    """
+    if str(cfg.model).lower().endswith(".onnx"):
+        try:
+            from .onnx_runtime import OnnxPredictor
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.endswith("onnx_runtime"):
+                raise UserError(f"--model {cfg.model}: ONNX models are not supported by this installation; pass a "
+                                f".pth checkpoint") from None
+            raise UserError(f"--model {cfg.model}: ONNX inference needs the {exc.name} package "
+                            f"(pip install -r requirements.txt)") from None
+        predictor = OnnxPredictor.from_config(cfg, keep_low_scores=keep_low_scores)
+    else:
+        predictor = _build_torch_predictor(cfg, keep_low_scores)
+    if verbose:
+        print(f"model: {predictor.describe()}")
     return predictor
+
+
+def _build_torch_predictor(cfg: PredictConfig, keep_low_scores: bool) -> Predictor:
+    device = select_device(cfg.device)
+    if cfg.half and device.type != "cuda" and cfg.precision == "auto":
+        print("note: --half is for CUDA; on CPU it means bf16 autocast where the CPU supports it")
+    batch = cfg.batch or (8 if device.type == "cuda" else 1)
+    ckpt = prepare_checkpoint(load_checkpoint(resolve_path(cfg.model)), cfg.expect(), cfg.imgsz)
+    weights = cfg.weights
+    if weights and ckpt["meta"].get("includes_backbone", True):
+        print(f"note: --weights {weights} ignored: the checkpoint already contains the backbone weights")
+        weights = None
+    eval_thresh = float(ckpt["meta"].get("score_thresh", cfg.threshold))
+    score_thresh = min(cfg.threshold, eval_thresh) if keep_low_scores else cfg.threshold
+    return Predictor(ckpt, device=device, half=cfg.half, imgsz=cfg.imgsz, letterbox=cfg.letterbox,
+                     score_thresh=score_thresh, nms=cfg.nms, max_det=cfg.max_det, batch_size=batch,
+                     precision=cfg.precision, keep_aspect=cfg.keep_aspect, weights=weights, compile=cfg.compile)
+
+
+def predictor_from_args(args: argparse.Namespace) -> Predictor:
+    """``build_predictor(predict_config_from_args(args))`` (kept for callers holding a namespace)."""
+    return build_predictor(predict_config_from_args(args))
 
 
 def display_available() -> tuple[bool, str]:
@@ -223,5 +345,5 @@ def display_available() -> tuple[bool, str]:
         return False, "no display (DISPLAY is not set)"
     gui = [ln for ln in cv2.getBuildInformation().splitlines() if ln.strip().startswith("GUI:")]
     if gui and "NONE" in gui[0].upper():
-        return False, "this OpenCV build has no GUI support (opencv-python-headless)"
+        return False, "this OpenCV build has no GUI support (opencv-python-headless); pip install opencv-python"
     return True, ""

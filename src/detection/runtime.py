@@ -62,7 +62,7 @@ def cuda_bf16_native(device: torch.device) -> bool:
 
 
 def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Training autocast dtype and GradScaler for ``--amp`` (``auto``: see the module docstring)."""
+    """Training autocast dtype and GradScaler for ``--precision`` (``--amp``; ``auto``: see the module docstring)."""
     if amp in (None, "none", "fp32"):
         return None, None
     if amp == "auto":
@@ -74,10 +74,10 @@ def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | N
             return None, None
     if amp == "fp16":
         if device.type != "cuda":
-            raise UserError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16")
+            raise UserError("--precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
         return torch.float16, torch.amp.GradScaler("cuda")
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16; use --amp fp16")
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use --precision fp16")
     return torch.bfloat16, None
 
 

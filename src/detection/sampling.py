@@ -7,7 +7,7 @@ of persistent workers, and of where a run was interrupted.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -64,6 +64,15 @@ class EpochSampler(Sampler):
             order = (order * (-(-total // max(1, len(order)))))[:total]
             order = order[self.rank::self.world]
         return iter((self.epoch, i) for i in order)
+
+
+def padded_shard(n: int, rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s fixed share of ``range(n)``, padded by wrapping around like ``DistributedSampler``, so every
+    rank gets ``ceil(n / world_size)`` indices and runs the same number of steps (collectives stay matched)."""
+    per_rank = -(-n // world_size)
+    total = per_rank * world_size
+    padded = (list(range(n)) * -(-total // max(1, n)))[:total]
+    return padded[rank::world_size]
 
 
 class ShardSampler(Sampler):

@@ -1,8 +1,12 @@
-"""``train_detection.py`` behind the argument parser: set-up, epoch loop, checkpoints, logs, plots."""
+"""A training run described by a ``TrainConfig``: set-up, epoch loop, checkpoints, logs, plots.
+
+``run(cfg, typed)`` is the body of ``train_detection.py``; ``typed`` (the options typed on the command line) only
+matters for ``--resume``, which keeps the run's saved configuration except the ``RESUME_OVERRIDABLE`` options
+typed now.
+"""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import functools
@@ -14,34 +18,38 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
+from torch import nn
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .checkpoint import build_payload, load_checkpoint, model_meta, save_checkpoint, set_rng_state
-from .datasets import build_dataloader, build_datasets, collate_fn, load_data_config, save_transformed_samples
+from .checkpoint import (
+    _frozen_backbone_keys,
+    build_payload,
+    load_checkpoint,
+    model_meta,
+    save_checkpoint,
+    set_rng_state,
+)
+from .datasets import build_dataloader, build_datasets, load_data_config, save_transformed_samples
 from .engine import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, train_one_epoch
-from .runtime import amp_settings, is_main_process, setup_distributed, unwrap
 from .errors import UserError
-from .feature_cache import FeatureCache, check_cacheable, collate_cached
-from .metrics import format_table, save_results
-from .model import DetectorConfig, build_detector
-from .plots import plot_training_curves
-from .sampling import EpochSampler, EpochSeededDataset, ShardSampler
-from .utils import increment_path, parse_imgsz, resolve_repo_path, seed_everything
+from .feature_cache import CachedBatches, FeatureCache, collate_cached
+from .model import build_detector, count_parameters
+from .report import format_table, plot_training_curves, save_results
+from .runtime import amp_settings, setup_distributed, unwrap
+from .sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
+from .train_config import TrainConfig, legacy_config, resume_config
+from .utils import increment_path, resolve_path, resolve_repo_path, seed_everything
 
-# Arguments a resumed run takes from the command line instead of the checkpoint.
-RESUME_OVERRIDABLE = {"epochs", "workers", "device", "eval_interval", "resume", "exist_ok", "amp"}
 CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "eval_seconds", "skipped_steps"]
 
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
-def find_resume_checkpoint(args: argparse.Namespace) -> Path:
-    if args.resume != "auto":
-        return resolve_repo_path(args.resume)
-    parent = resolve_repo_path(args.out_dir)
-    if args.name:
-        return parent / args.name / "last_model.pth"
+def find_resume_checkpoint(cfg: TrainConfig) -> Path:
+    if cfg.resume != "auto":
+        return resolve_path(cfg.resume)
+    parent = resolve_repo_path(cfg.out_dir)
+    if cfg.name:
+        return parent / cfg.name / "last_model.pth"
     runs = sorted((p for p in parent.glob("*/last_model.pth")), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise UserError(f"--resume: no last_model.pth found under {parent}; pass the checkpoint path, "
@@ -49,16 +57,14 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path:
     return runs[-1]
 
 
-def restore_args(args: argparse.Namespace, saved: dict[str, Any], explicit: set[str]) -> argparse.Namespace:
-    """A resumed run keeps its original settings; only RESUME_OVERRIDABLE flags typed now replace them."""
-    merged = dict(saved)
-    for key in RESUME_OVERRIDABLE:
-        if key in explicit or key not in merged:
-            merged[key] = getattr(args, key)
-    ignored = sorted(k for k in explicit - RESUME_OVERRIDABLE if getattr(args, k) != saved.get(k))
-    if ignored and is_main_process():
-        print(f"note: --resume keeps the run's original {', '.join('--' + k.replace('_', '-') for k in ignored)}")
-    return argparse.Namespace(**merged)
+def saved_config(ckpt: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a training checkpoint was written with (older checkpoints: their argparse ``args``)."""
+    if isinstance(ckpt.get("train_config"), dict):
+        return TrainConfig.from_dict(ckpt["train_config"], source=ckpt["path"])
+    if isinstance(ckpt.get("args"), dict):
+        return TrainConfig.from_dict(legacy_config(ckpt["args"]), source=ckpt["path"])
+    raise UserError(f"--resume: {ckpt['path']} holds no training state (written by inference tools?); "
+                    f"resume from a last_model.pth of a training run")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -78,74 +84,96 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def data_loaders(args, data_cfg, imgsz, rank: int, world: int, device: torch.device):
-    """Training loader (epoch-seeded) and validation loader (sharded, no padding)."""
-    train_ds, valid_ds = build_datasets(
-        data_cfg, imgsz=imgsz, augment=args.augment, letterbox=args.letterbox,
-        include_difficult=args.include_difficult, ignore_unknown_classes=args.ignore_unknown_classes or None,
-        skip_bad_samples=args.skip_bad_samples or None, verbose=is_main_process())
-    train_sampler = EpochSampler(len(train_ds), seed=args.seed, shuffle=True, rank=rank, world_size=world)
-    train_loader = build_dataloader(EpochSeededDataset(train_ds, args.seed), args.batch, args.workers,
+def _build_datasets(cfg: TrainConfig, data_cfg, imgsz, verbose: bool):
+    return build_datasets(data_cfg, imgsz=imgsz, augment=cfg.augment, letterbox=cfg.letterbox,
+                          include_difficult=cfg.include_difficult,
+                          ignore_unknown_classes=cfg.ignore_unknown_classes or None,
+                          skip_bad_samples=cfg.skip_bad_samples or None, verbose=verbose)
+
+
+def data_loaders(cfg: TrainConfig, data_cfg, imgsz, rank: int, world: int, device: torch.device):
+    """Training loader (epoch-seeded, padded shards) and validation loader (sharded, no padding)."""
+    train_ds, valid_ds = _build_datasets(cfg, data_cfg, imgsz, verbose=rank == 0)
+    train_sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=rank, world_size=world)
+    train_loader = build_dataloader(EpochSeededDataset(train_ds, cfg.seed), cfg.batch, cfg.workers,
                                     sampler=train_sampler)
-    valid_loader = build_dataloader(valid_ds, args.batch, args.workers, sampler=ShardSampler(len(valid_ds), rank, world))
+    valid_loader = build_dataloader(valid_ds, cfg.batch, cfg.workers, sampler=ShardSampler(len(valid_ds), rank, world))
     return train_ds, valid_ds, train_loader, train_sampler, valid_loader
 
 
-def eval_only(args: argparse.Namespace) -> None:
+def eval_only(cfg: TrainConfig) -> None:
     """``--eval-only --model ckpt``: score a checkpoint on the validation split of ``--config``."""
     from .evaluate import evaluate_checkpoint
 
-    if not args.model:
+    if not cfg.model:
         raise UserError("--eval-only needs --model <checkpoint.pth>")
-    evaluate_checkpoint(args.model, args.config, metric=args.metric, batch=args.batch, workers=args.workers,
-                        device=args.device, out_dir=None, score_thresh=args.score_thresh)
+    evaluate_checkpoint(cfg.model, cfg.config, metric=cfg.metric, batch=cfg.batch, workers=cfg.workers,
+                        device=cfg.device, out_dir=None, score_thresh=cfg.score_thresh)
+
+
+def compile_for_training(model: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile`` of the module the training step calls (the DDP wrapper under DDP). The returned module
+    must be the one called: compiling a copy or assigning a compiled forward elsewhere compiles nothing."""
+    return torch.compile(model, backend=backend)
+
+
+def configure_trainable(model: nn.Module, cfg: TrainConfig, verbose: bool) -> None:
+    """Apply ``--unfreeze-last`` and report what trains."""
+    dino = unwrap(model).dino
+    if cfg.unfreeze_last:
+        dino.set_trainable(cfg.unfreeze_last)
+    if verbose:
+        trained = sum(p.numel() for p in dino.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in dino.parameters() if not p.requires_grad)
+        total, trainable = count_parameters(model)
+        what = ("frozen" if not trained else "fully trained" if not frozen
+                else f"last {cfg.unfreeze_last} of {dino.num_layers} layers trained")
+        print(f"backbone {what}: {trained:,} trainable / {frozen:,} frozen parameters; "
+              f"{trainable - trained:,} trainable in neck + head")
 
 
 # ----------------------------------------------------------------------------------------------- main entry
-def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | None:
-    """Train (or ``--eval-only``) as described by the parsed ``train_detection.py`` arguments.
+def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Path | None:
+    """Train (or ``--eval-only``) as ``cfg`` describes; ``typed``: the options typed on the command line (resume).
 
     Returns the run folder on rank 0.
     """
-    explicit = explicit or set()
-    if args.eval_only:
-        eval_only(args)
+    if cfg.eval_only:
+        eval_only(cfg)
         return None
-
-    device, rank, world = setup_distributed(args.device)
-    main = rank == 0
+    main = int(os.environ.get("RANK", "0")) == 0
     resume_ckpt = None
-    if args.resume:
-        ckpt_path = find_resume_checkpoint(args)
+    run_dir: Path | None = None
+    if cfg.resume:
+        ckpt_path = find_resume_checkpoint(cfg)
         resume_ckpt = load_checkpoint(ckpt_path)
-        if "args" not in resume_ckpt:
-            raise UserError(f"--resume: {ckpt_path} holds no training state (written by inference tools?); "
-                            f"resume from a last_model.pth of a training run")
-        args = restore_args(args, resume_ckpt["args"], explicit)
+        cfg, ignored = resume_config(saved_config(resume_ckpt), cfg, None if typed is None else frozenset(typed))
+        if ignored and main:
+            print(f"note: --resume keeps the run's {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
+                  f"it may change only --epochs, --workers, --device, --eval-interval, --precision, --compile, "
+                  f"--max-nonfinite")
         run_dir = ckpt_path.parent
-    imgsz = parse_imgsz(args.imgsz)
-    if args.cache_features:
-        check_cacheable(args.augment, args.fine_tune)
+    if cfg.repo_dir:  # the reference's --repo-dir: where --backbone-impl hub finds the official code
+        os.environ["DINOv3_REPO"] = str(resolve_path(cfg.repo_dir))
 
-    seed_everything(args.seed)
-    data_cfg = load_data_config(args.config)
+    device, rank, world = setup_distributed(cfg.device)
+    main = rank == 0
+    imgsz = cfg.imgsz
+    seed_everything(cfg.seed)
+    data_cfg = load_data_config(cfg.config)
     classes = data_cfg.classes
 
-    cfg = DetectorConfig(model_name=args.model_name, num_classes=len(classes), head=args.head,
-                         feature_extractor=args.feature_extractor, imgsz=imgsz, backbone_impl=args.backbone_impl,
-                         fine_tune=args.fine_tune, nms=args.nms, score_thresh=args.score_thresh,
-                         max_det=args.max_det, fpn_channels=args.fpn_channels)
-    torch.manual_seed(args.seed)  # identical head initialisation on every rank and every (re)start
-    model = build_detector(cfg, weights=args.weights, verbose=main).to(device)
-    meta = model_meta(model, classes, args.letterbox, weights=args.weights)
-    meta["augment"] = args.augment
+    torch.manual_seed(cfg.seed)  # identical head initialisation on every rank and every (re)start
+    model = build_detector(cfg.detector_config(len(classes)), weights=cfg.weights, verbose=main).to(device)
+    configure_trainable(model, cfg, verbose=main)
+    meta = model_meta(model, classes, cfg.letterbox, weights=cfg.weights)
+    meta["augment"] = cfg.augment
 
-    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(args, data_cfg, imgsz, rank, world,
+    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(cfg, data_cfg, imgsz, rank, world,
                                                                                  device)
-    if not args.resume:  # created only once model and data are known to be fine: no empty folders on errors
-        run_dir = None
+    if run_dir is None:  # created only once model and data are known to be fine: no empty folders on errors
         if main:
-            run_dir = increment_path(args.out_dir, args.name, "run", exist_ok=args.exist_ok)
+            run_dir = increment_path(cfg.out_dir, cfg.name, "run", exist_ok=cfg.exist_ok)
         if world > 1:  # every rank needs the folder name (for the disk cache)
             holder = [str(run_dir) if main else None]
             dist.broadcast_object_list(holder)
@@ -159,50 +187,50 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
             paths = save_transformed_samples(train_ds, run_dir / "transformed_samples")
             print(f"wrote {len(paths)} augmented samples to {run_dir / 'transformed_samples'}")
 
-    amp_dtype, scaler = amp_settings(args.amp, device)
-    if args.cache_features:  # the image loader is replaced by one over cached backbone maps
-        train_loader, train_sampler = prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir, rank,
-                                                            world, main, amp_dtype)
+    amp_dtype, scaler = amp_settings(cfg.precision, device)
+    if cfg.cache_features:  # the image loaders are replaced by ones over cached backbone maps
+        train_loader, train_sampler, valid_loader = prepare_feature_cache(
+            cfg, model, train_ds, valid_ds, device, run_dir, rank, world, main, amp_dtype)
 
-    train_model = model
+    train_model: nn.Module = model
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
+        train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = compile_for_training(train_model, cfg.compile)
 
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum, args.backbone_lr)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.backbone_lr,
+                                layer_decay=cfg.layer_decay)
     iters_per_epoch = len(train_loader)
-    scheduler = build_scheduler(optimizer, schedule=args.scheduler, epochs=args.epochs, iters_per_epoch=iters_per_epoch,
-                                warmup_epochs=args.warmup_epochs, warmup_iters=args.warmup_iters, steps=args.lr_steps)
-    ema = ModelEMA(model, decay=args.ema_decay) if args.ema else None
+    scheduler = build_scheduler(optimizer, schedule=cfg.scheduler, epochs=cfg.epochs, iters_per_epoch=iters_per_epoch,
+                                warmup_epochs=cfg.warmup_epochs, warmup_iters=cfg.warmup_iters, steps=cfg.lr_steps)
+    ema = ModelEMA(model, decay=cfg.ema_decay) if cfg.ema else None
 
     start_epoch, best_map = 1, -1.0
     rows = read_csv(run_dir / "results.csv") if resume_ckpt else []
     if resume_ckpt is not None:
-        start_epoch, best_map = restore_training_state(resume_ckpt, model, optimizer, scheduler, scaler, ema,
-                                                       args, iters_per_epoch)
+        start_epoch, best_map = restore_training_state(resume_ckpt, model, optimizer, scheduler, scaler, ema)
         rows = [r for r in rows if r.get("epoch", 0) < start_epoch]
         if main:
-            print(f"resuming {run_dir.name} at epoch {start_epoch}/{args.epochs} (best mAP {best_map:.4f})")
+            print(f"resuming {run_dir.name} at epoch {start_epoch}/{cfg.epochs} (best mAP {best_map:.4f})")
     if main:
-        with open(run_dir / "args.yaml", "w") as f:
-            yaml.safe_dump({"args": vars(args), "data": {"config": str(data_cfg.path), "classes": classes}, "model": cfg.to_dict(),
-                            "toolkit_version": __version__}, f, sort_keys=False)
+        cfg.save_yaml(run_dir / "args.yaml")
 
-    guard = NonFiniteGuard(args.max_nonfinite)
-    for epoch in range(start_epoch, args.epochs + 1):
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_sampler.set_epoch(epoch)
         losses = train_one_epoch(train_model, train_loader, optimizer, scheduler, device, epoch, scaler=scaler,
-                                 amp_dtype=amp_dtype, clip_grad=args.clip_grad, ema=ema, guard=guard,
-                                 total=iters_per_epoch, desc=f"epoch {epoch}/{args.epochs}")
+                                 amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, ema=ema, guard=guard,
+                                 total=iters_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}")
         train_seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"],
                                "seconds": train_seconds, "map": math.nan, "map50": math.nan, "map75": math.nan}
         result = None
-        if epoch % args.eval_interval == 0 or epoch == args.epochs:
+        if epoch % cfg.eval_interval == 0 or epoch == cfg.epochs:
             with ema.swapped_in(model) if ema else contextlib.nullcontext():
-                result = evaluate(model, valid_loader, device, classes, imgsz=imgsz, letterbox=args.letterbox,
-                                  metric=args.metric, amp_dtype=amp_dtype)
+                result = evaluate(model, valid_loader, device, classes, imgsz=imgsz, letterbox=cfg.letterbox,
+                                  metric=cfg.metric, amp_dtype=amp_dtype)
             if main:
                 row.update({k: v for k, v in result.summary().items()
                             if k in ("map", "map50", "map75") or not math.isnan(v)}, eval_seconds=result.seconds)
@@ -211,11 +239,11 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> Path | No
             improved = result is not None and result.primary > best_map  # NaN never improves
             if improved:
                 best_map = result.primary
-            save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, args, improved,
+            save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, cfg, improved,
                        result)
             write_csv(run_dir / "results.csv", rows)
             plot_training_curves(rows, run_dir)
-            print(epoch_summary(row, losses, args.epochs))
+            print(epoch_summary(row, losses, cfg.epochs))
         if world > 1:
             dist.barrier()
     if main:
@@ -237,33 +265,44 @@ def epoch_summary(row: dict[str, Any], losses: dict[str, float], epochs: int) ->
 
 
 def save_epoch(run_dir: Path, model, meta, optimizer, scheduler, scaler, ema, epoch: int, best_map: float,
-               args: argparse.Namespace, improved: bool, result) -> None:
+               cfg: TrainConfig, improved: bool, result) -> None:
     payload = build_payload(model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             ema=ema.state_dict() if ema else None, epoch=epoch, best_metric=best_map,
-                            include_backbone=not args.no_save_backbone)
-    payload["args"] = vars(args)
+                            include_backbone=not cfg.no_save_backbone)
+    payload["train_config"] = cfg.to_dict()
     save_checkpoint(run_dir / "last_model.pth", payload)
     if improved:
-        if ema is not None:  # best_model.pth is for inference: store the averaged weights it was scored with
-            with ema.swapped_in(model):
-                payload["model"] = build_payload(model, meta, include_backbone=not args.no_save_backbone)["model"]
+        if ema is not None:  # best_model.pth is for inference: the averaged weights it was scored with
+            payload = {**payload, "model": ema.averaged(payload["model"])}
         save_checkpoint(run_dir / "best_model.pth", payload)
         (run_dir / "per_class_ap.txt").write_text(f"epoch {epoch}\n{format_table(result)}\n")
         save_results(result, run_dir)
 
 
-def restore_training_state(ckpt: dict[str, Any], model, optimizer, scheduler, scaler, ema, args,
-                           iters_per_epoch: int) -> tuple[int, float]:
-    """Load weights and optimiser/scheduler/scaler/EMA/RNG state; returns (next epoch, best mAP)."""
-    result = unwrap(model).load_state_dict(ckpt["model"], strict=False)
-    if result.unexpected_keys or any(not k.startswith("backbone.") for k in result.missing_keys):
-        raise UserError(f"--resume: {ckpt['path']} does not match this model ({len(result.missing_keys)} missing, "
-                        f"{len(result.unexpected_keys)} unexpected keys)")
+def restore_training_state(ckpt: dict[str, Any], model, optimizer, scheduler, scaler, ema) -> tuple[int, float]:
+    """Load weights and optimiser/scheduler/scaler/EMA/RNG state; returns (next epoch, best mAP).
+
+    Only the frozen backbone may be absent (a ``--no-save-backbone`` checkpoint; it comes from ``--weights``),
+    checked by tensor identity: a missing neck or head tensor is a broken checkpoint.
+    """
+    m = unwrap(model)
+    result = m.load_state_dict(ckpt["model"], strict=False)
+    allowed = set() if ckpt["meta"].get("includes_backbone", True) else _frozen_backbone_keys(m)
+    missing = [k for k in result.missing_keys if k not in allowed]
+    if missing or result.unexpected_keys:
+        raise UserError(f"--resume: {ckpt['path']} does not match this model: missing {len(missing)} "
+                        f"(e.g. {missing[:2]}), unexpected {len(result.unexpected_keys)} "
+                        f"(e.g. {list(result.unexpected_keys)[:2]}); resume with the run's own last_model.pth")
     if ckpt.get("optimizer"):
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:
+            raise UserError(f"--resume: {ckpt['path']}: the optimizer state does not fit this model "
+                            f"({str(exc).splitlines()[0]})") from None
     if ckpt.get("scheduler"):
+        # A larger --epochs changes the schedule's length; the lambda is rebuilt from the config, only the step
+        # count is restored.
         scheduler.load_state_dict(ckpt["scheduler"])
-        # A larger --epochs changes the schedule's length; the lambda is rebuilt from args, only the step is kept.
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt.get("ema"):
@@ -274,24 +313,34 @@ def restore_training_state(ckpt: dict[str, Any], model, optimizer, scheduler, sc
     return int(ckpt["epoch"]) + 1, -1.0 if best is None else float(best)
 
 
-def prepare_feature_cache(args, model, data_cfg, imgsz, device, run_dir: Path, rank: int, world: int, main: bool,
-                          amp_dtype: torch.dtype | None = None):
-    """Build the cache for this rank's shard; returns (loader, sampler) that replace the image loader."""
-    cache_ds, _ = build_datasets(data_cfg, imgsz=imgsz, augment="none", letterbox=args.letterbox,
-                                 include_difficult=args.include_difficult,
-                                 ignore_unknown_classes=args.ignore_unknown_classes or None,
-                                 skip_bad_samples=args.skip_bad_samples or None, verbose=False, splits=("train",))
-    shard = list(range(rank, len(cache_ds), world))  # under DDP each rank caches and trains on a fixed shard
-    cache = FeatureCache(args.cache_features, flip=args.augment == "flip", seed=args.seed,
-                         cache_dir=run_dir / f"feature_cache_rank{rank}")
+def prepare_feature_cache(cfg: TrainConfig, model, train_ds, valid_ds, device: torch.device, run_dir: Path,
+                          rank: int, world: int, main: bool, amp_dtype: torch.dtype | None = None):
+    """Cache this rank's training shard (padded: equal steps on every rank) and validation shard.
+
+    Returns ``(train loader, its sampler, validation loader)`` replacing the image loaders.
+    """
+    shard = padded_shard(len(train_ds), rank, world)  # under DDP each rank caches and trains on a fixed shard
+    common = dict(device=device, batch_size=cfg.batch, workers=cfg.workers, amp_dtype=amp_dtype)
     t0 = time.perf_counter()
-    cache.build(unwrap(model), cache_ds, shard, device, batch_size=args.batch, workers=args.workers,
-                collate_fn=collate_fn, amp_dtype=amp_dtype, show=main)
+    cache = FeatureCache(cfg.cache_features, flip=cfg.augment == "flip", seed=cfg.seed,
+                         cache_dir=run_dir / f"feature_cache_rank{rank}")
+    cache.build(unwrap(model), train_ds, shard, show=main, **common)
+    valid_shard = list(ShardSampler(len(valid_ds), rank, world))
+    valid_cache = FeatureCache(cfg.cache_features, flip=False, seed=cfg.seed,
+                               cache_dir=run_dir / f"feature_cache_valid_rank{rank}")
+    valid_cache.build(unwrap(model), valid_ds, valid_shard, show=main, **common)
     if main:
-        print(f"feature cache ({args.cache_features}): {len(shard)} images x {1 + cache.flip} variants, "
-              f"{cache.nbytes / 2**20:.0f} MiB, built in {time.perf_counter() - t0:.1f}s")
-    sampler = EpochSampler(len(shard), seed=args.seed, shuffle=True, indices=shard)
-    workers = args.workers if args.cache_features == "disk" else 0
-    loader = DataLoader(cache, batch_size=args.batch, sampler=sampler, num_workers=workers,
-                        collate_fn=functools.partial(collate_cached, imgsz=imgsz), pin_memory=device.type == "cuda")
-    return loader, sampler
+        print(f"feature cache ({cfg.cache_features}): {len(cache)} training images x {1 + cache.flip} variants + "
+              f"{len(valid_cache)} validation images, {(cache.nbytes + valid_cache.nbytes) / 2**20:.0f} MiB, "
+              f"built in {time.perf_counter() - t0:.1f}s")
+    sampler = EpochSampler(len(shard), seed=cfg.seed, shuffle=True, indices=shard)
+    pin = device.type == "cuda"
+    if cfg.cache_features == "ram":
+        return (CachedBatches(cache, sampler, cfg.batch, cfg.imgsz, pin_memory=pin), sampler,
+                CachedBatches(valid_cache, valid_shard, cfg.batch, cfg.imgsz, pin_memory=pin))
+    collate = functools.partial(collate_cached, imgsz=cfg.imgsz)
+    loader = DataLoader(cache, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+                        pin_memory=pin)
+    valid_loader = DataLoader(valid_cache, batch_size=cfg.batch, sampler=valid_shard, num_workers=cfg.workers,
+                              collate_fn=collate, pin_memory=pin)
+    return loader, sampler, valid_loader

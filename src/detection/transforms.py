@@ -11,7 +11,8 @@ chooses and orders the transforms. Every pipeline ends at exactly ``imgsz`` = (W
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
@@ -44,17 +45,26 @@ def _resized_size(orig_size: Sequence[int], imgsz: Sequence[int], letterbox: boo
 
 
 class ResizeTo(v2.Transform):
-    """Final geometric step: stretch or letterbox (pad bottom/right) to exactly imgsz (W, H)."""
+    """Final geometric step: stretch or letterbox (pad bottom/right) to exactly imgsz (W, H).
 
-    def __init__(self, imgsz: Sequence[int], letterbox: bool = False) -> None:
+    ``canvas`` (W, H), letterbox only: pad to this size instead of imgsz - the content keeps the letterbox scale of
+    imgsz (inference's ``keep_aspect``: less padding to compute, the same scale the model was trained at).
+    """
+
+    def __init__(self, imgsz: Sequence[int], letterbox: bool = False, canvas: Sequence[int] | None = None) -> None:
         super().__init__()
         self.imgsz = (int(imgsz[0]), int(imgsz[1]))
         self.letterbox = bool(letterbox)
+        if canvas is not None and not self.letterbox:
+            raise ValueError("a canvas size only applies to letterbox resizing")
+        self.canvas = self.imgsz if canvas is None else (int(canvas[0]), int(canvas[1]))
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h0, w0 = query_size(flat_inputs)
         h, w = _resized_size((h0, w0), self.imgsz, self.letterbox)
-        return {"size": [h, w], "pad": [0, 0, self.imgsz[0] - w, self.imgsz[1] - h]}
+        if w > self.canvas[0] or h > self.canvas[1]:
+            raise ValueError(f"canvas {self.canvas} is smaller than the resized content {(w, h)}")
+        return {"size": [h, w], "pad": [0, 0, self.canvas[0] - w, self.canvas[1] - h]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         out = F.resize(inpt, params["size"], antialias=True)
@@ -109,9 +119,11 @@ def build_transform(preset: str, imgsz: Sequence[int], letterbox: bool = False, 
     return v2.Compose(ops)
 
 
-def resize_image(image: torch.Tensor, imgsz: Sequence[int], letterbox: bool = False) -> torch.Tensor:
-    """Deterministic eval/inference resize of one uint8 [3,H,W] (or a batch [B,3,H,W]) to imgsz (W, H)."""
-    op = ResizeTo(imgsz, letterbox)
+def resize_image(image: torch.Tensor, imgsz: Sequence[int], letterbox: bool = False,
+                 canvas: Sequence[int] | None = None) -> torch.Tensor:
+    """Deterministic eval/inference resize of one uint8 [3,H,W] (or a batch [B,3,H,W]) to imgsz (W, H): the
+    validation loader's final op (``ResizeTo``) applied to one image. ``canvas``: see ``ResizeTo``."""
+    op = ResizeTo(imgsz, letterbox, canvas)
     out = op(tv_tensors.Image(image) if image.ndim == 3 else image)
     return out.as_subclass(torch.Tensor)
 

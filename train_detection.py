@@ -1,4 +1,4 @@
-r"""Train a detector (SSD / RetinaNet / FCOS) on a frozen DINOv3 backbone from a VOC-XML dataset.
+r"""Train a detector (SSD / RetinaNet / FCOS) on a frozen DINOv3 backbone from a VOC, COCO or YOLO dataset.
 
     python train_detection.py --weights dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth \
         --model-name dinov3_convnext_tiny --imgsz 640 640 --lr 0.0001 --epochs 30 --workers 8 --batch 8 \

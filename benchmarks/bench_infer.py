@@ -1,6 +1,6 @@
 """Inference speed: our Predictor vs a reference-style per-image loop, the speed steps, and the video pipeline.
 
-    python -m benchmarks.bench_infer [--quick] [--compile]
+    python -m benchmarks.bench_infer [--quick] [--compile] [--only onnx]
 
 Same model for every row (reference-equivalent: single-level RetinaNet on the last feature map,
 ``dinov3_convnext_tiny`` random weights at 640x640; ``--quick``: a small ConvNeXt at 256), same 4:3 frames,
@@ -10,6 +10,9 @@ measured in the same run (median of several repetitions, after warm-up).
   torchvision's own ``GeneralizedRCNNTransform`` (which resizes again), contiguous memory, ``no_grad``.
 * steps = each speed option switched on alone against our fp32 batch-1 path (channels_last, bf16 autocast,
   aspect-preserving input size, batching, optionally torch.compile) - the ratio says what each step buys here.
+* onnx = the same checkpoint exported (``src.detection.export``, fp32) and run by ``OnnxPredictor`` with
+  onnxruntime's CPU provider, batch 1, as many threads as torch: against the per-image loop, our best PyTorch row
+  of this run, and our fp32 PyTorch path (forced fp32: what CPUs without native bf16, e.g. AVX2-only, run).
 * video = end-to-end FPS of the threaded decode -> batch -> draw/encode pipeline divided by model-only FPS.
 """
 
@@ -20,8 +23,9 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -60,7 +64,8 @@ def _row(name: str, baseline: float, ours: float, goal: str, note: str = "") -> 
             "ratio": round(ours / baseline, 3) if baseline else 0.0, "goal": goal, "note": note}
 
 
-def run(quick: bool = False, compile: bool = False) -> list[dict[str, Any]]:
+def run(quick: bool = False, compile: bool = False, only: str | None = None) -> list[dict[str, Any]]:
+    """All rows; ``only="onnx"``: just the onnxruntime rows (with the measurements they are compared with)."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     from src.detection.model import DetectorConfig, build_detector
@@ -108,14 +113,18 @@ def run(quick: bool = False, compile: bool = False) -> list[dict[str, Any]]:
         return _rate(lambda: len(p.predict(images)), reps)
 
     # --- ours with its defaults (bf16 where native, contiguous memory on CPU) vs the reference loop
-    for bs in (1, 8):
+    best: dict[str, Any] = {}
+    for bs in (1, 8) if only != "onnx" else (1,):
         p = predictor(batch_size=bs)
         layout = ", channels_last" if p.channels_last else ""
-        rows.append(_row(f"images/s batch {bs} (ours: {p.precision}{layout}) vs per-image loop", ref,
-                         images_per_s(p), ">= 2x"))
+        r = images_per_s(p)
+        best = best if best and best["rate"] >= r else {"rate": r, "what": f"{p.precision}{layout}, batch {bs}"}
+        rows.append(_row(f"images/s batch {bs} (ours: {p.precision}{layout}) vs per-image loop", ref, r, ">= 2x"))
 
     # --- steps, each against our plain fp32 / contiguous / square / batch-1 path
     plain = images_per_s(predictor(precision="fp32", channels_last=False, batch_size=1))
+    if only == "onnx":
+        return rows + _onnx_rows(ckpt, images, reps, ref, best, plain)
     steps = [("channels_last", dict(precision="fp32", channels_last=True, batch_size=1)),
              ("aspect-preserving size (4:3 frame, no square stretch)",
               dict(precision="fp32", channels_last=False, batch_size=1, keep_aspect=True)),
@@ -141,6 +150,8 @@ def run(quick: bool = False, compile: bool = False) -> list[dict[str, Any]]:
         rows.append(_row(f"step: {name}", plain, r, "keep if > 1",
                          bf16_note if "bf16" in name else ("same model input" if "batch" in name else "")))
 
+    rows += _onnx_rows(ckpt, images, reps, ref, best, plain)
+
     # --- video: end-to-end FPS over model-only FPS with the threaded pipeline
     video = tmp / "clip.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, frame_wh)
@@ -156,6 +167,33 @@ def run(quick: bool = False, compile: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def _onnx_rows(ckpt: Path, images: list[torch.Tensor], reps: int, ref: float, best: dict[str, Any],
+               plain: float) -> list[dict[str, Any]]:
+    """onnxruntime (CPU, fp32, batch 1, same thread count) against the reference loop, our best PyTorch path and
+    our fp32 PyTorch path (what CPUs without native bf16 run), all measured in this run on the same images."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from src.detection.export import ExportConfig, export_onnx
+        from src.detection.onnx_runtime import OnnxPredictor
+    except ModuleNotFoundError as exc:
+        return [_row("onnxruntime rows", 0.0, 0.0, "info", f"not measured: {exc.name} is not installed")]
+    t0 = time.perf_counter()
+    exported = export_onnx(ExportConfig(model=str(ckpt), output=str(ckpt.with_suffix(".onnx"))))
+    export_s = time.perf_counter() - t0
+    p = OnnxPredictor(exported["onnx"], device="cpu", batch_size=1)
+    rate = _rate(lambda: len(p.predict(images)), reps)
+    diff = max(exported["verification"].get("max_rel_diff", {"-": float("nan")}).values())
+    note = f"export {export_s:.0f}s, head outputs vs PyTorch max rel. diff {diff:.1e}"
+    fp32_note = "our fp32 path: what CPUs without native bf16 (e.g. AVX2-only) run; ours = fp32 forced here"
+    return [
+        _row("onnxruntime (fp32, batch 1) vs per-image loop", ref, rate, "info", note),
+        _row(f"onnxruntime vs our best PyTorch path ({best['what']})", best["rate"], rate, "info"),
+        _row("ours fp32 forced (no native bf16) vs per-image loop", ref, plain, "info", fp32_note),
+        _row("onnxruntime vs ours fp32 forced (no native bf16)", plain, rate, "info"),
+    ]
+
+
 def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [f"### {title}", "", "| benchmark | baseline | ours | ratio | goal | note |", "|---|---:|---:|---:|---|---|"]
     for r in rows:
@@ -168,8 +206,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small backbone at 256 px (a few minutes at most)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile on CPU)")
+    ap.add_argument("--only", choices=["onnx"], default=None,
+                    help="onnx: only the onnxruntime rows (and the PyTorch measurements they compare with)")
     args = ap.parse_args()
-    rows = run(quick=args.quick, compile=args.compile)
+    rows = run(quick=args.quick, compile=args.compile, only=args.only)
     size = "dinov3_convnext_atto @256, 320x240 frames" if args.quick else "dinov3_convnext_tiny @640, 640x480 frames"
     print(to_markdown(rows, f"Inference ({size}, CPU x{torch.get_num_threads()} threads, "
                             f"CPU default precision auto (bf16 native: {cpu_bf16_supported()}); images/s or FPS)"))

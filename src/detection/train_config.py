@@ -227,7 +227,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("model (the reference project's flags keep working)")
     g.add_argument("--model-name", default=d.model_name, help="DINOv3 entry point, e.g. dinov3_vits16")
     g.add_argument("--weights", "--weight", dest="weights", default=d.weights,
-                   help="backbone .pth: a path or a file name in weights/ or $DINOv3_WEIGHTS; omitted = random "
+                   help="backbone weights: Meta .pth, a transformers folder/safetensors, a timm file, hf-hub:ORG/REPO or "
+                        "timm:NAME; a bare file name is looked up in weights/ and $DINOv3_WEIGHTS; omitted = random "
                         "init (warning)")
     g.add_argument("--head", default=d.head, choices=HEADS, help="detection head")
     g.add_argument("--feature-extractor", "--feautre-extractor", dest="feature_extractor",

@@ -164,7 +164,7 @@ def test_full_size_parameter_counts(fixtures_dir):
         with torch.device("meta"):
             b = quiet_build(name)
         assert official_param_count(b) == rec["n_params"], name
-    with torch.device("meta"):  # the detector's seed-exact count relies on timm holding every official tensor
+    with torch.device("meta"):  # the detector's reference-exact parameter count relies on timm holding every official tensor
         b = quiet_build("dinov3_convnext_tiny")
     assert sum(p.numel() for p in b.parameters()) == 27_820_128
 

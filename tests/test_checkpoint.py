@@ -73,15 +73,56 @@ def test_backbone_weights_file_is_recognised(tmp_path: Path) -> None:
         ck.load_checkpoint(path)
 
 
+@pytest.mark.parametrize("keys", [
+    # transformers DINOv3 ViT / ConvNeXt names, timm's (as timm.create_model writes them), prefixed official ones
+    ["embeddings.cls_token", "embeddings.patch_embeddings.weight", "layer.0.attention.k_proj.weight", "norm.weight"],
+    ["stages.0.downsample_layers.0.weight", "stages.0.layers.0.depthwise_conv.weight", "layer_norm.weight"],
+    ["cls_token", "reg_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.gamma_1"],
+    ["stem.0.weight", "stages.0.blocks.0.conv_dw.weight", "stages.1.downsample.1.weight", "head.norm.weight"],
+    ["backbone.storage_tokens", "backbone.blocks.0.attn.qkv.weight", "backbone.norm.weight"],
+], ids=["transformers-vit", "transformers-convnext", "timm-vit", "timm-convnext", "prefixed-official"])
+def test_backbone_weights_in_every_layout_are_recognised(tmp_path: Path, keys: list[str]) -> None:
+    path = tmp_path / "backbone.pth"
+    torch.save({"state_dict": {k: torch.zeros(2) for k in keys}}, path)
+    with pytest.raises(UserError, match="looks like a backbone weights file.*pass it with --weights, not --model"):
+        ck.load_checkpoint(path)
+
+
+def test_safetensors_and_weights_folders_passed_as_model(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"embeddings.cls_token": torch.zeros(1, 1, 4), "layer.0.norm1.weight": torch.ones(4)},
+              folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a backbone weights file, not a detector checkpoint.*--weights"):
+        ck.load_checkpoint(folder / "model.safetensors")
+    with pytest.raises(UserError, match="looks like a backbone weights folder.*pass it with --weights"):
+        ck.load_checkpoint(folder)
+
+
+def test_detector_state_dicts_are_not_taken_for_backbones(tmp_path: Path) -> None:
+    path = tmp_path / "torchvision.pth"
+    torch.save({"backbone.body.stem.0.weight": torch.zeros(1), "head.classification_head.conv.weight": torch.zeros(1)},
+               path)
+    with pytest.raises(UserError, match="not a checkpoint of this toolkit"):
+        ck.load_checkpoint(path)
+
+
 def test_foreign_and_unsafe_files(tmp_path: Path) -> None:
-    seed_style = tmp_path / "seed.pth"
-    torch.save({"epoch": 3, "model_state_dict": {"head.w": torch.zeros(1)}}, seed_style)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"epoch": 3, "model_state_dict": {"head.w": torch.zeros(1)}}, foreign)
     with pytest.raises(UserError, match="not a checkpoint of this toolkit.*model_state_dict"):
-        ck.load_checkpoint(seed_style)
+        ck.load_checkpoint(foreign)
     pickled = tmp_path / "pickled.pth"
     torch.save({"format": ck.FORMAT, "obj": Path("x")}, pickled)  # arbitrary object: refused by weights_only
-    with pytest.raises(UserError, match="arbitrary Python objects"):
+    with pytest.raises(UserError, match=r"arbitrary Python objects \(pathlib\.\w*Path\)"):
         ck.load_checkpoint(pickled)
+    legacy = tmp_path / "legacy.pth"  # the pre-zip torch.save format cannot be inspected without unpickling
+    torch.save({"format": ck.FORMAT, "obj": Path("x")}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        ck.load_checkpoint(legacy)
 
 
 def test_unsupported_format_version(tmp_path: Path) -> None:
@@ -154,3 +195,24 @@ def test_edited_checkpoint_is_one_line_naming_keys(tiny_model, tmp_path: Path) -
         ck.model_from_checkpoint(path, "cpu")
     msg = str(exc.value)
     assert "\n" not in msg and "head.extra.bias" in msg and f"{weight} [1, 2]" in msg
+
+
+def test_backbone_provenance_is_recorded(tmp_path: Path) -> None:
+    """A detector built from a weights file records where its backbone came from; a random one records None."""
+    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.predictor import Predictor
+
+    cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="fcos", imgsz=(64, 64),
+                         fpn_channels=64, arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        random_model = build_detector(cfg, verbose=False)
+    assert ck.model_meta(random_model, ["__background__", "a", "b"])["weights_source"] is None
+    weights = tmp_path / "backbone.pth"
+    torch.save(random_model.dino.model.state_dict(), weights)  # timm's key names
+    model = build_detector(cfg, weights=str(weights), verbose=False)
+    meta = ck.model_meta(model, ["__background__", "a", "b"], weights=str(weights))
+    want = {"format": "timm", "path": str(weights.resolve()), "hub": None}
+    assert meta["weights_source"] == want and "category_ids" not in meta
+    path = ck.save_checkpoint(tmp_path / "m.pth", ck.build_payload(model, meta))
+    assert ck.load_checkpoint(path)["meta"]["weights_source"] == want
+    assert f"backbone from timm weights {weights.resolve()}" in Predictor(path, device="cpu").describe()

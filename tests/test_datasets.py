@@ -1,4 +1,4 @@
-"""VOC reader: every parsing case of issue 4 on tiny files written here, config errors, loaders."""
+"""VOC reader: every parsing case on tiny files written here, config errors, loaders."""
 
 from __future__ import annotations
 
@@ -286,7 +286,7 @@ def test_read_image_errors_are_user_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- config
-def seed_config(tmp_path: Path, text: str) -> Path:
+def reference_config(tmp_path: Path, text: str) -> Path:
     for split in ("train", "valid"):
         write_image(tmp_path / f"data/{split}/images/a.jpg")
         write_xml(tmp_path / f"data/{split}/labels/a.xml", [("cat", (1, 1, 30, 30), 0)])
@@ -296,7 +296,7 @@ def seed_config(tmp_path: Path, text: str) -> Path:
     return cfg
 
 
-SEED_CFG = """TRAIN_IMG: {root}/data/train/images
+REFERENCE_CFG = """TRAIN_IMG: {root}/data/train/images
 TRAIN_ANNOT: {root}/data/train/labels
 VALID_IMG: ../data/valid/images
 VALID_ANNOT: ../data/valid/labels
@@ -305,8 +305,8 @@ VISUALIZE_TRANSFORMED_IMAGES: false
 """
 
 
-def test_seed_config_loads_with_relative_paths_against_config_folder(tmp_path):
-    cfg = load_data_config(seed_config(tmp_path, SEED_CFG.format(root=tmp_path)))
+def test_reference_config_loads_with_relative_paths_against_config_folder(tmp_path):
+    cfg = load_data_config(reference_config(tmp_path, REFERENCE_CFG.format(root=tmp_path)))
     assert cfg.classes == CLASSES and cfg.num_classes == 3
     assert cfg.valid[0].images == (tmp_path / "data/valid/images").resolve()
     assert cfg.visualize_transformed_images is False and cfg.skip_bad_samples is False
@@ -318,7 +318,7 @@ def test_seed_config_loads_with_relative_paths_against_config_folder(tmp_path):
 def test_build_single_split_and_ground_truth_by_file_name(tmp_path):
     from src.detection.datasets import load_ground_truth
 
-    cfg = load_data_config(seed_config(tmp_path, SEED_CFG.format(root=tmp_path)))
+    cfg = load_data_config(reference_config(tmp_path, REFERENCE_CFG.format(root=tmp_path)))
     write_image(tmp_path / "data/valid/images/b.png")
     write_xml(tmp_path / "data/valid/labels/b.xml", [("dog", (-1, 2, 30, 40), 1), ("cat", (5, 6, 7, 8), 0)])
     with pytest.warns(UserWarning, match=r"c\.yaml valid: 1 box\(es\) clamped"):
@@ -335,8 +335,8 @@ def test_relative_paths_fall_back_to_repo_root(tmp_path):
     from src.detection.utils import REPO_ROOT
 
     # "detection_configs" does not exist beside the config file, but it does in the repository root
-    text = SEED_CFG.format(root=tmp_path).replace(f"{tmp_path}/data/train/images", "detection_configs")
-    cfg = load_data_config(seed_config(tmp_path, text))
+    text = REFERENCE_CFG.format(root=tmp_path).replace(f"{tmp_path}/data/train/images", "detection_configs")
+    cfg = load_data_config(reference_config(tmp_path, text))
     assert cfg.train[0].images == (REPO_ROOT / "detection_configs").resolve()
 
 
@@ -369,7 +369,7 @@ def test_shipped_voc_config(tmp_path):
     ("TRAIN_ANNOT: 5\n", r"c\.yaml: TRAIN_ANNOT must be a path string"),
 ])
 def test_config_errors_are_one_line_naming_file_and_key(tmp_path, text, pattern):
-    base = SEED_CFG.format(root=tmp_path)
+    base = REFERENCE_CFG.format(root=tmp_path)
     # override keys of a valid config with the broken lines (YAML: last duplicate wins is not allowed -> rebuild)
     lines = {ln.split(":")[0]: ln for ln in base.splitlines()}
     if text.startswith("- ") or text.startswith("a: "):
@@ -382,7 +382,7 @@ def test_config_errors_are_one_line_naming_file_and_key(tmp_path, text, pattern)
         if "missing key CLASSES" in pattern:
             lines.pop("CLASSES")
         body = "\n".join(lines.values()) + "\n"
-    cfg = seed_config(tmp_path, body)
+    cfg = reference_config(tmp_path, body)
     with pytest.raises(UserError, match=pattern) as exc:
         load_data_config(cfg)
     assert "\n" not in str(exc.value)
@@ -513,7 +513,7 @@ def test_save_transformed_samples_writes_pngs(tmp_path):
 def test_analyze_reports_problems_and_writes_plots(tmp_path, capsys):
     from src.detection import analyze
 
-    cfg = seed_config(tmp_path, SEED_CFG.format(root=tmp_path))
+    cfg = reference_config(tmp_path, REFERENCE_CFG.format(root=tmp_path))
     write_image(tmp_path / "data/train/images/b.jpg")
     write_xml(tmp_path / "data/train/labels/b.xml", [("zebra", (1, 1, 9, 9), 0), ("dog", (-4, 0, 300, 10), 1),
                                                      ("cat", (5, 5, 5, 9), 0)])

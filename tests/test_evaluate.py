@@ -157,3 +157,105 @@ def test_evaluate_model_reproduces_the_best_row_and_inference_json_scores_the_sa
                                                  metric="coco", out_dir=None))
     for key in ("map", "map50", "map75", "map_small", "mar_100"):
         assert getattr(scored, key) == pytest.approx(getattr(result, key), rel=0, abs=1e-9, nan_ok=True), key
+
+
+# ------------------------------------------------------------------------------------------ COCO category ids
+def _noise_jpeg(path: Path, w: int, h: int, seed: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
+    return path
+
+
+@pytest.fixture(scope="module")
+def coco_inference(tmp_path_factory) -> tuple[Path, Path]:
+    """A COCO dataset with category ids 3 and 7 (one valid image readable from its header but not decodable),
+    a tiny random RetinaNet checkpoint recording those ids, and image inference over the valid folder."""
+    import torch
+
+    from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
+    from src.detection.infer_image import ImageInferConfig, infer_images
+    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.predictor import PredictConfig
+
+    root = tmp_path_factory.mktemp("coco_ids")
+    names = ["a.jpg", "b.jpg", "sub/c.jpg", "broken.jpg"]
+    for k, name in enumerate(names):
+        _noise_jpeg(root / "valid" / name, 64, 48, seed=k)
+    _noise_jpeg(root / "train" / "t.jpg", 64, 48, seed=9)
+    broken = root / "valid" / "broken.jpg"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # header intact, pixels cut
+    cats = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]
+    boxes = [[4, 4, 28, 30], [30, 10, 32, 34], [0, 16, 20, 22], [20, 2, 40, 40], [8, 8, 30, 30]]
+    valid = {"images": [{"id": 100 + k, "file_name": n, "width": 64, "height": 48} for k, n in enumerate(names)],
+             "annotations": [{"id": j + 1, "image_id": 100 + j % 4, "category_id": (3, 7)[j % 2], "bbox": b,
+                              "area": b[2] * b[3], "iscrowd": 0} for j, b in enumerate(boxes)],
+             "categories": cats}
+    train = {"images": [{"id": 1, "file_name": "t.jpg", "width": 64, "height": 48}],
+             "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 20, 20], "area": 400,
+                              "iscrowd": 0}], "categories": cats}
+    (root / "valid.json").write_text(json.dumps(valid))
+    (root / "train.json").write_text(json.dumps(train))
+    config = root / "coco.yaml"
+    config.write_text("FORMAT: coco\nTRAIN_JSON: train.json\nTRAIN_IMG: train\nVALID_JSON: valid.json\n"
+                      "VALID_IMG: valid\n")
+    data_cfg = load_data_config(config)
+    assert data_cfg.classes == ["__background__", "cat", "dog"] and data_cfg.category_ids == [0, 3, 7]
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="retinanet", imgsz=(64, 64),
+                         fpn_channels=64, arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        model = build_detector(cfg, verbose=False).eval()
+    with torch.no_grad():  # scores around 0.5 instead of the 0.01 prior: plenty of detections of both classes
+        model.head.classification_head.cls_logits.bias.zero_()
+    ckpt = root / "model.pth"
+    meta = model_meta(model, data_cfg.classes, category_ids=data_cfg.category_ids)
+    save_checkpoint(ckpt, build_payload(model, meta))
+    out = root / "inference"
+    infer_images(ImageInferConfig(PredictConfig(model=str(ckpt), device="cpu", no_save=True, out_dir=str(out)),
+                                  input=str(root / "valid"), recursive=True))
+    return config, out
+
+
+def test_coco_ids_round_trip_through_inference_and_evaluation(coco_inference, tmp_path: Path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from src.detection.evaluate import EvalConfig, evaluate_predictions
+
+    config, out = coco_inference
+    rows = json.loads((out / "predictions.json").read_text())
+    assert {(r["category_id"], r["category_name"]) for r in rows} == {(3, "cat"), (7, "dog")}
+    assert json.loads((out / "summary.json").read_text())["unreadable"] == ["broken.jpg"]
+
+    result = evaluate_predictions(EvalConfig(config=str(config), predictions=str(out / "predictions.json"),
+                                             metric="coco", out_dir=None))
+    # pycocotools on the user's own annotation file: image ids by file name, the unreadable image left out
+    gt = COCO(str(config.parent / "valid.json"))
+    ids = {im["file_name"]: im["id"] for im in gt.dataset["images"]}
+    ev = COCOeval(gt, gt.loadRes([{**r, "image_id": ids[r["file_name"]]} for r in rows]), "bbox")
+    ev.params.imgIds = [i for name, i in ids.items() if name != "broken.jpg"]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert result.map50 > 0  # something matched, so the comparison means something
+    assert result.map == pytest.approx(ev.stats[0], abs=1e-6) and result.map50 == pytest.approx(ev.stats[1], abs=1e-6)
+    assert result.n_images == 3
+
+
+def test_predictions_with_other_ids_or_classes_are_refused(coco_inference, tmp_path: Path):
+    from src.detection.errors import UserError
+    from src.detection.evaluate import EvalConfig, evaluate_predictions
+
+    config, out = coco_inference
+    rows = json.loads((out / "predictions.json").read_text())
+    for change, pattern in (({"category_id": 1}, r"category id 1 is not one of this dataset's ids \[3, 7\]"),
+                            ({"category_name": "dog"}, "category_id 3 named 'dog', which is 'cat' here")):
+        path = tmp_path / "edited.json"
+        path.write_text(json.dumps([{**r, **change} if r["category_id"] == 3 else r for r in rows]))
+        with pytest.raises(UserError, match=pattern):
+            evaluate_predictions(EvalConfig(config=str(config), predictions=str(path), out_dir=None))

@@ -49,7 +49,7 @@ def official_keys(fixtures_dir: Path, name: str) -> dict[str, list[int]]:
 
 
 def reference_head(head: str, channels: int, num_classes: int) -> torch.nn.Module:
-    """The torchvision head the reference put on the last map (15 seed anchors / 6 SSD default boxes per cell)."""
+    """The torchvision head the reference put on the last map (15 reference anchors / 6 SSD default boxes per cell)."""
     torch.manual_seed(1)
     if head == "retinanet":
         return RetinaNetHead(channels, 15, num_classes)

@@ -308,7 +308,8 @@ def _fmt_keys(keys: Sequence[str], n: int = 3) -> str:
 
 def convert_official_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, family: str, arch: dict[str, Any],
                                 model_name: str = "", source: str = "checkpoint", allow_absent_unused: bool = False,
-                                key_name: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
+                                key_name: Callable[[str], str] | None = None, where: str | None = None
+                                ) -> dict[str, torch.Tensor]:
     """Official DINOv3 state dict -> timm state dict for ``model``, strictly.
 
     Raises UserError unless the result has exactly ``model``'s keys and shapes and the only official keys left out
@@ -316,12 +317,13 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, f
     k third of the bias and hard-codes a zero k bias) and that the RoPE ``periods`` follow the official formula (timm
     recomputes them). Meta tensors (shape-only checks) skip these value checks. Nothing is loaded here.
     ``allow_absent_unused``: the inference-unused keys may be missing (transformers / timm files never carry them);
-    ``key_name`` renames official keys in messages to the names the user's file uses."""
+    ``key_name`` renames official keys in messages to the names the user's file uses; ``where`` names the tensors'
+    origin in messages (default ``--weights <source>``)."""
     from timm.models import convnext as timm_convnext
     from timm.models import eva as timm_eva
 
     user_name = key_name or (lambda k: k)
-    where = f"--weights {source}"
+    where = where or f"--weights {source}"
     ck_family = _checkpoint_family(sd)
     if ck_family != family:
         guess = guess_model_name(sd, source)

@@ -4,7 +4,7 @@ Payload (all plain tensors / containers / numbers / strings, so the safe unpickl
 
     {"format": "dinov3-detection", "format_version": 1,
      "meta": DetectorConfig.to_dict() (its "input" dict = the InputSpec) + classes, toolkit_version,
-             includes_backbone, weights,
+             includes_backbone, weights, weights_source (backbone provenance), category_ids (COCO datasets only),
      "model": state_dict, "optimizer", "scheduler", "scaler", "ema", "epoch", "best_metric", "rng"}
 
 By default the frozen backbone is saved inside ``model`` so inference needs no backbone weights file;
@@ -24,6 +24,7 @@ import dataclasses
 import os
 import pickle
 import random
+import re
 import tempfile
 import warnings
 import zipfile
@@ -45,10 +46,15 @@ REFERENCE_FORMAT = "reference"  # ``format`` of a loaded reference-project check
 REFERENCE_BACKBONE_PREFIX = "backbone.backbone_model."  # the reference wrapped the hub model under this name
 REFERENCE_IMGSZ = 640  # the reference commands' default --imgsz
 
-# Key fragments of raw DINOv3 backbone state dicts (official ConvNeXt / ViT checkpoints and timm names), used only
-# to tell the user they passed a backbone file where a detector checkpoint was expected.
-_BACKBONE_KEY_HINTS = ("downsample_layers.", "stages.", "stem.", "patch_embed.", "cls_token", "storage_tokens",
-                       "mask_token", "rope_embed", "blocks.")
+# Key patterns of raw DINOv3 backbone state dicts under a prefix (official ConvNeXt / ViT, transformers and timm
+# names; unprefixed files are recognised by ``weight_formats.weights_layout``), used only to tell the user they
+# passed a backbone file where a detector checkpoint was expected. Detector state dicts have heads / anchors.
+_BACKBONE_KEY_HINTS = tuple(re.compile(r"(^|\.)" + h) for h in (
+    r"downsample_layers\.", r"stages\.\d+\.((layers|blocks)\.)?\d+\.", r"stem\.", r"patch_embed(dings)?\.",
+    r"(cls_token|reg_token|storage_tokens|register_tokens|mask_token)$", r"rope_embed", r"blocks\.\d+\.",
+    r"embeddings\.", r"layer\.\d+\."))
+_DETECTOR_KEY_PREFIXES = ("head.classification_head", "head.regression_head", "backbone.body", "backbone.fpn",
+                          "anchor")
 
 
 # --------------------------------------------------------------------------------------------------- RNG state
@@ -105,7 +111,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
-def _frozen_backbone_keys(model: nn.Module) -> set[str]:
+def frozen_backbone_keys(model: nn.Module) -> set[str]:
     """State-dict keys of ``model`` that belong to its frozen DINOv3 backbone (empty when fine-tuned)."""
     dino = getattr(model, "dino", None)
     if dino is None or not getattr(dino, "frozen", True):
@@ -115,18 +121,36 @@ def _frozen_backbone_keys(model: nn.Module) -> set[str]:
 
 
 def model_meta(model: nn.Module, classes: list[str], letterbox: bool | None = None,
-               weights: str | None = None) -> dict[str, Any]:
+               weights: str | None = None, category_ids: list[int] | None = None) -> dict[str, Any]:
     """Checkpoint metadata for ``model``: its resolved DetectorConfig (with the ``input`` spec: size, letterbox,
-    size multiple, mean/std) plus the classes. ``letterbox`` overrides the config's (None: keep it)."""
+    size multiple, mean/std) plus the classes. ``letterbox`` overrides the config's (None: keep it).
+
+    ``weights_source``: where the backbone weights came from (``DinoBackbone.weights_source``: format, path, hub
+    name; None for a random init). ``category_ids`` (COCO datasets): the annotation file's id of each label, so
+    predictions can be written with the user's ids; stored only when given.
+    """
     model = unwrap(model)
     if not classes or classes[0] != "__background__":
         raise ValueError("classes must start with '__background__'")
+    if category_ids is not None and len(category_ids) != len(classes):
+        raise ValueError("category_ids needs one id per class (0 for __background__)")
     cfg = model.config
     if letterbox is not None and bool(letterbox) != cfg.letterbox:
         cfg = dataclasses.replace(cfg, letterbox=bool(letterbox))
     meta = dict(cfg.to_dict())
-    meta.update(classes=list(classes), toolkit_version=__version__, weights=str(weights) if weights else None)
+    source = getattr(getattr(model, "dino", None), "weights_source", None)
+    meta.update(classes=list(classes), toolkit_version=__version__, weights=str(weights) if weights else None,
+                weights_source=dict(source) if source else None)
+    if category_ids is not None:
+        meta["category_ids"] = [int(i) for i in category_ids]
     return meta
+
+
+def describe_weights_source(source: dict[str, Any] | None) -> str:
+    """One phrase for a ``weights_source`` (``model_meta``), e.g. ``timm weights /w/backbone.safetensors``."""
+    if not source:
+        return "random init"
+    return f"{source.get('format')} weights {source.get('hub') or source.get('path')}"
 
 
 def _state(obj: Any) -> Any:
@@ -143,7 +167,7 @@ def build_payload(model: nn.Module, meta: dict[str, Any], optimizer: Any = None,
     """
     model = unwrap(model)
     state = model.state_dict()
-    skip = set() if include_backbone else _frozen_backbone_keys(model)
+    skip = set() if include_backbone else frozen_backbone_keys(model)
     meta = dict(meta)
     meta.setdefault("toolkit_version", __version__)
     meta["includes_backbone"] = not skip
@@ -174,19 +198,49 @@ def _find(path: str | os.PathLike) -> Path:
         raise UserError(f"checkpoint {path} not found; pass a .pth written by train_detection.py "
                         f"(e.g. outputs/img_det/<run>/best_model.pth) with --model")
     if p.is_dir():
+        if (p / "config.json").is_file() or any(p.glob("*.safetensors")):
+            raise UserError(f"{path} looks like a backbone weights folder (transformers / timm), not a detector "
+                            f"checkpoint; pass it with --weights, not --model")
         raise UserError(f"checkpoint {path} is a folder; pass the .pth file inside it (e.g. {p}/best_model.pth)")
     return p
 
 
+def _state_dict_in(obj: Any) -> dict | None:
+    """The state dict a weights file holds (unwrapped once from ``{"model": ...}`` / ``{"state_dict": ...}``)."""
+    if isinstance(obj, dict) and "format" not in obj:
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+    return obj if isinstance(obj, dict) else None
+
+
 def _looks_like_backbone(obj: Any) -> bool:
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "format" not in obj:
-        obj = obj["model"]  # some releases wrap the state dict once
-    if not isinstance(obj, dict) or not obj:
+    """Raw DINOv3 backbone weights in any published layout (Meta, transformers, timm), possibly under a prefix."""
+    from .weight_formats import weights_layout
+
+    sd = _state_dict_in(obj)
+    if not sd:
         return False
-    keys = [k for k in obj if isinstance(k, str)]
-    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
-    return tensors >= 0.9 * len(obj) and any(h in k for k in keys for h in _BACKBONE_KEY_HINTS) \
-        and not any(k.startswith(("head.", "backbone.body", "anchor")) for k in keys)
+    keys = [k for k in sd if isinstance(k, str)]
+    tensors = sum(isinstance(v, torch.Tensor) for v in sd.values())
+    if tensors < 0.9 * len(sd) or any(k.startswith(_DETECTOR_KEY_PREFIXES) for k in keys):
+        return False
+    return weights_layout(sd) is not None or any(h.search(k) for k in keys for h in _BACKBONE_KEY_HINTS)
+
+
+def _safetensors_keys(p: Path) -> list[str] | None:
+    """The tensor names of a safetensors file (header only), None for any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":  # safetensors: 8-byte header length, then the JSON header
+        return None
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError):
+        return None
 
 
 def _looks_like_reference(obj: Any) -> bool:
@@ -195,20 +249,45 @@ def _looks_like_reference(obj: Any) -> bool:
     return isinstance(sd, dict) and any(isinstance(k, str) and k.startswith(REFERENCE_BACKBONE_PREFIX) for k in sd)
 
 
+def _unloadable(p: Path) -> str:
+    """Why the safe unpickler refused ``p``: Python objects it does not allow (listed from the file's pickle without
+    running it), else damage."""
+    unsafe: list[str] = []
+    if zipfile.is_zipfile(p):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(p)
+        except (RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError):
+            pass
+    else:
+        with open(p, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # the pickle protocol marker a pre-1.6 torch.save file starts with
+        if pickled:  # that format cannot be inspected without unpickling it
+            return (f"checkpoint {p} cannot be loaded safely (an old torch.save format holding Python objects, or "
+                    f"a damaged file); pass a .pth written by train_detection.py")
+    if unsafe:
+        return (f"checkpoint {p} contains arbitrary Python objects ({', '.join(unsafe[:3])}), so it was not written "
+                f"by this toolkit and is not loaded for safety; pass a .pth written by train_detection.py")
+    return (f"checkpoint {p} is corrupt or truncated (UnpicklingError); re-copy it or use another checkpoint "
+            f"(e.g. last_model.pth)")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate one of our checkpoints; every kind of wrong file becomes a one-line UserError.
 
     A reference-project checkpoint comes back as ``{"format": REFERENCE_FORMAT, "meta": None, "model": ...}``:
     pass it through :func:`adopt_reference_checkpoint` before building a model from it."""
     p = _find(path)
+    keys = _safetensors_keys(p)
+    if keys is not None:  # torch.load cannot read it; only backbone weights come as safetensors
+        from .weight_formats import weights_layout
+
+        what = "a backbone weights file" if weights_layout(dict.fromkeys(keys)) else "a safetensors weights file"
+        raise UserError(f"{p} is {what}, not a detector checkpoint; pass backbone weights with --weights, and "
+                        f"a .pth written by train_detection.py with --model")
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "unsupported global" in str(exc).lower():
-            raise UserError(f"checkpoint {p} contains arbitrary Python objects, so it was not written by this "
-                            f"toolkit and is not loaded for safety; pass a .pth written by train_detection.py") from None
-        raise UserError(f"checkpoint {p} is corrupt or truncated ({type(exc).__name__}); re-copy it or use "
-                        f"another checkpoint (e.g. last_model.pth)") from None
+    except pickle.UnpicklingError:
+        raise UserError(_unloadable(p)) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint {p} is corrupt or truncated ({first}); re-copy it or use another checkpoint "
@@ -309,13 +388,9 @@ def convert_reference_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, 
     if dino.impl == "hub":
         mapped = official
     else:
-        source = f"{where} ({REFERENCE_BACKBONE_PREFIX}*)"
-        try:
-            mapped = convert_official_state_dict(official, dino.model, dino.family, dino.arch, dino.model_name,
-                                                 source=source)
-        except UserError as exc:
-            raise UserError(str(exc).replace(f"--weights {source}", f"--model {where}: the backbone "
-                                             f"({REFERENCE_BACKBONE_PREFIX}*)", 1)) from None
+        mapped = convert_official_state_dict(official, dino.model, dino.family, dino.arch, dino.model_name,
+                                             source=where,
+                                             where=f"--model {where}: the backbone ({REFERENCE_BACKBONE_PREFIX}*)")
     prefix = _prefix_of(model, dino.model)
     return {**{prefix + k: v for k, v in mapped.items()}, **rest}
 
@@ -380,7 +455,7 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
         _check_state_dict(model, state, where, f"reference {cfg.model_name}/{cfg.head} model (last feature map, "
                           f"{cfg.num_classes - 1} classes)", "check --model-name, --head and the CLASSES of --config")
     else:
-        allowed = _frozen_backbone_keys(model) if not includes_backbone else set()
+        allowed = frozen_backbone_keys(model) if not includes_backbone else set()
         _check_state_dict(model, state, where, f"{cfg.model_name}/{cfg.head} model its metadata describes",
                           "was it edited or written by another version?", allowed)
     model.load_state_dict(state, strict=includes_backbone)

@@ -355,6 +355,9 @@ def load_ground_truth(
 def collate_fn(batch: Sequence[tuple[torch.Tensor, dict] | None]) -> tuple[torch.Tensor | list[torch.Tensor], list[dict]]:
     """Stack images to uint8 [B,3,H,W] (all equal after a resize transform); a list if sizes differ.
     ``None`` samples (images evaluation could not decode) are left out; a batch of only those gives ([], [])."""
+    failed = next((b for b in batch if isinstance(b, _WorkerFailure)), None)
+    if failed is not None:
+        return failed  # type: ignore[return-value]
     batch = [b for b in batch if b is not None]
     images = [b[0] for b in batch]
     targets = [b[1] for b in batch]
@@ -363,27 +366,38 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, dict] | None]) -> tuple[torch
     return images, targets
 
 
-class _Loader(DataLoader):
-    """A DataLoader whose worker-side UserErrors come back as the original one line, and which leaves out batches
-    whose every image was dropped (so consumers never see an empty batch).
+class _WorkerFailure:
+    """A UserError raised in a DataLoader worker, carried back as data: torch would re-raise it as a new UserError
+    whose message holds the worker's whole traceback, and CLIs print one line."""
 
-    torch re-raises worker exceptions as ``UserError("Caught UserError in DataLoader worker...<traceback>")``;
-    CLIs must print one line, so keep only the original message.
-    """
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _CatchUserErrors(Dataset):
+    """Wraps a dataset read by worker processes: a UserError becomes a ``_WorkerFailure`` sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key):
+        try:
+            return self.dataset[key]
+        except UserError as exc:
+            return _WorkerFailure(str(exc))
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker-side UserErrors come back as the original one line (see ``_WorkerFailure``), and
+    which leaves out batches whose every image was dropped (so consumers never see an empty batch)."""
 
     def __iter__(self):
-        it = super().__iter__()
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except UserError as exc:
-                text = str(exc)
-                if "DataLoader worker" not in text:
-                    raise
-                last = [ln for ln in text.splitlines() if ln.strip()][-1]
-                raise UserError(last.split("UserError: ", 1)[-1]) from None
+        for batch in super().__iter__():
+            if isinstance(batch, _WorkerFailure):
+                raise UserError(batch.message)
             if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], list) and not batch[1]:
                 continue
             yield batch
@@ -418,7 +432,7 @@ def build_dataloader(
     if sampler is None and distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return _Loader(
-        dataset,
+        _CatchUserErrors(dataset) if workers > 0 else dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,

@@ -25,7 +25,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     backbone_lr: float | None = None, layer_decay: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW (seed default) or SGD over trainable params; no weight decay on norms/biases.
+    """AdamW (the reference's default) or SGD over trainable params; no weight decay on norms/biases.
 
     Backbone parameters that train get ``backbone_lr`` (default ``lr``) for the deepest trained layer and
     ``layer_decay`` times the next layer's LR for each earlier one (layer-wise LR decay; groups from

@@ -5,8 +5,8 @@
 
 The first runs a checkpoint over the validation split exactly as training evaluated it (same resize op, same box
 mapping, same precision), so it reproduces the run's results.csv; the second scores saved COCO-results-format
-predictions (``file_name`` + ``category_id`` = class index in ``CLASSES`` + ``bbox`` [x, y, w, h] + ``score``)
-without a model.
+predictions (``file_name`` + ``category_id`` + ``bbox`` [x, y, w, h] + ``score``) without a model; ``category_id``
+is the class index in ``CLASSES``, or for a COCO dataset its own category id (as infer_det_image.py writes it).
 """
 
 from __future__ import annotations
@@ -135,9 +135,8 @@ def evaluate_checkpoint(cfg: EvalConfig | str, config: str | None = None, *,
     return result
 
 
-def recorded_score_floor(path: Path) -> float | None:
-    """The lowest score a predictions file was written with, as the image command records it beside the file
-    (``summary.json``: ``predictions_score_floor``); None when nothing records it."""
+def _recorded_summary(path: Path) -> dict[str, Any] | None:
+    """The ``summary.json`` the image command wrote beside predictions file ``path``; None when there is none."""
     summary = path.parent / "summary.json"
     try:
         data = json.loads(summary.read_text())
@@ -145,8 +144,35 @@ def recorded_score_floor(path: Path) -> float | None:
         return None
     if not isinstance(data, dict) or Path(str(data.get("predictions", ""))).name != path.name:
         return None
-    floor = data.get("predictions_score_floor")
+    return data
+
+
+def recorded_score_floor(path: Path) -> float | None:
+    """The lowest score a predictions file was written with, as the image command records it beside the file
+    (``summary.json``: ``predictions_score_floor``); None when nothing records it."""
+    floor = (_recorded_summary(path) or {}).get("predictions_score_floor")
     return float(floor) if isinstance(floor, (int, float)) else None
+
+
+def recorded_unreadable(path: Path) -> list[str]:
+    """The images inference could not read (``summary.json``: ``unreadable``, paths relative to its --input)."""
+    names = (_recorded_summary(path) or {}).get("unreadable")
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def leave_out(gts: dict[Any, Any], names: list[str]) -> list[Any]:
+    """Remove ``names`` from ground truth ``gts`` - matched like predictions are (exact key, else the one key with
+    that base name), since the names are relative to inference's --input; returns the removed keys."""
+    by_base: dict[str, list[Any]] = {}
+    for k in gts:
+        by_base.setdefault(Path(str(k)).name, []).append(k)
+    removed = []
+    for name in names:
+        cands = [name] if name in gts else by_base.get(Path(name).name, [])
+        if len(cands) == 1 and cands[0] in gts:
+            removed.append(cands[0])
+            del gts[cands[0]]
+    return removed
 
 
 def _warn_if_cut(path: Path, eval_floor: float) -> float | None:
@@ -190,8 +216,15 @@ def evaluate_predictions(cfg: EvalConfig | str, config: str | None = None, *,
         raise UserError(f"--predictions {cfg.predictions} not found; pass a predictions.json written by "
                         f"infer_det_image.py")
     data_cfg = load_data_config(cfg.config)
+    # Not load_ground_truth(exclude=...): the names inference recorded are relative to its --input and are matched
+    # to the ground truth like the predictions are (exact, else unique base name).
     gts = load_ground_truth(data_cfg, split="valid")
-    result = score_predictions_json(path, gts, data_cfg.classes, metric=cfg.metric)
+    unreadable = leave_out(gts, recorded_unreadable(path))
+    if unreadable:
+        print(f"note: {len(unreadable)} images inference could not read are not scored (e.g. {unreadable[0]})")
+    # predictions.json carries a COCO dataset's own category ids (see infer_image.coco_results)
+    result = score_predictions_json(path, gts, data_cfg.classes, metric=cfg.metric,
+                                    label_of=data_cfg.label_of if data_cfg.category_ids else None)
     cut = _warn_if_cut(path, DetectorConfig.__dataclass_fields__["score_thresh"].default)
     if cut is not None:
         print(f"note: scored predictions cut at score >= {cut:g}")

@@ -28,6 +28,18 @@ except ImportError:  # pragma: no cover - future torchvision without image codec
     _tv_decode_image = None
 
 
+class UnreadableImage(UserError):
+    """An image whose header cannot be read; ``problem`` is the message without the advice, for callers that give
+    their own."""
+
+    def __init__(self, problem: str, advice: str = "replace or remove it") -> None:
+        super().__init__(f"{problem}; {advice}")
+        self.problem, self.advice = problem, advice
+
+    def __reduce__(self):
+        return type(self), (self.problem, self.advice)
+
+
 # --------------------------------------------------------------------------------------------- images
 def _decode_torchvision(data: bytes) -> torch.Tensor:
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -73,14 +85,14 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) after EXIF orientation, from the file header only (no pixel decoding)."""
+    """(H, W) after EXIF orientation, from the file header only (no pixel decoding); UnreadableImage if it fails."""
     try:
         with Image.open(path) as im:
             w, h = im.size
             if im.format in ("JPEG", "WEBP", "PNG", "TIFF") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}; replace or remove it") from None
+        raise UnreadableImage(f"cannot read image {path}: {exc}") from None
     return h, w
 
 

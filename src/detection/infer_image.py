@@ -2,8 +2,11 @@
 
 ``predictions.json`` (COCO results format, full precision) keeps every detection down to the checkpoint's
 evaluation score threshold, so ``evaluate --predictions`` on it scores like ``evaluate --model``; the annotated
-images and label files hold only detections scoring at least ``--threshold``. ``summary.json`` records the lowest
-score kept in the JSON (``predictions_score_floor``).
+images and label files hold only detections scoring at least ``--threshold``. ``category_id`` is the training
+dataset's own COCO id when it had them (``category_name`` is always written too), so the file also scores with
+pycocotools against the original annotation file (matching ``image_id`` by ``file_name``: ours count the input
+images from 1). ``summary.json`` records the lowest score kept in the JSON (``predictions_score_floor``) and the
+images that could not be read (``unreadable``), which ``evaluate --predictions`` leaves out of the ground truth.
 """
 
 from __future__ import annotations
@@ -49,14 +52,16 @@ class ImageInferConfig:
             raise UserError(f"--save-format {self.save_format!r}: use one of {', '.join(LABEL_FORMATS)}")
 
 
-def coco_results(image_id: int, file_name: str, pred: dict[str, torch.Tensor], classes: Sequence[str]
-                 ) -> list[dict[str, Any]]:
+def coco_results(image_id: int, file_name: str, pred: dict[str, torch.Tensor], classes: Sequence[str],
+                 category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """COCO results-format rows (bbox = [x, y, w, h] in original pixels, full precision so that scoring the file
-    reproduces the model's own evaluation) plus file and class names."""
+    reproduces the model's own evaluation) plus file and class names. ``category_id`` is the training dataset's own
+    COCO id of the class when the checkpoint records them (``category_ids``), else the label index."""
     rows = []
     for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
         x1, y1, x2, y2 = box
-        rows.append({"image_id": image_id, "file_name": file_name, "category_id": int(label),
+        rows.append({"image_id": image_id, "file_name": file_name,
+                     "category_id": int(category_ids[label]) if category_ids else int(label),
                      "category_name": classes[label] if 0 <= label < len(classes) else str(label),
                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return rows
@@ -81,7 +86,9 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
         show, why = display_available()
         if not show:
             print(f"note: --show ignored: {why}")
-    labels = LabelWriter(cfg.save_format, out_dir / "labels", predictor.classes) if cfg.save_labels else None
+    category_ids = predictor.meta.get("category_ids")  # a COCO training set's own ids
+    labels = (LabelWriter(cfg.save_format, out_dir / "labels", predictor.classes, category_ids)
+              if cfg.save_labels else None)
 
     def load(i_path: tuple[int, Path]) -> Item:
         i, path = i_path
@@ -94,7 +101,7 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
                     orig_hw=(int(image.shape[1]), int(image.shape[2])))
 
     results: list[dict[str, Any]] = []
-    skipped: list[str] = []
+    skipped: list[Path] = []
     counts = {"images": 0, "detections": 0}
     bar = tqdm(total=len(files), unit="img", desc="inference")
 
@@ -102,11 +109,11 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
         i, path, rel, image = item.data
         bar.update(1)
         if item.error is not None:
-            skipped.append(str(path))
+            skipped.append(rel)
             tqdm.write(f"skipped {path}: {item.error}")
             return
         counts["images"] += 1
-        results.extend(coco_results(i + 1, rel.as_posix(), item.pred, predictor.classes))
+        results.extend(coco_results(i + 1, rel.as_posix(), item.pred, predictor.classes, category_ids))
         pred = filter_detections(item.pred, pc.threshold)
         counts["detections"] += len(pred["boxes"])
         if labels is not None:
@@ -136,6 +143,7 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
     pred_path = out_dir / "predictions.json"
     pred_path.write_text(json.dumps(results))
     summary = {"images": counts["images"], "skipped": len(skipped), "detections": counts["detections"],
+               "unreadable": [rel.as_posix() for rel in skipped],
                "threshold": pc.threshold, "predictions": str(pred_path),
                "predictions_detections": len(results), "predictions_score_floor": predictor.score_thresh,
                "model_images_per_s": round(predictor.model_timer.rate, 3),

@@ -31,9 +31,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,7 +196,7 @@ class DetectionEvaluator:
         self.reset()
         self._add_state(state)
 
-    def merge(self, other: "DetectionEvaluator | dict[str, Any]") -> None:
+    def merge(self, other: DetectionEvaluator | dict[str, Any]) -> None:
         """Append another evaluator's images (or a ``state_dict``) to this one."""
         self._add_state(other.state_dict() if isinstance(other, DetectionEvaluator) else other)
 
@@ -386,12 +387,15 @@ def score_predictions_json(
     gts_by_file: dict[str, dict[str, Any]],
     classes: Sequence[str],
     metric: str = "all",
+    label_of: Callable[[int], int] | None = None,
 ) -> EvalResult:
     """Score COCO-results-format predictions against ground truth, without a model.
 
     ``predictions_json``: a path to (or the loaded list of) ``{"file_name" | "image_id", "category_id",
     "bbox": [x, y, w, h], "score"}`` in original image pixels. ``category_id`` is our label index into
-    ``classes`` (1..K-1, ``classes[0]`` is ``__background__``) - the convention predictions.json is written with.
+    ``classes`` (1..K-1, ``classes[0]`` is ``__background__``), or - with ``label_of`` (e.g.
+    ``DataConfig.label_of`` of a COCO dataset) - the dataset's own id, mapped to the label index. A row's optional
+    ``category_name`` must be that label's class (catches files written for other classes or ids).
     Images are matched by ``file_name`` (or ``image_id``) to the keys of ``gts_by_file`` (gt dicts as for
     :meth:`DetectionEvaluator.update`); when the exact key is absent the base name is tried, so a path
     ``images/a.jpg`` matches ``a.jpg``. Images with ground truth but no predictions count as all missed.
@@ -435,9 +439,15 @@ def score_predictions_json(
             unknown.append(str(name))
             continue
         cat = d["category_id"]
-        if not isinstance(cat, int) or not 1 <= cat < n_cls:
+        if label_of is not None:
+            cat = label_of(cat)
+        elif not isinstance(cat, int) or not 1 <= cat < n_cls:
             raise UserError(f"{src}: entry {n} has category_id {cat!r}; use our label index 1..{n_cls - 1} "
                             f"(classes[0] is __background__)")
+        cname = d.get("category_name")
+        if cname is not None and cname != classes[cat]:
+            raise UserError(f"{src}: entry {n} has category_id {d['category_id']!r} named {cname!r}, which is "
+                            f"{classes[cat]!r} here; score against the dataset the model was trained on")
         bbox = d["bbox"]
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise UserError(f"{src}: entry {n} bbox {bbox!r} is not [x, y, w, h]")

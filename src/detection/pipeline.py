@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -121,34 +123,50 @@ def run_pipeline(predictor: Predictor, items: Iterable[Item], sink: Callable[[It
     """Decode/preprocess (``items``, iterated in a background thread) -> batched forward (this thread) ->
     ``sink`` (drawing/encoding, in another thread). Queues are bounded so memory stays flat on long videos.
     Items are delivered to ``sink`` in input order; unreadable ones (``input is None``) pass through untouched.
+
+    When ``items`` ends early (a stop request, a closed stream) or a KeyboardInterrupt arrives, every item already
+    taken from it still goes through the model and ``sink`` before this returns (or re-raises the interrupt), so
+    the caller can finalize complete outputs; a second interrupt during that stops at once.
     """
     bs = batch_size or predictor.batch_size
     qsize = queue_size or 2 * bs
     source = BackgroundIterator(items, maxsize=qsize, name="decode")
     worker = BackgroundWorker(sink, maxsize=qsize, name="encode")
-    pending: list[Item] = []
+    pending: list[Item] = []  # decoded, waiting for a full batch
+    ready: deque[Item] = deque()  # predicted (or unreadable), waiting for the sink
 
-    def flush() -> None:
+    def forward_pending() -> None:
         if not pending:
             return
         raw = predictor.forward(torch.stack([it.input for it in pending]))
         fps = len(pending) / predictor.model_timer.last if predictor.model_timer.last > 0 else 0.0
         for it, pred in zip(pending, predictor.postprocess(raw, [it.orig_hw for it in pending])):
             it.pred, it.model_fps, it.input = pred, fps, None
-            worker.submit(it)
+        ready.extend(pending)
         pending.clear()
 
+    def flush() -> None:
+        forward_pending()
+        while ready:  # an item leaves ``ready`` only once the sink's queue took it
+            worker.submit(ready[0])
+            ready.popleft()
+
     try:
-        for it in source:
-            if it.input is None:
-                flush()
-                worker.submit(it)
-                continue
-            if pending and pending[0].input.shape != it.input.shape:
-                flush()
-            pending.append(it)
-            if len(pending) >= bs:
-                flush()
+        try:
+            for it in source:
+                if it.input is None:
+                    forward_pending()
+                    ready.append(it)
+                    flush()
+                    continue
+                if pending and pending[0].input.shape != it.input.shape:
+                    flush()
+                pending.append(it)
+                if len(pending) >= bs:
+                    flush()
+        except KeyboardInterrupt:
+            flush()
+            raise
         flush()
     finally:
         source.close()

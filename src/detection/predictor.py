@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import REFERENCE_FORMAT, adopt_reference_checkpoint, load_checkpoint, model_from_checkpoint
+from .checkpoint import (
+    REFERENCE_FORMAT,
+    adopt_reference_checkpoint,
+    describe_weights_source,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from .errors import UserError
 from .runtime import PRECISIONS, Stopwatch, autocast_context, inference_precision, select_device
 from .utils import parse_imgsz, resolve_path
@@ -50,7 +56,6 @@ class Predictor:
         self.device = device if isinstance(device, torch.device) else select_device(str(device))
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         ckpt = prepare_checkpoint(ckpt, expect or {}, imgsz)
-        self.checkpoint_path = ckpt.get("path", "checkpoint")
         # imgsz is not a model override: the detectors are fully convolutional, and SSD's number of levels is
         # fixed by the training imgsz (part of the weights). A different --imgsz only changes the input resize.
         overrides = {"score_thresh": score_thresh, "nms": nms, "max_det": max_det}
@@ -141,6 +146,8 @@ class Predictor:
         mode = "letterbox scale, aspect-preserving input" if self.keep_aspect else (
             "letterbox" if spec.letterbox else "stretch")
         source = ", reference-project checkpoint" if m.get("source") == REFERENCE_FORMAT else ""
+        if "weights_source" in m:  # reference-project checkpoints record none
+            source += f", backbone from {describe_weights_source(m['weights_source'])}"
         return (f"{m.get('model_name')} + {m.get('head')} ({m.get('feature_extractor')}{source}), "
                 f"{len(self.classes) - 1} classes, imgsz {spec.imgsz[0]}x{spec.imgsz[1]} {mode}, "
                 f"mean {tuple(round(v, 3) for v in spec.mean)}, {self.device} {self.precision}")
@@ -330,11 +337,6 @@ def _build_torch_predictor(cfg: PredictConfig, keep_low_scores: bool) -> Predict
     return Predictor(ckpt, device=device, half=cfg.half, imgsz=cfg.imgsz, letterbox=cfg.letterbox,
                      score_thresh=score_thresh, nms=cfg.nms, max_det=cfg.max_det, batch_size=batch,
                      precision=cfg.precision, keep_aspect=cfg.keep_aspect, weights=weights, compile=cfg.compile)
-
-
-def predictor_from_args(args: argparse.Namespace) -> Predictor:
-    """``build_predictor(predict_config_from_args(args))`` (kept for callers holding a namespace)."""
-    return build_predictor(predict_config_from_args(args))
 
 
 def display_available() -> tuple[bool, str]:

@@ -162,7 +162,8 @@ def generate_video(path: str | os.PathLike, n_frames: int, imgsz: int = 256, see
         shapes.append([cls, side, pos, vel, color, int(rng.integers(0, 2**31))])
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (imgsz, imgsz))
     if not writer.isOpened():
-        raise UserError(f"{path}: OpenCV cannot write mp4 (mp4v codec missing); install opencv-python-headless")
+        raise UserError(f"{path}: OpenCV cannot write mp4 (mp4v codec missing); pip install opencv-python "
+                        f"(see requirements.txt)")
     try:
         for _ in range(n_frames):
             frame = background.copy()

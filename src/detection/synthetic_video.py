@@ -24,7 +24,6 @@ from .errors import UserError
 from .synthetic import CLASSES, _background, _draw
 
 MIN_VISIBLE = 0.5  # an object less than half visible has no ground-truth row (a detector cannot be asked for it)
-GT_FORMAT = "frame,id,x,y,w,h,1,class,1"
 
 
 @dataclass

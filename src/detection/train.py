@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import (
-    _frozen_backbone_keys,
     build_payload,
+    describe_weights_source,
+    frozen_backbone_keys,
     load_checkpoint,
     model_meta,
     save_checkpoint,
@@ -91,7 +92,7 @@ def _build_datasets(cfg: TrainConfig, data_cfg, imgsz, verbose: bool):
                           skip_bad_samples=cfg.skip_bad_samples or None, verbose=verbose)
 
 
-def data_loaders(cfg: TrainConfig, data_cfg, imgsz, rank: int, world: int, device: torch.device):
+def data_loaders(cfg: TrainConfig, data_cfg, imgsz, rank: int, world: int):
     """Training loader (epoch-seeded, padded shards) and validation loader (sharded, no padding)."""
     train_ds, valid_ds = _build_datasets(cfg, data_cfg, imgsz, verbose=rank == 0)
     train_sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=rank, world_size=world)
@@ -128,8 +129,8 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig, verbose: bool) -> No
         total, trainable = count_parameters(model)
         what = ("frozen" if not trained else "fully trained" if not frozen
                 else f"last {cfg.unfreeze_last} of {dino.num_layers} layers trained")
-        print(f"backbone {what}: {trained:,} trainable / {frozen:,} frozen parameters; "
-              f"{trainable - trained:,} trainable in neck + head")
+        print(f"backbone {what} ({describe_weights_source(dino.weights_source)}): {trained:,} trainable / "
+              f"{frozen:,} frozen parameters; {trainable - trained:,} trainable in neck + head")
 
 
 # ----------------------------------------------------------------------------------------------- main entry
@@ -166,11 +167,10 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
     torch.manual_seed(cfg.seed)  # identical head initialisation on every rank and every (re)start
     model = build_detector(cfg.detector_config(len(classes)), weights=cfg.weights, verbose=main).to(device)
     configure_trainable(model, cfg, verbose=main)
-    meta = model_meta(model, classes, cfg.letterbox, weights=cfg.weights)
+    meta = model_meta(model, classes, cfg.letterbox, weights=cfg.weights, category_ids=data_cfg.category_ids)
     meta["augment"] = cfg.augment
 
-    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(cfg, data_cfg, imgsz, rank, world,
-                                                                                 device)
+    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(cfg, data_cfg, imgsz, rank, world)
     if run_dir is None:  # created only once model and data are known to be fine: no empty folders on errors
         if main:
             run_dir = increment_path(cfg.out_dir, cfg.name, "run", exist_ok=cfg.exist_ok)
@@ -287,7 +287,7 @@ def restore_training_state(ckpt: dict[str, Any], model, optimizer, scheduler, sc
     """
     m = unwrap(model)
     result = m.load_state_dict(ckpt["model"], strict=False)
-    allowed = set() if ckpt["meta"].get("includes_backbone", True) else _frozen_backbone_keys(m)
+    allowed = set() if ckpt["meta"].get("includes_backbone", True) else frozen_backbone_keys(m)
     missing = [k for k in result.missing_keys if k not in allowed]
     if missing or result.unexpected_keys:
         raise UserError(f"--resume: {ckpt['path']} does not match this model: missing {len(missing)} "

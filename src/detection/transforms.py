@@ -3,7 +3,7 @@
 All box geometry is done by torchvision.transforms.v2 on ``tv_tensors.BoundingBoxes``; this module only
 chooses and orders the transforms. Every pipeline ends at exactly ``imgsz`` = (W, H):
 
-* stretch (default, the seed's behaviour): resize to (H, W) ignoring aspect ratio;
+* stretch (default, the reference's behaviour): resize to (H, W) ignoring aspect ratio;
 * letterbox: resize by ``min(W / w, H / h)`` keeping aspect ratio, then pad the **bottom and right** with
   ``PAD_VALUE`` up to (H, W). Padding only at bottom/right means the inverse mapping is a pure scale,
   so ``boxes_to_original`` needs no offsets.

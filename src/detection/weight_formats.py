@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,6 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]  # official key names
     family: str  # "vit" | "convnext"
     weights_family: str | None = None  # "lvd1689m" / "sat493m" when the content tells, else None
-    family_evidence: str = ""  # what weights_family was read from (for messages)
     config_arch: dict[str, Any] | None = None  # transformers: the architecture config.json describes
     key_name: Callable[[str], str] = field(default=lambda k: k)  # official key -> the name in the user's file
 
@@ -208,12 +208,8 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``{"model": ...}`` / ``{"state_dict": ...}``."""
     path = Path(path)
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        # only zip files (torch.save's format since 1.6) can be memory-mapped; legacy files are read whole
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - any failure here is a bad file for the user
         raise UserError(f"--weights {path}: cannot be read as a PyTorch checkpoint "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from exc
@@ -264,8 +260,8 @@ def _folder_files(folder: Path) -> list[Path]:
                        "; pass a transformers/timm folder or a weights file"))
 
 
-def _layout(sd: dict[str, torch.Tensor]) -> tuple[str, str] | None:
-    """(format, family) from the key names."""
+def weights_layout(sd: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(format, family) of a DINOv3 backbone state dict from its key names; None for anything else."""
     if "reg_token" in sd or ("cls_token" in sd and any(k.endswith(".gamma_1") for k in sd)):
         return "timm", "vit"
     if "stem.0.weight" in sd:
@@ -486,26 +482,27 @@ def _family_from_stats(mean: Any, std: Any) -> str | None:
     return None
 
 
-def _weights_family(fmt: str, folder: Path, hub: str | None, timm_cfg: dict[str, Any] | None) -> tuple[str | None, str]:
+def _weights_family(fmt: str, folder: Path, hub: str | None, timm_cfg: dict[str, Any] | None) -> str | None:
+    """``lvd1689m`` / ``sat493m`` from the files beside the tensors or the name, else None."""
     if fmt == "transformers" and (folder / "preprocessor_config.json").is_file():
         pre = _read_json(folder / "preprocessor_config.json")
         fam = _family_from_stats(pre.get("image_mean"), pre.get("image_std"))
         if fam:
-            return fam, "preprocessor_config.json image_mean/image_std"
+            return fam
     if timm_cfg is not None:
         pcfg = timm_cfg.get("pretrained_cfg") or {}
         fam = _family_from_stats(pcfg.get("mean"), pcfg.get("std"))
         if fam:
-            return fam, "timm config.json pretrained_cfg mean/std"
+            return fam
         tag = str(pcfg.get("tag", ""))
         for name in _FAMILY_STATS:
             if name in tag:
-                return name, f"timm pretrained tag {tag}"
+                return name
     names = [hub or "", str(folder)]
     for name in ("sat493m", "lvd1689m"):
         if any(name in n.lower() for n in names):
-            return name, f"'{name}' in {hub or folder}"
-    return None, ""
+            return name
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -532,7 +529,7 @@ def open_weights(weights: str | os.PathLike | None) -> LoadedWeights | None:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(_read_file(f))
-    layout = _layout(sd)
+    layout = weights_layout(sd)
     where = f"--weights {hub or path}"
     if layout is None:
         raise UserError(f"{where}: not DINOv3 backbone weights in any known layout (Meta, transformers, timm); "
@@ -556,9 +553,8 @@ def open_weights(weights: str | os.PathLike | None) -> LoadedWeights | None:
         gated = any(k.endswith("mlp.fc1_g.weight") for k in sd)
     loaded.state_dict, loaded.key_name = _to_official(sd, fmt, family, gated, where)
     loaded.config_arch = config_arch
-    loaded.weights_family, loaded.family_evidence = _weights_family(fmt, folder, hub, timm_cfg)
+    loaded.weights_family = _weights_family(fmt, folder, hub, timm_cfg)
     if hub and hub.startswith("timm:") and loaded.weights_family is None:
         tag = _hub_repo_id(hub)[2] or ""
         loaded.weights_family = next((n for n in _FAMILY_STATS if n in tag), None)
-        loaded.family_evidence = f"timm tag {tag}"
     return loaded

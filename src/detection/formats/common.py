@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..image_io import image_size
+from ..image_io import UnreadableImage, image_size
 from ..utils import REPO_ROOT
 
 SKIP_HINT = "skip bad samples (--skip-bad-samples / SKIP_BAD_SAMPLES: true)"
@@ -173,8 +173,8 @@ class ReadPolicy:
     def header_size(self, image: Path) -> tuple[int, int]:
         try:
             return image_size(image)
-        except UserError as exc:
-            raise BadSample(str(exc).split("; replace")[0]) from None
+        except UnreadableImage as exc:
+            raise BadSample(exc.problem) from None
 
     def add(self, records: list[Record], rec: Record, annotated_size: tuple[int, int] | None = None) -> None:
         """Count what clamping will change, then keep the record."""

@@ -8,7 +8,6 @@ Parses annotations only (no pixel decoding) with the same reader training uses, 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .cli import new_parser
 from .datasets import DetectionDataset, load_data_config, read_split
 from .errors import run_cli
 from .utils import increment_path, resolve_path
@@ -132,9 +132,8 @@ def analyze_dataset(config: str | os.PathLike, out_dir: str | os.PathLike | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Count classes/objects and find annotation problems in a dataset "
-                                             "(Pascal VOC XML, COCO JSON or YOLO).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = new_parser(description="Count classes/objects and find annotation problems in a dataset "
+                                             "(Pascal VOC XML, COCO JSON or YOLO).")
     ap.add_argument("--config", required=True,
                     help="dataset YAML (VOC, FORMAT: coco / yolo, or an Ultralytics data.yaml)")
     ap.add_argument("--out-dir", "--out", dest="out_dir", default=None,

@@ -417,6 +417,34 @@ def _check_state_dict(model: nn.Module, sd: dict[str, Any], where: str, what: st
         raise UserError(f"checkpoint {where} does not match the {what}: {'; '.join(p for p in parts if p)}; {hint}")
 
 
+def prepare_checkpoint(ckpt: dict[str, Any], expect: dict[str, Any], imgsz: Any = None) -> dict[str, Any]:
+    """Check the user's flags against an own checkpoint, or describe a reference-project checkpoint with them."""
+    if ckpt.get("format") == REFERENCE_FORMAT:
+        return adopt_reference_checkpoint(
+            ckpt, model_name=expect.get("model_name"), classes=expect.get("classes"), head=expect.get("head"),
+            imgsz=imgsz, feature_extractor=expect.get("feature_extractor"),
+            backbone_impl=expect.get("backbone_impl") or "timm", arch_overrides=expect.get("arch_overrides"))
+    _check_expectations(ckpt["meta"], expect, ckpt.get("path", "checkpoint"))
+    return ckpt
+
+
+def _check_expectations(meta: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+    flags = {"model_name": "--model-name", "head": "--head", "feature_extractor": "--feature-extractor",
+             "classes": "--config CLASSES"}
+    for key, flag in flags.items():
+        want = expect.get(key)
+        if want is None:
+            continue
+        have = meta.get(key)
+        if key == "classes":
+            want, have = list(want), list(have or [])
+        if want != have:
+            shown_want = want if key != "classes" else f"{len(want) - 1} classes {want[1:4]}..."
+            shown_have = have if key != "classes" else f"{len(have) - 1} classes {have[1:4]}..."
+            raise UserError(f"{flag} {shown_want} contradicts checkpoint {where} ({shown_have}); drop the flag "
+                            f"(the checkpoint's metadata is used) or pass the matching checkpoint")
+
+
 def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str | torch.device = "cpu",
                           overrides: dict[str, Any] | None = None, weights: str | None = None
                           ) -> tuple[nn.Module, dict[str, Any]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from .annotations import LABEL_FORMATS, LabelWriter, dataset_config, split_layout
+from .cli import new_parser
 from .datasets import DataConfig, clamp_boxes, load_data_config, read_split
 from .errors import UserError, run_cli
 from .utils import resolve_path
@@ -125,8 +126,7 @@ def convert_dataset(opts: ConvertOptions) -> ConvertResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Convert a detection dataset between Pascal VOC XML, COCO JSON and YOLO.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = new_parser(description="Convert a detection dataset between Pascal VOC XML, COCO JSON and YOLO.")
     ap.add_argument("--config", required=True,
                     help="source dataset YAML (VOC, FORMAT: coco / yolo, or an Ultralytics data.yaml)")
     ap.add_argument("--to", required=True, choices=LABEL_FORMATS, help="target annotation format")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cli import config_from_args, new_parser
 from .errors import ToolkitWarning, UserError, run_cli
 from .runtime import PRECISIONS, amp_settings, inference_precision, select_device
 from .utils import increment_path, parse_imgsz, resolve_path
@@ -105,10 +106,9 @@ def evaluate_checkpoint(cfg: EvalConfig | str, config: str | None = None, *,
         if "letterbox" in legacy and legacy.pop("letterbox") is not None:
             raise ValueError("evaluate_checkpoint: the letterbox mode comes from the checkpoint's input spec")
         cfg = EvalConfig(config=str(config), model=str(cfg), out_dir=None, **legacy)
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint, model_from_checkpoint, prepare_checkpoint
     from .datasets import build_dataloader, build_datasets, load_data_config
     from .engine import evaluate
-    from .predictor import prepare_checkpoint
 
     dev = select_device(cfg.device)
     ckpt = load_checkpoint(resolve_path(cfg.model))
@@ -233,7 +233,7 @@ def evaluate_predictions(cfg: EvalConfig | str, config: str | None = None, *,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    p = new_parser(description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint (.pth) to evaluate on the validation split")
     src.add_argument("--predictions", help="predictions JSON (COCO results format with file_name) to score")
@@ -257,13 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from .predictor import config_from_args
-
     return config_from_args(EvalConfig, args)
 
 

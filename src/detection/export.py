@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
+from .cli import config_from_args, new_parser
 from .errors import UserError, run_cli
 from .onnx_runtime import (
     HEAD_OUTPUTS,
@@ -99,9 +100,8 @@ class ExportConfig:
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Export a detector checkpoint to ONNX (+ a JSON description) for onnxruntime.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser(
+        description="Export a detector checkpoint to ONNX (+ a JSON description) for onnxruntime.")
     parser.add_argument("--model", required=True, help="detector checkpoint (.pth from train_detection.py)")
     parser.add_argument("--format", default="onnx", choices=FORMATS, help="export format")
     parser.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N",
@@ -130,8 +130,6 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 
 def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
-    from .predictor import config_from_args
-
     return config_from_args(ExportConfig, args)
 
 
@@ -238,8 +236,8 @@ def export_onnx(cfg: ExportConfig) -> dict[str, Any]:
         import onnx
     except ModuleNotFoundError:
         raise UserError("--format onnx needs the onnx package: pip install -r requirements.txt") from None
-    from .checkpoint import load_checkpoint
-    from .predictor import Predictor, prepare_checkpoint
+    from .checkpoint import load_checkpoint, prepare_checkpoint
+    from .predictor import Predictor
     from .runtime import select_device
 
     checkpoint = resolve_path(cfg.model)
@@ -306,6 +304,7 @@ def export_onnx(cfg: ExportConfig) -> dict[str, Any]:
             "format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, "toolkit_version": __version__,
             "exported_from": str(checkpoint), "model_name": meta.get("model_name"), "head": head,
             "feature_extractor": meta.get("feature_extractor"), "classes": list(predictor.classes),
+            "category_ids": meta.get("category_ids"),
             "num_classes": int(model.config.num_classes),
             "input": {**spec.to_dict(), "dtype": "uint8", "layout": "NCHW RGB 0..255, resized (not normalized)"},
             "thresholds": {"score_thresh": float(model.score_thresh), "nms": float(model.nms_thresh),

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .annotations import LABEL_FORMATS, LabelWriter
+from .cli import config_from_args, new_parser
 from .errors import UserError
 from .image_io import find_images, read_image
 from .pipeline import Item, run_pipeline
@@ -29,7 +30,6 @@ from .predictor import (
     PredictConfig,
     add_predictor_args,
     build_predictor,
-    config_from_args,
     display_available,
     filter_detections,
     predict_config_from_args,
@@ -160,8 +160,7 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
 
 
 def build_image_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Detect objects in images with a trained checkpoint.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser(description="Detect objects in images with a trained checkpoint.")
     g = parser.add_argument_group("input")
     g.add_argument("-i", "--input", required=True, help="image file, folder or glob (quote it)")
     g.add_argument("--recursive", action="store_true", help="also search subfolders of a folder --input")

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import prepare_checkpoint
 from .errors import UserError
-from .predictor import Predictor, prepare_checkpoint
+from .predictor import Predictor
 from .runtime import Stopwatch
 from .utils import parse_imgsz, resolve_path
 

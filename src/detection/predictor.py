@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ import torch
 
 from .checkpoint import (
     REFERENCE_FORMAT,
-    adopt_reference_checkpoint,
     describe_weights_source,
     load_checkpoint,
     model_from_checkpoint,
+    prepare_checkpoint,
 )
+from .cli import config_from_args
 from .errors import UserError
 from .runtime import PRECISIONS, Stopwatch, autocast_context, inference_precision, select_device
 from .utils import parse_imgsz, resolve_path
@@ -159,34 +160,6 @@ def filter_detections(pred: dict[str, torch.Tensor], threshold: float) -> dict[s
     return {k: v[keep] if isinstance(v, torch.Tensor) and v.shape[:1] == keep.shape else v for k, v in pred.items()}
 
 
-def prepare_checkpoint(ckpt: dict[str, Any], expect: dict[str, Any], imgsz: Any = None) -> dict[str, Any]:
-    """Check the user's flags against an own checkpoint, or describe a reference-project checkpoint with them."""
-    if ckpt.get("format") == REFERENCE_FORMAT:
-        return adopt_reference_checkpoint(
-            ckpt, model_name=expect.get("model_name"), classes=expect.get("classes"), head=expect.get("head"),
-            imgsz=imgsz, feature_extractor=expect.get("feature_extractor"),
-            backbone_impl=expect.get("backbone_impl") or "timm", arch_overrides=expect.get("arch_overrides"))
-    _check_expectations(ckpt["meta"], expect, ckpt.get("path", "checkpoint"))
-    return ckpt
-
-
-def _check_expectations(meta: dict[str, Any], expect: dict[str, Any], where: str) -> None:
-    flags = {"model_name": "--model-name", "head": "--head", "feature_extractor": "--feature-extractor",
-             "classes": "--config CLASSES"}
-    for key, flag in flags.items():
-        want = expect.get(key)
-        if want is None:
-            continue
-        have = meta.get(key)
-        if key == "classes":
-            want, have = list(want), list(have or [])
-        if want != have:
-            shown_want = want if key != "classes" else f"{len(want) - 1} classes {want[1:4]}..."
-            shown_have = have if key != "classes" else f"{len(have) - 1} classes {have[1:4]}..."
-            raise UserError(f"{flag} {shown_want} contradicts checkpoint {where} ({shown_have}); drop the flag "
-                            f"(the checkpoint's metadata is used) or pass the matching checkpoint")
-
-
 # ---------------------------------------------------------------------------------------------------- config
 @dataclass
 class PredictConfig:
@@ -231,12 +204,6 @@ class PredictConfig:
     def resolved_out_dir(self) -> Path | None:
         """``--out-dir`` relative to the working directory first, then the repository root."""
         return resolve_path(self.out_dir) if self.out_dir else None
-
-
-def config_from_args(cls: type, args: argparse.Namespace, **extra: Any):
-    """A config dataclass from a parsed namespace: the fields present in it (plus ``extra``)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
 def predict_config_from_args(args: argparse.Namespace) -> PredictConfig:

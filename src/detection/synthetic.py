@@ -16,7 +16,6 @@ Box coordinates are integers: the tight bounding box of the drawn pixels' defini
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import yaml
 
 from .annotations import LABEL_FORMATS, LabelWriter, dataset_config, split_layout
+from .cli import new_parser
 from .errors import UserError, run_cli
 
 CLASSES = ["__background__", "circle", "square", "triangle"]
@@ -184,8 +184,7 @@ def generate_video(path: str | os.PathLike, n_frames: int, imgsz: int = 256, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Generate the synthetic shapes dataset (images, labels and a config).",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = new_parser(description="Generate the synthetic shapes dataset (images, labels and a config).")
     ap.add_argument("--out-dir", "--out", dest="out_dir", default="input/shapes", help="output folder")
     ap.add_argument("--format", default="voc", choices=LABEL_FORMATS,
                     help="annotation format: Pascal VOC XML, COCO JSON or YOLO text (Ultralytics layout)")

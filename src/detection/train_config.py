@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .cli import new_parser
 from .errors import UserError
 from .feature_cache import check_cacheable
 from .model import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS, DetectorConfig
@@ -201,9 +202,6 @@ def legacy_config(args: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- parser
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the module docstring's layout and shows every default."""
-
 
 def _lower(value: str) -> str:
     return value.lower()
@@ -219,7 +217,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     ``allow_abbrev=False``: the reference's ``--weight`` must not be taken as an abbreviation of anything, and only
     spelled-out aliases are accepted.
     """
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter, allow_abbrev=False)
+    p = new_parser(description)
     d = TrainConfig()
     p.add_argument("--cfg", default=None, metavar="YAML",
                    help="start from a saved configuration (a run's args.yaml); flags typed now override it")

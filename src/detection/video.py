@@ -23,6 +23,7 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from .cli import config_from_args, new_parser
 from .draw import bgr_to_tensor, draw_detections, draw_text
 from .errors import UserError
 from .pipeline import Item, run_pipeline
@@ -30,7 +31,6 @@ from .predictor import (
     PredictConfig,
     add_predictor_args,
     build_predictor,
-    config_from_args,
     display_available,
     filter_detections,
     predict_config_from_args,
@@ -284,8 +284,8 @@ def infer_video(cfg: VideoInferConfig | argparse.Namespace) -> dict[str, Any]:
 
 
 def build_video_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Detect (and track) objects in a video, camera, stream or folder "
-                                                 "of frames.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser(description="Detect (and track) objects in a video, camera, stream or folder "
+                                                 "of frames.")
     g = parser.add_argument_group("input")
     g.add_argument("-i", "--input", required=True,
                    help="video file, folder of frames (natural name order), camera index (0) or stream URL")

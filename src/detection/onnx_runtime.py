@@ -11,8 +11,8 @@ backbone, neck and head. It returns the raw head outputs per anchor plus the anc
 Box decoding, score threshold, per-class NMS and top-k (``DetectionDecoder``) run after the graph in PyTorch,
 through torchvision's own ``postprocess_detections`` of the detector class - the very code the ``.pth`` path
 runs - so thresholds stay runtime settings (``--threshold``, ``--nms``, ``--max-det``) and the two paths differ
-only by the float rounding of the head outputs. ``OnnxPredictor`` has the ``Predictor`` interface; its resize and
-box mapping are the Predictor's own functions (same ``InputSpec``).
+only by the float rounding of the head outputs. ``OnnxPredictor`` shares ``predictor.PredictorBase`` with the PyTorch
+``Predictor``: the same resize, box mapping and batching (same ``InputSpec``).
 
 The sidecar ``<model>.onnx.json`` (also stored in the ONNX file's metadata) describes the model: classes, input
 spec, thresholds, head, model name, toolkit version and the graph's shapes.
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .checkpoint import prepare_checkpoint
 from .errors import UserError
-from .predictor import Predictor
+from .predictor import PredictorBase
 from .runtime import Stopwatch
 from .utils import parse_imgsz, resolve_path
 
@@ -171,7 +171,7 @@ def _providers(device: str) -> tuple[list[Any], torch.device]:
     raise UserError(f"--device {device!r} is not valid; use auto, cpu, cuda or cuda:N")
 
 
-class OnnxPredictor:
+class OnnxPredictor(PredictorBase):
     """``Predictor`` for an exported ``.onnx`` model: same interface, same pre/post-processing, onnxruntime forward.
 
     ``imgsz``/``keep_aspect`` other than the export's need a ``--dynamic`` export (a static graph has one input
@@ -259,26 +259,11 @@ class OnnxPredictor:
 
     # ------------------------------------------------------------------ settings
     @property
-    def imgsz(self) -> tuple[int, int]:
-        return self.input_spec.imgsz
-
-    @property
-    def letterbox(self) -> bool:
-        return self.input_spec.letterbox
-
-    @property
     def score_thresh(self) -> float:
         """Lowest score the model returns (its post-processing threshold)."""
         return self.decoder.score_thresh
 
     # ------------------------------------------------------------------ steps
-    # Resize, box mapping and batching are the Predictor's own functions (they use only input_spec, keep_aspect,
-    # device, batch_size and forward), so the .pth and .onnx paths cannot drift apart.
-    input_size = Predictor.input_size
-    preprocess = Predictor.preprocess
-    postprocess = Predictor.postprocess
-    predict = Predictor.predict
-
     def raw_outputs(self, batch: Tensor) -> dict[str, Tensor]:
         """The graph's outputs for a resized uint8 batch [B,3,h,w] (static-batch graphs: run in padded chunks)."""
         x = batch.cpu().contiguous().numpy()

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,11 +30,73 @@ from .errors import UserError
 from .runtime import PRECISIONS, Stopwatch, autocast_context, inference_precision, select_device
 from .utils import parse_imgsz, resolve_path
 
+if TYPE_CHECKING:
+    from .model import InputSpec
+
 # torch.compile backend for ``compile=True`` (tests swap in a counting backend).
 COMPILE_BACKEND: Any = "inductor"
 
 
-class Predictor:
+class PredictorBase:
+    """What every predictor shares: resize through the input spec, map boxes back, batch by input size.
+
+    Subclasses set ``input_spec``, ``keep_aspect``, ``device``, ``batch_size``, ``classes``, ``meta``,
+    ``model_timer`` and implement ``forward`` (resized uint8 batch -> detections in input coordinates) and
+    ``score_thresh``; PyTorch checkpoints and ONNX exports then preprocess and post-process identically.
+    """
+
+    input_spec: InputSpec
+    keep_aspect: bool
+    device: torch.device
+    batch_size: int
+
+    @property
+    def imgsz(self) -> tuple[int, int]:
+        return self.input_spec.imgsz
+
+    @property
+    def letterbox(self) -> bool:
+        return self.input_spec.letterbox
+
+    def forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ steps
+    def input_size(self, orig_hw: Sequence[int]) -> tuple[int, int]:
+        """Model input size (W, H) for an image of original size (H, W)."""
+        return self.input_spec.input_size(orig_hw, self.keep_aspect)
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """Original uint8 [3,H,W] -> resized uint8 model input on the device (resized on the GPU when there)."""
+        return self.input_spec.preprocess(image.to(self.device, non_blocking=True), self.keep_aspect)
+
+    def postprocess(self, raw: list[dict[str, torch.Tensor]], orig_sizes: Sequence[Sequence[int]]
+                    ) -> list[dict[str, torch.Tensor]]:
+        """Boxes back to original (H, W) coordinates as float32 CPU tensors."""
+        preds = []
+        for det, hw in zip(raw, orig_sizes):
+            boxes = self.input_spec.boxes_to_original(det["boxes"].float(), hw, self.keep_aspect)
+            preds.append({"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(),
+                          "labels": det["labels"].to(torch.int64).cpu()})
+        return preds
+
+    def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections for original uint8 [3,H,W] images, in their own coordinates (batched by input size)."""
+        results: list[dict[str, torch.Tensor] | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(self.input_size(img.shape[-2:]), []).append(i)
+        for idx in groups.values():
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s:s + self.batch_size]
+                batch = torch.stack([self.preprocess(images[i]) for i in chunk])
+                preds = self.postprocess(self.forward(batch), [images[i].shape[-2:] for i in chunk])
+                for i, p in zip(chunk, preds):
+                    results[i] = p
+        return results  # type: ignore[return-value]
+
+
+class Predictor(PredictorBase):
     """Load a checkpoint once, then ``predict(images)`` -> boxes in the images' original coordinates.
 
     The checkpoint's input spec (``model.input_spec``: size, letterbox, size multiple, mean/std) drives
@@ -83,29 +145,12 @@ class Predictor:
 
     # ------------------------------------------------------------------ settings
     @property
-    def imgsz(self) -> tuple[int, int]:
-        return self.input_spec.imgsz
-
-    @property
-    def letterbox(self) -> bool:
-        return self.input_spec.letterbox
-
-    @property
     def score_thresh(self) -> float:
         """Lowest score the model returns (its post-processing threshold)."""
         return float(self.model.score_thresh)
 
     def _autocast(self):
         return autocast_context(self.device, self.precision)
-
-    # ------------------------------------------------------------------ steps
-    def input_size(self, orig_hw: Sequence[int]) -> tuple[int, int]:
-        """Model input size (W, H) for an image of original size (H, W)."""
-        return self.input_spec.input_size(orig_hw, self.keep_aspect)
-
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        """Original uint8 [3,H,W] -> resized uint8 model input on the device (resized on the GPU when there)."""
-        return self.input_spec.preprocess(image.to(self.device, non_blocking=True), self.keep_aspect)
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -116,31 +161,6 @@ class Predictor:
         with self.model_timer.time(len(batch)), self._autocast():
             out = self.model(batch)
         return out
-
-    def postprocess(self, raw: list[dict[str, torch.Tensor]], orig_sizes: Sequence[Sequence[int]]
-                    ) -> list[dict[str, torch.Tensor]]:
-        """Boxes back to original (H, W) coordinates as float32 CPU tensors."""
-        preds = []
-        for det, hw in zip(raw, orig_sizes):
-            boxes = self.input_spec.boxes_to_original(det["boxes"].float(), hw, self.keep_aspect)
-            preds.append({"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(),
-                          "labels": det["labels"].to(torch.int64).cpu()})
-        return preds
-
-    def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Detections for original uint8 [3,H,W] images, in their own coordinates (batched by input size)."""
-        results: list[dict[str, torch.Tensor] | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(self.input_size(img.shape[-2:]), []).append(i)
-        for idx in groups.values():
-            for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s:s + self.batch_size]
-                batch = torch.stack([self.preprocess(images[i]) for i in chunk])
-                preds = self.postprocess(self.forward(batch), [images[i].shape[-2:] for i in chunk])
-                for i, p in zip(chunk, preds):
-                    results[i] = p
-        return results  # type: ignore[return-value]
 
     def describe(self) -> str:
         m, spec = self.meta, self.input_spec

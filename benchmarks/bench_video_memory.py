@@ -46,7 +46,7 @@ class RssSampler:
             self.samples.append((time.perf_counter() - t0, self._proc.memory_info().rss))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 

@@ -6,8 +6,8 @@ Line width and font scale follow the image size so labels stay readable on thumb
 from __future__ import annotations
 
 import colorsys
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache
 
 import cv2
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-@lru_cache(maxsize=None)
+@cache
 def class_color(label: int) -> tuple[int, int, int]:
     """A distinct, stable BGR colour per class index (golden-ratio hue steps, bright and saturated)."""
     hue = (label * 0.618033988749895) % 1.0

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -48,7 +49,7 @@ def _finite(x: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-def plot_per_class_ap(result: "EvalResult", path: str | os.PathLike) -> Path:
+def plot_per_class_ap(result: EvalResult, path: str | os.PathLike) -> Path:
     """Horizontal bars per class: COCO AP@[.5:.95] and AP@.5 (or VOC07/VOC12 when COCO was not computed).
 
     Classes without ground truth get no bar and are marked "no GT".
@@ -87,7 +88,7 @@ def plot_per_class_ap(result: "EvalResult", path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def plot_pr_curves(result: "EvalResult", path: str | os.PathLike) -> Path:
+def plot_pr_curves(result: EvalResult, path: str | os.PathLike) -> Path:
     """Precision-recall curves at IoU .5 (VOC matching), one line per class with ground truth."""
     fig, ax = plt.subplots(figsize=(8, 6))
     ap_key = "ap50" if result.metric in ("coco", "all") else f"ap_{result.metric}"
@@ -177,7 +178,7 @@ def _fmt(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def _columns(result: "EvalResult") -> list[tuple[str, str]]:
+def _columns(result: EvalResult) -> list[tuple[str, str]]:
     cols: list[tuple[str, str]] = []
     if result.metric in ("coco", "all"):
         cols += [("AP50", "ap50"), ("AP", "ap")]
@@ -188,7 +189,7 @@ def _columns(result: "EvalResult") -> list[tuple[str, str]]:
     return cols
 
 
-def format_table(result: "EvalResult") -> str:
+def format_table(result: EvalResult) -> str:
     """A plain-text table: class, #GT, AP50, AP [, VOC07, VOC12], then the mean over classes with ground truth.
 
     The 'all' row holds COCO's own mAP@.5 / mAP@[.5:.95] (equal to the mean of the class rows) and the VOC means.
@@ -206,7 +207,7 @@ def format_table(result: "EvalResult") -> str:
     return "\n".join(lines)
 
 
-def save_results(result: "EvalResult", out_dir: str | os.PathLike) -> list[Path]:
+def save_results(result: EvalResult, out_dir: str | os.PathLike) -> list[Path]:
     """Write ``per_class_ap.csv`` (one row per class + a final ``all`` row), ``per_class_ap.png`` and
     ``pr_curves.png`` into ``out_dir``; returns the paths written."""
     out = Path(out_dir)

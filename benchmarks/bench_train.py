@@ -46,8 +46,8 @@ from benchmarks.common import make_row, markdown_table, time_call, time_interlea
 from src.detection.train_config import TrainConfig
 
 NUM_CLASSES = 21  # the reference figures were measured with the 20 VOC classes + background
-SEED_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
-SEED_ASPECT_RATIOS = ((0.5, 1.0, 2.0),)
+REFERENCE_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
+REFERENCE_ASPECT_RATIOS = ((0.5, 1.0, 2.0),)
 GOAL_TRAIN = 1.5
 GOAL_CACHE = 3.0
 
@@ -92,7 +92,7 @@ def build_reference(model_name: str, imgsz: int, num_classes: int = NUM_CLASSES)
         dino = build_backbone(model_name, fine_tune=True)
     dino.model.requires_grad_(False)
     backbone = ReferenceBackbone(dino)
-    anchors = AnchorGenerator(SEED_ANCHOR_SIZES, SEED_ASPECT_RATIOS)
+    anchors = AnchorGenerator(REFERENCE_ANCHOR_SIZES, REFERENCE_ASPECT_RATIOS)
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
     # RetinaNet's own GeneralizedRCNNTransform: resizes to min_size/max_size and normalizes with ImageNet stats
     return RetinaNet(backbone, num_classes, min_size=imgsz, max_size=imgsz, anchor_generator=anchors, head=head,
@@ -241,7 +241,7 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
     data_cfg = load_data_config(config)
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
-        train_ds, valid_ds, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1, device)
+        train_ds, valid_ds, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1)
     model, opt, sched = build_ours(args, device, iters_per_epoch=len(loader))
     cached: dict[str, Any] = {}
 

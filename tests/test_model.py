@@ -1,4 +1,4 @@
-"""Detector builder (issue 5): seed parameter counts, every head x mode x family on tiny backbones, the no-resize
+"""Detector builder: the reference's parameter counts, every head x mode x family on tiny backbones, the no-resize
 transform, the feature cache, fine-tuning, dtypes and memory formats."""
 
 import json
@@ -75,7 +75,7 @@ def test_seed_parameter_counts_exact(capsys):
 
 
 def test_single_level_ssd_parameter_counts():
-    """`last` SSD is one real level (the seed declared 6 levels for one map); counts stated in the README."""
+    """`last` SSD is one real level (the reference declared 6 levels for one map); counts stated in the README."""
     with torch.device("meta"):
         model = build_detector(DetectorConfig("dinov3_convnext_tiny", 21, head="ssd", feature_extractor="last"),
                                verbose=False)
@@ -139,7 +139,7 @@ def test_transform_never_resizes_and_normalizes_once(family):
     assert odd.image_sizes == [(75, 100)]
     assert tuple(odd.tensors.shape[-2:]) == (math.ceil(75 / stride) * stride, math.ceil(100 / stride) * stride)
     assert (odd.tensors[..., 75:, :] == 0).all() and (odd.tensors[..., :, 100:] == 0).all()
-    # seed anchors: 15 per location of the single last map, for exactly this image size
+    # the reference's anchors: 15 per location of the single last map, for exactly this image size
     feats = model.backbone(batch.tensors)
     anchors = model.anchor_generator(batch, list(feats.values()))
     assert anchors[0].shape == ((H // model.dino.last_stride) * (W // model.dino.last_stride) * 15, 4)
@@ -361,7 +361,7 @@ def test_head_convs_sets_both_towers_with_torchvision_names(head, n):
 
 def test_head_convs_defaults_and_parameter_counts():
     """`last` keeps torchvision's 4 convs (the reference's head); `multi` uses HEAD_CONVS['multi']; each conv layer
-    removed from both towers takes away exactly one 3x3 conv + GroupNorm per branch."""
+    left out takes away exactly one 3x3 conv + GroupNorm per branch."""
     from src.detection.model import HEAD_CONVS
 
     assert HEAD_CONVS["last"] == 4
@@ -373,7 +373,8 @@ def test_head_convs_defaults_and_parameter_counts():
         c = 64
         bias = c if head == "fcos" else 0  # torchvision's RetinaNet tower convs have no bias before a norm
         per_layer = 2 * (9 * c * c + bias + 2 * c)  # two branches x (conv, GroupNorm affine)
-        assert count_parameters(four)[1] - count_parameters(default)[1] == (4 - HEAD_CONVS["multi"]) * per_layer
+        two = build(tiny(head=head, head_convs=2))
+        assert count_parameters(four)[1] - count_parameters(two)[1] == 2 * per_layer
     assert build(tiny(head="ssd")).config.head_convs is None
 
 

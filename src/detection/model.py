@@ -2,7 +2,7 @@
 
 ``build_detector(cfg)`` is the one builder used by training, inference, evaluation and benchmarks.
 
-* ``feature_extractor="last"`` (seed-exact): the single last backbone map goes straight to the head. RetinaNet uses
+* ``feature_extractor="last"`` (the reference's): the single last backbone map goes straight to the head. RetinaNet uses
   the reference project's ``AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))`` and a plain
   ``RetinaNetHead`` on the backbone channels, so ``dinov3_convnext_tiny`` with 21 classes has exactly
   72,885,975 / 45,065,847 (total / trainable) parameters. SSD is a real single-level SSD.
@@ -51,15 +51,14 @@ FEATURE_EXTRACTORS = ("multi", "last")
 BACKBONE_IMPLS = ("timm", "hub")
 
 # The reference project's single-level RetinaNet anchors (15 per location) - kept exactly for `last`.
-SEED_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
-SEED_ASPECT_RATIOS = ((0.5, 1.0, 2.0),)
+REFERENCE_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
+REFERENCE_ASPECT_RATIOS = ((0.5, 1.0, 2.0),)
 # Anchor / default-box base size = ANCHOR_STRIDE_FACTOR x stride (RetinaNet: 32 px at stride 8 ... 512 at 128).
 ANCHOR_STRIDE_FACTOR = 4
-# Conv layers per RetinaNet / FCOS head branch (classification and box regression each). torchvision's 4 stay for
-# `last` (the reference's head, parameter for parameter). For `multi`, the head over P3..P7 is nearly all of a
-# cached / frozen-backbone training step and the FPN already mixes features, so a shorter tower pays: see
-# benchmarks/bench_head.py for the cost and docs/DEMO.md for the accuracy it keeps.
-HEAD_CONVS = {"last": 4, "multi": 2}
+# Conv layers per RetinaNet / FCOS head branch (classification and box regression each); `head_convs` overrides.
+# torchvision's 4 everywhere: `last` is the reference's head parameter for parameter, and for `multi` shorter towers
+# cut a cached step's cost (benchmarks/bench_head.py) but learned far slower in docs/DEMO.md's measurements.
+HEAD_CONVS = {"last": 4, "multi": 4}
 LEGACY_HEAD_CONVS = 4  # torchvision's, and what checkpoints without a recorded head_convs were built with
 MAX_HEAD_CONVS = 4  # torchvision's RetinaNet head builds exactly 4; fewer are taken from its tower
 SSD_ASPECT_RATIOS = [2, 3]  # per level: 2 square boxes + 2 per ratio = 6 default boxes per location
@@ -178,7 +177,7 @@ class DetectorConfig:
     """
 
     model_name: str
-    num_classes: int  # including __background__ (index 0), as torchvision and the seed count it
+    num_classes: int  # including __background__ (index 0), as torchvision and the reference count it
     head: str = "retinanet"
     feature_extractor: str = "multi"
     imgsz: tuple[int, int] = (640, 640)  # (width, height) the data pipeline resizes to
@@ -542,7 +541,7 @@ class _DinoDetector:
             self.backbone._cached = previous
 
     def postprocess_detections(self, head_outputs, *args, **kwargs) -> list[dict[str, Tensor]]:
-        # RetinaNet/FCOS score every class index including 0 (the seed's num_classes counts __background__).
+        # RetinaNet/FCOS score every class index including 0 (the reference's num_classes counts __background__).
         # A background "detection" is meaningless and would take a max_det slot, so class 0 gets score 0 before
         # thresholding/top-k (SSD's softmax postprocess already skips it).
         logits = head_outputs.get("cls_logits")
@@ -649,7 +648,7 @@ def build_detector(cfg: DetectorConfig, weights: str | None = None, verbose: boo
     common = dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms, detections_per_img=cfg.max_det)
     if cfg.head == "retinanet":
         if cfg.feature_extractor == "last":  # the reference project's model, parameter for parameter
-            anchors = Float32AnchorGenerator(SEED_ANCHOR_SIZES, SEED_ASPECT_RATIOS)
+            anchors = Float32AnchorGenerator(REFERENCE_ANCHOR_SIZES, REFERENCE_ASPECT_RATIOS)
             head = DetRetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes)
             _shorten_towers(head, n_convs)
         else:  # torchvision's RetinaNet v2 recipe: GroupNorm in the head, GIoU box loss

@@ -59,6 +59,7 @@ class TrainConfig:
     backbone_lr: float | None = None
     layer_decay: float = 1.0
     fpn_channels: int = 128
+    head_convs: int | None = None
     imgsz: tuple[int, int] = (640, 640)
     letterbox: bool = False
     nms: float = 0.45
@@ -145,7 +146,8 @@ class TrainConfig:
                               feature_extractor=self.feature_extractor, imgsz=self.imgsz, letterbox=self.letterbox,
                               backbone_impl=self.backbone_impl, fine_tune=self.fine_tune, nms=self.nms,
                               score_thresh=self.score_thresh, max_det=self.max_det,
-                              arch_overrides=self.arch_overrides, fpn_channels=self.fpn_channels)
+                              arch_overrides=self.arch_overrides, fpn_channels=self.fpn_channels,
+                              head_convs=self.head_convs)
 
     # -- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -243,6 +245,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="LR of the deepest trained backbone layer (None: --lr)")
     g.add_argument("--layer-decay", type=float, default=d.layer_decay, metavar="R",
                    help="each earlier trained backbone layer gets R x the LR of the layer after it")
+    g.add_argument("--head-convs", type=int, default=d.head_convs, metavar="N",
+                   help="conv layers per RetinaNet/FCOS head branch, 0-4 (default: torchvision's 4; fewer = cheaper "
+                        "steps but slower learning, docs/DEMO.md)")
     g.add_argument("--fpn-channels", type=int, default=d.fpn_channels,
                    help="width of the FPN / pyramid and the head convs (256 = torchvision RetinaNet; 128 trains "
                         "~1.7x faster)")

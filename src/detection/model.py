@@ -619,7 +619,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def build_detector(cfg: DetectorConfig, weights: str | None = None, verbose: bool = True) -> Detector:
     """Build the detector ``cfg`` describes on a DINOv3 backbone (``weights``: see ``backbones.resolve_weights``).
 
-    Prints the seed's two lines (total / trainable parameters) unless ``verbose=False``.
+    Prints the reference's two lines (total / trainable parameters) unless ``verbose=False``.
     """
     from .backbones import build_backbone  # local: keeps `import model` cheap for config-only users
 

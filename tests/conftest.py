@@ -81,3 +81,12 @@ def official_fixture_folders() -> list[Path]:
 @pytest.fixture(scope="session")
 def hf_fixture_folders() -> list[Path]:
     return list(HF_FOLDERS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a shared CPU (10x faster here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from src.detection.evaluate import evaluate_checkpoint
+from src.detection.evaluate import EvalConfig, evaluate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -68,7 +68,8 @@ def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path):
     assert ckpt["train_config"] == yaml.safe_load((run / "args.yaml").read_text())
     assert ckpt["train_config"]["cache_features"] == "ram" and ckpt["train_config"]["epochs"] == 16
     # validation ran on cached maps (fp16): the same scores as evaluating the checkpoint on the images
-    result = evaluate_checkpoint(str(run / "best_model.pth"), str(fit), batch=4, workers=0, device="cpu")
+    result = evaluate_checkpoint(EvalConfig(config=str(fit), model=str(run / "best_model.pth"), batch=4, workers=0,
+                                           device="cpu", out_dir=None))
     assert result.map == pytest.approx(r[-1]["map"], abs=5e-3) and result.map50 == pytest.approx(r[-1]["map50"], abs=5e-3)
 
 
@@ -212,7 +213,8 @@ def test_ema_best_model_holds_the_weights_that_were_scored(shapes: Path, tmp_pat
     for k, v in shadow.items():
         torch.testing.assert_close(best["model"][k], v, rtol=0, atol=0)
     assert any(not torch.equal(shadow[k], last["model"][k]) for k in shadow)  # EMA != live weights here
-    result = evaluate_checkpoint(str(run / "best_model.pth"), str(shapes), batch=8, workers=0, device="cpu")
+    result = evaluate_checkpoint(EvalConfig(config=str(shapes), model=str(run / "best_model.pth"), batch=8, workers=0,
+                                           device="cpu", out_dir=None))
     logged = rows(run)[0]
     assert result.map == pytest.approx(logged["map"], abs=1e-6) and result.map50 == pytest.approx(logged["map50"], abs=1e-6)
 

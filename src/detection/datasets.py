@@ -40,7 +40,7 @@ from .formats.common import (  # re-exported: the reader's building blocks are p
 from .formats.voc import list_samples, parse_voc_xml
 from .image_io import image_size, read_image
 from .transforms import DEFAULT_AUGMENT, build_transform
-from .utils import REPO_ROOT
+from .utils import resolve_path
 
 FORMATS = ("voc", "coco", "yolo")
 
@@ -103,9 +103,7 @@ def _classes_key(cfg_path: Path, raw: dict) -> list[str]:
 def load_data_config(path: str | os.PathLike) -> DataConfig:
     """Load and validate a dataset YAML: ``FORMAT: voc`` (default; folder pairs or VOCdevkit), ``coco`` or ``yolo``,
     or an Ultralytics data.yaml as it is (see detection_configs/README.md)."""
-    cfg_path = Path(path).expanduser()
-    if not cfg_path.is_absolute() and not cfg_path.is_file():
-        cfg_path = REPO_ROOT / cfg_path
+    cfg_path = resolve_path(path)
     if not cfg_path.is_file():
         raise UserError(f"--config {path}: file not found; pass a YAML such as detection_configs/voc.yaml")
     try:

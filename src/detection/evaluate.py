@@ -91,21 +91,13 @@ def _training_precision(ckpt: dict[str, Any], device) -> str | None:
     return {None: "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(None if dtype is None else str(dtype))
 
 
-def evaluate_checkpoint(cfg: EvalConfig | str, config: str | None = None, *,
-                        out_dir: str | Path | Callable[[], Path] | None = None, **legacy: Any):
+def evaluate_checkpoint(cfg: EvalConfig, *, out_dir: str | Path | Callable[[], Path] | None = None):
     """Score a checkpoint on the validation split of ``cfg.config``; returns the metrics result.
 
     The same path as training's per-epoch evaluation: the validation loader resizes with the checkpoint's
     ``InputSpec`` (``ResizeTo``), ``engine.evaluate`` maps boxes back with it, at the training run's evaluation
-    precision (``--precision auto``; explicit values override). ``evaluate_checkpoint(path, config, metric=...,
-    score_thresh=...)`` (the older keyword form) still works.
+    precision (``--precision auto``; explicit values override).
     """
-    if not isinstance(cfg, EvalConfig):
-        if "score_thresh" in legacy:
-            legacy["threshold"] = legacy.pop("score_thresh")
-        if "letterbox" in legacy and legacy.pop("letterbox") is not None:
-            raise ValueError("evaluate_checkpoint: the letterbox mode comes from the checkpoint's input spec")
-        cfg = EvalConfig(config=str(config), model=str(cfg), out_dir=None, **legacy)
     from .checkpoint import load_checkpoint, model_from_checkpoint, prepare_checkpoint
     from .datasets import build_dataloader, build_datasets, load_data_config
     from .engine import evaluate
@@ -199,14 +191,11 @@ def _warn_if_cut(path: Path, eval_floor: float) -> float | None:
     return None
 
 
-def evaluate_predictions(cfg: EvalConfig | str, config: str | None = None, *,
-                         out_dir: str | Path | Callable[[], Path] | None = None, **legacy: Any):
+def evaluate_predictions(cfg: EvalConfig, *, out_dir: str | Path | Callable[[], Path] | None = None):
     """Score a saved predictions JSON against the validation split's annotations (no model, no images).
 
     A file cut at a score threshold (see ``recorded_score_floor``) is scored as it is, with a warning.
     """
-    if not isinstance(cfg, EvalConfig):
-        cfg = EvalConfig(config=str(config), predictions=str(cfg), out_dir=None, **legacy)
     from .datasets import load_data_config, load_ground_truth
     from .metrics import score_predictions_json
     from .model import DetectorConfig

@@ -104,12 +104,12 @@ def data_loaders(cfg: TrainConfig, data_cfg, imgsz, rank: int, world: int):
 
 def eval_only(cfg: TrainConfig) -> None:
     """``--eval-only --model ckpt``: score a checkpoint on the validation split of ``--config``."""
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import EvalConfig, evaluate_checkpoint
 
     if not cfg.model:
         raise UserError("--eval-only needs --model <checkpoint.pth>")
-    evaluate_checkpoint(cfg.model, cfg.config, metric=cfg.metric, batch=cfg.batch, workers=cfg.workers,
-                        device=cfg.device, out_dir=None, score_thresh=cfg.score_thresh)
+    evaluate_checkpoint(EvalConfig(config=cfg.config, model=cfg.model, metric=cfg.metric, batch=cfg.batch,
+                                   workers=cfg.workers, device=cfg.device, threshold=cfg.score_thresh, out_dir=None))
 
 
 def compile_for_training(model: nn.Module, backend: str) -> nn.Module:

@@ -6,8 +6,8 @@ from src.detection.errors import run_cli
 def main() -> int:
     from src.detection.infer_image import build_image_parser, image_config_from_args, infer_images
 
-    infer_images(image_config_from_args(build_image_parser().parse_args()))
-    return 0
+    summary = infer_images(image_config_from_args(build_image_parser().parse_args()))
+    return 0 if summary["complete"] else 130  # interrupted: what was done is written, but the run is not complete
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from src.detection.errors import run_cli
 def main() -> int:
     from src.detection.video import build_video_parser, infer_video, video_config_from_args
 
-    infer_video(video_config_from_args(build_video_parser().parse_args()))
-    return 0
+    summary = infer_video(video_config_from_args(build_video_parser().parse_args()))
+    return 130 if summary["interrupted"] else 0  # interrupted: what was done is finalized, but the run is not complete
 
 
 if __name__ == "__main__":

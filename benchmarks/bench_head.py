@@ -1,6 +1,6 @@
 """Head cost: FLOPs and cached training-step / evaluation time per ``head_convs`` (conv layers per head branch).
 
-    python -m benchmarks.bench_head [--preset full|demo] [--convs 4 2 1] [--channels-last] [--reps 5]
+    python -m benchmarks.bench_head [--preset full|demo] [--convs 4 2 1] [--separable] [--channels-last] [--reps 5]
 
 With a frozen backbone and ``--cache-features`` a training step runs only the trainable part (FPN neck + head), so
 its cost is what this measures: every variant gets the same cached backbone maps and the same targets, and its
@@ -54,14 +54,16 @@ def make_batches(imgsz: int, batch: int, n_batches: int, root: Path) -> list:
     return [collate_fn([ds[b * batch + j] for j in range(batch)]) for b in range(n_batches)]
 
 
-def variant(name: str, convs: int, channels_last: bool, p: dict[str, Any], batches: list) -> dict[str, Any]:
-    """Model, optimizer and the two timed callables for one head depth."""
+def variant(name: str, convs: int, separable: bool, channels_last: bool, p: dict[str, Any],
+            batches: list) -> dict[str, Any]:
+    """Model, optimizer and the two timed callables for one head variant."""
     from src.detection.engine import targets_to_device
     from src.detection.model import DetectorConfig, build_detector, count_parameters
 
     torch.manual_seed(0)
     cfg = DetectorConfig(p["model_name"], NUM_CLASSES, head=p["head"], feature_extractor="multi",
-                         imgsz=(p["imgsz"], p["imgsz"]), fpn_channels=p["fpn_channels"], head_convs=convs)
+                         imgsz=(p["imgsz"], p["imgsz"]), fpn_channels=p["fpn_channels"], head_convs=convs,
+                         head_separable=separable)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random-weights warning
         model = build_detector(cfg, verbose=False)
@@ -96,16 +98,18 @@ def variant(name: str, convs: int, channels_last: bool, p: dict[str, Any], batch
             "params": count_parameters(model)[1]}
 
 
-def run(preset: str = "full", convs: tuple[int, ...] = (4, 2, 1), channels_last: bool = False, reps: int = 5,
-        n_batches: int = 2, threads: int | None = None) -> list[dict[str, Any]]:
+def run(preset: str = "full", convs: tuple[int, ...] = (4, 2, 1), channels_last: bool = False,
+        separable: bool = False, reps: int = 5, n_batches: int = 2, threads: int | None = None) -> list[dict[str, Any]]:
     if threads:
         torch.set_num_threads(threads)
     p = PRESETS[preset]
     with tempfile.TemporaryDirectory() as tmp:
         batches = make_batches(p["imgsz"], p["batch"], n_batches, Path(tmp))
-    variants = [variant(f"head_convs={n}", n, False, p, batches) for n in convs]
+    variants = [variant(f"head_convs={n}", n, False, False, p, batches) for n in convs]
+    if separable:
+        variants += [variant(f"head_convs={n} separable", n, True, False, p, batches) for n in convs]
     if channels_last:
-        variants += [variant(f"head_convs={n} channels-last", n, True, p, batches) for n in convs]
+        variants += [variant(f"head_convs={n} channels-last", n, False, True, p, batches) for n in convs]
     base = variants[0]
     where = f"{p['model_name']} {p['imgsz']}px {p['head']} FPN {p['fpn_channels']}, batch {p['batch']}"
     rows = []
@@ -128,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convs", type=int, nargs="+", default=[4, 2, 1],
                     help="head_convs values; the first is the baseline of the ratios")
     ap.add_argument("--channels-last", action="store_true", help="also time each variant in channels-last")
+    ap.add_argument("--separable", action="store_true", help="also time each depth with depthwise-separable convs")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (interleaved)")
     ap.add_argument("--batches", type=int, default=2, help="batches per repetition")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (None: torch's default)")
     a = ap.parse_args(argv)
-    rows = run(a.preset, tuple(a.convs), a.channels_last, a.reps, a.batches, a.threads)
+    rows = run(a.preset, tuple(a.convs), a.channels_last, a.separable, a.reps, a.batches, a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)
     print(markdown_table(rows))

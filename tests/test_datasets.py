@@ -393,6 +393,31 @@ def test_missing_config_file(tmp_path):
         load_data_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("content,pattern", [
+    (None, r"nope\.yaml: file not found; pass "),
+    ("folder", r"nope\.yaml: a folder, not a YAML file"),
+    (b"CLASSES: [caf\xe9]\n", r"nope\.yaml: not UTF-8 text \(byte 13\); save it as UTF-8"),
+    (b"a: 1\nb: [unclosed\n", r"nope\.yaml: not valid YAML \(.* at line 3\); fix the syntax"),
+    (b"", r"nope\.yaml: expected a mapping .*, got an empty file"),
+    (b"- a\n- b\n", r"nope\.yaml: expected a mapping .*, got a list"),
+])
+def test_yaml_problems_read_the_same_in_every_reader(tmp_path, content, pattern):
+    """Dataset configs (training and inference) and --cfg run files share one reader: one line naming flag + file."""
+    from src.detection.datasets import load_config_classes
+    from src.detection.train_config import TrainConfig
+
+    path = tmp_path / "nope.yaml"
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    for read, flag in ((load_data_config, "--config"), (load_config_classes, "--config"),
+                       (TrainConfig.from_yaml, "--cfg")):
+        with pytest.raises(UserError, match=rf"^{flag} .*{pattern}") as exc:
+            read(path)
+        assert "\n" not in str(exc.value)
+
+
 def make_devkit(root: Path) -> None:
     for year, ids in (("2007", {"trainval": ["000001", "000002"], "test": ["000003"]}), ("2012", {"trainval": ["2012_1"]})):
         d = root / f"VOC{year}"

@@ -22,7 +22,14 @@ ort = pytest.importorskip("onnxruntime")
 
 from src.detection.checkpoint import build_payload, model_meta, save_checkpoint  # noqa: E402
 from src.detection.errors import UserError  # noqa: E402
-from src.detection.export import ExportConfig, ExportGraph, build_export_parser, export_onnx, main  # noqa: E402
+from src.detection.export import (  # noqa: E402
+    ExportConfig,
+    ExportGraph,
+    build_export_parser,
+    export_config_from_args,
+    export_onnx,
+    main,
+)
 from src.detection.model import DetectorConfig, build_detector  # noqa: E402
 from src.detection.onnx_runtime import DetectionDecoder, OnnxPredictor, sidecar_path  # noqa: E402
 from src.detection.predictor import Predictor  # noqa: E402
@@ -269,6 +276,33 @@ def test_config_validation_and_help():
         ExportConfig(model="x.pth", format="tflite")
     text = build_export_parser().format_help()
     assert "(default: 17)" in text and "--dynamic" in text and "--half" in text
+
+
+def test_checkpoint_flags_are_the_inference_ones(tmp_path):
+    """--model-name/--config/--head/--feature-extractor/--weights: one definition, same help and meaning in export
+    and both inference commands; --config takes any dataset config form without its data folders."""
+    from src.detection.infer_image import build_image_parser
+    from src.detection.video import build_video_parser
+
+    flags = ("--model-name", "--config", "--head", "--feature-extractor", "--weights")
+
+    def actions(parser):
+        return {a.option_strings[0]: (a.dest, a.default, a.help) for a in parser._actions
+                if a.option_strings and a.option_strings[0] in flags}
+
+    export = actions(build_export_parser())
+    assert sorted(export) == sorted(flags)
+    assert export == actions(build_image_parser()) == actions(build_video_parser())
+    text = " ".join(build_export_parser().format_help().split())
+    assert "--feature-extractor FEATURE_EXTRACTOR multi | last; checked against the checkpoint (default: None)" in text
+
+    data = tmp_path / "data.yaml"  # Ultralytics form; its image folders do not exist
+    data.write_text("path: gone\ntrain: images/train\nval: images/val\nnames: [cat, dog]\n")
+    args = build_export_parser().parse_args(["--model", "m.pth", "--config", str(data), "--head", "fcos",
+                                             "--feature-extractor", "last", "--model-name", "dinov3_vit_tiny"])
+    cfg = export_config_from_args(args)
+    assert cfg.expect() == {"model_name": "dinov3_vit_tiny", "head": "fcos", "feature_extractor": "last",
+                            "classes": ["__background__", "cat", "dog"]}
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

@@ -4,6 +4,7 @@ ground truth for every format, and evaluation skipping an undecodable image inst
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from src.detection.datasets import build_dataloader, build_datasets, load_data_config, load_ground_truth
+from src.detection.datasets import (
+    build_dataloader,
+    build_datasets,
+    load_config_classes,
+    load_data_config,
+    load_ground_truth,
+)
 from src.detection.errors import UserError
 
 
@@ -421,3 +428,67 @@ def test_shipped_example_configs(name, key):
     # the data is not shipped: loading stops at the first path, naming the file and the key
     with pytest.raises(UserError, match=rf"{name}: {key} not found"):
         load_data_config(REPO_ROOT / "detection_configs" / name)
+
+
+# ------------------------------------------------------------------------------------------- classes only
+def voc_pairs_dataset(root: Path) -> Path:
+    for split in ("train", "valid"):
+        write_image(root / f"data/{split}/images/a.jpg")
+        (root / f"data/{split}/labels").mkdir(parents=True)
+    return write_yaml(root / "voc.yaml", "TRAIN_IMG: data/train/images\nTRAIN_ANNOT: data/train/labels\n"
+                                         "VALID_IMG: data/valid/images\nVALID_ANNOT: data/valid/labels\n"
+                                         "CLASSES: [__background__, cat, dog]\n")
+
+
+@pytest.mark.parametrize("form,expected", [
+    ("voc", ["__background__", "cat", "dog"]),
+    ("coco", ["__background__", "cat", "bird", "dog"]),  # categories sorted by id
+    ("coco_classes", ["__background__", "dog", "cat"]),
+    ("ultralytics_dict", ["__background__", "cat", "dog"]),
+    ("ultralytics_list", ["__background__", "dog", "cat"]),
+])
+def test_config_classes_without_the_data_folders(tmp_path, form, expected):
+    """Inference reads the classes of every config form training takes, as training does, with the image and label
+    folders gone (a COCO config keeps its TRAIN_JSON: the names are there)."""
+    if form == "voc":
+        cfg = voc_pairs_dataset(tmp_path)
+    elif form.startswith("coco"):
+        cfg = coco_dataset(tmp_path, extra="CLASSES: [__background__, dog, cat]\n" if form == "coco_classes" else "")
+    else:
+        cfg = yolo_dataset(tmp_path, names="{0: cat, 1: dog}" if form == "ultralytics_dict" else "[dog, cat]")
+    assert load_data_config(cfg).classes == expected  # what a checkpoint trained on it records
+    for folder in ("data", "train", "valid", "ds", "ann/valid.json"):
+        target = tmp_path / folder
+        if target.is_dir():
+            shutil.rmtree(target)
+        target.unlink(missing_ok=True)
+    with pytest.raises(UserError, match="not found"):
+        load_data_config(cfg)
+    assert load_config_classes(cfg) == expected
+
+
+def test_config_classes_of_a_coco_config_without_its_annotation_file(tmp_path):
+    cfg = coco_dataset(tmp_path)
+    (tmp_path / "ann/train.json").unlink()
+    with pytest.raises(UserError, match=r"coco\.yaml: TRAIN_JSON: file 'ann/train\.json' not found .*class names "
+                                        r"come from its categories.*add CLASSES") as exc:
+        load_config_classes(cfg)
+    assert "\n" not in str(exc.value)
+    write_yaml(cfg, "FORMAT: coco\nVALID_JSON: ann/valid.json\n")
+    with pytest.raises(UserError, match=r"coco\.yaml: missing key TRAIN_JSON .*add CLASSES"):
+        load_config_classes(cfg)
+    write_yaml(cfg, "FORMAT: coco\nCLASSES: [__background__, cat]\n")  # names given: no file needed
+    assert load_config_classes(cfg) == ["__background__", "cat"]
+
+
+def test_config_classes_of_the_shipped_configs():
+    import yaml
+
+    from src.detection.utils import REPO_ROOT
+
+    configs = REPO_ROOT / "detection_configs"
+    raw = yaml.safe_load((configs / "voc.yaml").read_text())  # its data folders are not shipped
+    assert load_config_classes("detection_configs/voc.yaml") == raw["CLASSES"] and len(raw["CLASSES"]) == 21
+    assert load_config_classes(configs / "yolo_example.yaml") == ["__background__", "cat", "dog"]
+    with pytest.raises(UserError, match=r"coco_example\.yaml: TRAIN_JSON: file .*instances_train2017\.json' not found"):
+        load_config_classes(configs / "coco_example.yaml")

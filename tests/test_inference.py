@@ -148,6 +148,7 @@ def test_image_folder_outputs(image_run) -> None:
     # the JSON keeps detections down to the checkpoint's evaluation threshold (0.05), not only the drawn ones
     summary = json.loads((out / "summary.json").read_text())
     assert summary["predictions_score_floor"] == pytest.approx(0.05) and summary["threshold"] == 0.5
+    assert summary["complete"] is True and summary["images_found"] == summary["images_done"] == 3
     assert min(p["score"] for p in preds) >= 0.05 and min(p["score"] for p in preds) < 0.5
     assert summary["detections"] == sum(p["score"] >= 0.5 for p in preds) < len(preds)
     top = max((p for p in preds if p["file_name"] == "scene.jpg"), key=lambda p: p["score"])
@@ -183,6 +184,78 @@ def test_save_xml_round_trips_through_dataset_reader(image_run) -> None:
 def test_missing_input_is_one_line_error(checkpoint: Path, tmp_path: Path) -> None:
     proc = run_cli("infer_det_image.py", "--input", str(tmp_path / "nope"), "--model", str(checkpoint))
     assert_one_line_error(proc, "--input", "no such file or folder")
+
+
+def test_coco_config_classes_are_checked_without_the_data_folders(checkpoint: Path, tmp_path: Path) -> None:
+    """--config takes every dataset config form; a COCO one names its classes in its annotation file only."""
+    ann = tmp_path / "ann" / "instances_train.json"
+    ann.parent.mkdir()
+    # ids out of order: training sorts the categories by id, so the classes are [circle, square]
+    ann.write_text(json.dumps({"images": [], "annotations": [],
+                               "categories": [{"id": 9, "name": "square"}, {"id": 4, "name": "circle"}]}))
+    cfg = tmp_path / "coco.yaml"  # the image folders do not exist
+    cfg.write_text("FORMAT: coco\nTRAIN_JSON: ann/instances_train.json\nTRAIN_IMG: train2017\n"
+                   "VALID_JSON: ann/instances_val.json\nVALID_IMG: val2017\n")
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "scene.png"), make_scene())
+    proc = run_cli("infer_det_image.py", "-i", str(src), "--model", str(checkpoint), "--config", str(cfg),
+                   "--device", "cpu", "--no-save", "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())
+
+    from src.detection.predictor import PredictConfig, build_predictor
+
+    swapped = tmp_path / "data.yaml"  # an Ultralytics data.yaml naming the classes in another order
+    swapped.write_text("path: nowhere\ntrain: images/train\nval: images/val\nnames: {0: square, 1: circle}\n")
+    with pytest.raises(UserError, match=r"--config CLASSES 2 classes \['square', 'circle'\]\.\.\. contradicts checkpoint"):
+        build_predictor(PredictConfig(model=str(checkpoint), config=str(swapped), device="cpu"), verbose=False)
+
+
+@pytest.mark.parametrize("where", ["decode", "forward"])
+def test_interrupted_run_writes_the_images_done(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys, where: str) -> None:
+    """Ctrl-C on the 4th of 5 images (while reading it, or in the model's forward, where a real Ctrl-C lands): the
+    images taken so far are finished and written, the summary says the run is incomplete, the command exits 130."""
+    import infer_det_image
+    from src.detection import infer_image
+    from src.detection.predictor import Predictor
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(5):
+        cv2.imwrite(str(src / f"img{k}.png"), make_scene(seed=k))
+    if where == "decode":
+        real_read = infer_image.read_image
+
+        def read_image(path):
+            if path.name == "img3.png":
+                raise KeyboardInterrupt
+            return real_read(path)
+
+        monkeypatch.setattr(infer_image, "read_image", read_image)
+        done = ["img0.png", "img1.png", "img2.png"]
+    else:
+        real_forward, calls = Predictor.forward, []
+
+        def forward(self, batch):
+            calls.append(len(batch))
+            if len(calls) == 4:  # once: the pipeline finishes the batch it holds, as after a real Ctrl-C
+                raise KeyboardInterrupt
+            return real_forward(self, batch)
+
+        monkeypatch.setattr(Predictor, "forward", forward)
+        done = ["img0.png", "img1.png", "img2.png", "img3.png"]
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["infer_det_image.py", "-i", str(src), "--model", str(checkpoint),
+                                      "--device", "cpu", "--batch", "1", "--out-dir", str(out)])
+    assert infer_det_image.main() == 130
+    preds = json.loads((out / "predictions.json").read_text())
+    assert sorted({p["file_name"] for p in preds}) == done
+    assert sorted(p.name for p in out.glob("*.png")) == done  # the annotated images match the JSON
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["complete"], summary["images_done"], summary["images_found"]) == (False, len(done), 5)
+    assert f"interrupted: {len(done)} of 5 images done" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------- settings

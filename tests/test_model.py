@@ -394,3 +394,65 @@ def test_head_convs_config_round_trip_and_older_metadata():
         tiny(head="fcos", head_convs=5)
     with pytest.raises(UserError, match="--head-convs 2: the SSD head"):
         tiny(head="ssd", head_convs=2)
+
+
+def _dense_convs(head) -> dict[str, torch.nn.Conv2d]:
+    return {n: m for n, m in head.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)}
+
+
+@pytest.mark.parametrize("head", ["retinanet", "fcos"])
+def test_separable_head_replaces_every_dense_conv(head):
+    """Each dense 3x3 head conv becomes depthwise 3x3 + pointwise 1x1 that together compute the same map as
+    conv2d(conv2d(x, dw, groups=C), pw); the parameter saving is exactly 9*cin*cout - 9*cin - cin*cout per conv,
+    the classification prior bias survives, and the head trains."""
+    dense = build(tiny(head=head, head_separable=False))
+    sep = build(tiny(head=head, head_separable=True))
+    assert sep.config.head_separable is True and dense.config.head_separable is False
+    convs = _dense_convs(dense.head)
+    assert all(m.groups == 1 for m in convs.values())
+    assert set(_dense_convs(sep.head)) == {f"{n}.depthwise" for n in convs}
+    for m in sep.head.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+            assert m.groups == m.in_channels == m.out_channels
+    saved = sum(9 * c.in_channels * c.out_channels - 9 * c.in_channels - c.in_channels * c.out_channels
+                for c in convs.values())
+    assert count_parameters(dense)[1] - count_parameters(sep)[1] == saved
+    cls = sep.head.classification_head.cls_logits
+    torch.testing.assert_close(cls.pointwise.bias, dense.head.classification_head.cls_logits.bias)
+    x = torch.randn(1, cls.depthwise.in_channels, 9, 7)
+    expected = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, cls.depthwise.weight, padding=1,
+                                                                     groups=x.shape[1]),
+                                          cls.pointwise.weight, cls.pointwise.bias)
+    torch.testing.assert_close(cls(x), expected)
+
+    sep.train()
+    opt = torch.optim.AdamW([p for p in sep.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = sum(sep(images(), targets()).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_separable_head_config_round_trip_and_older_metadata():
+    """The choice is recorded and rebuilt; metadata from before the field means dense convs (strict load); the
+    reference's `last` head and SSD stay dense."""
+    from src.detection.model import HEAD_SEPARABLE
+
+    model = build(tiny(head="retinanet", head_separable=True))
+    d = model.config.to_dict()
+    assert d["head_separable"] is True
+    build(DetectorConfig.from_dict(d)).load_state_dict(model.state_dict(), strict=True)
+    dense = build(tiny(head="fcos", head_separable=False))
+    legacy = {k: v for k, v in dense.config.to_dict().items() if k != "head_separable"}
+    assert DetectorConfig.from_dict(legacy).head_separable is False
+    build(DetectorConfig.from_dict(legacy)).load_state_dict(dense.state_dict(), strict=True)
+    assert HEAD_SEPARABLE["last"] is False
+    assert build(tiny(head="retinanet", mode="last")).config.head_separable is False
+    assert build(tiny(head="fcos")).config.head_separable is HEAD_SEPARABLE["multi"]
+    assert build(tiny(head="ssd")).config.head_separable is None
+    with pytest.raises(UserError, match="--head-separable: the SSD head"):
+        tiny(head="ssd", head_separable=True)

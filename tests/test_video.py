@@ -340,6 +340,12 @@ def test_interrupted_run_leaves_playable_video_and_summary(odd_clip, tmp_path: P
     frames = decode(saved["output"])  # finalized container: decodes to the frames written
     assert len(frames) == saved["frames"] and frames[0].shape == (77, 101, 3)
     assert len((out / "frames.jsonl").read_text().splitlines()) == saved["frames"] == summary["frames"]
+    import infer_det_video  # the command: everything finalized, yet the exit status says the run was cut short
+
+    monkeypatch.setattr(sys, "argv", ["infer_det_video.py", "-i", str(src), "--model", "stub.pth", "--out-dir",
+                                      str(tmp_path / "cli")])
+    assert infer_det_video.main() == 130
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["interrupted"] is True
 
 
 @pytest.mark.parametrize("stop_after", [5, 8])

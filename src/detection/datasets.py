@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
@@ -40,14 +39,15 @@ from .formats.common import (  # re-exported: the reader's building blocks are p
 from .formats.voc import list_samples, parse_voc_xml
 from .image_io import image_size, read_image
 from .transforms import DEFAULT_AUGMENT, build_transform
-from .utils import resolve_path
+from .utils import read_yaml, resolve_path
 
 FORMATS = ("voc", "coco", "yolo")
 
 __all__ = [
     "FORMATS", "BadSample", "DataConfig", "DataReport", "DetectionDataset", "Record", "SplitSource", "VOCDataset",
     "build_dataloader", "build_datasets", "clamp_boxes", "collate_fn", "image_size", "list_samples",
-    "load_data_config", "load_ground_truth", "parse_voc_xml", "read_image", "read_split", "save_transformed_samples",
+    "load_config_classes", "load_data_config", "load_ground_truth", "parse_voc_xml", "read_image", "read_split",
+    "save_transformed_samples",
 ]
 
 
@@ -100,37 +100,33 @@ def _classes_key(cfg_path: Path, raw: dict) -> list[str]:
     return check_classes(str(cfg_path), raw["CLASSES"])
 
 
+def _read_config(path: str | os.PathLike) -> tuple[Path, dict, str]:
+    """(resolved path, raw mapping, kind): kind is ``ultralytics`` for a data.yaml, else the FORMAT (voc default)."""
+    cfg_path = resolve_path(path)
+    raw = read_yaml(path, "--config", "pass a dataset YAML such as detection_configs/voc.yaml")
+    if yolo.is_ultralytics(raw):
+        return cfg_path, raw, "ultralytics"
+    fmt = raw.get("FORMAT", "voc")
+    if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
+        raise UserError(f"{cfg_path}: FORMAT {fmt!r} is not one of {', '.join(FORMATS)}")
+    return cfg_path, raw, fmt.lower()
+
+
 def load_data_config(path: str | os.PathLike) -> DataConfig:
     """Load and validate a dataset YAML: ``FORMAT: voc`` (default; folder pairs or VOCdevkit), ``coco`` or ``yolo``,
     or an Ultralytics data.yaml as it is (see detection_configs/README.md)."""
-    cfg_path = resolve_path(path)
-    if not cfg_path.is_file():
-        raise UserError(f"--config {path}: file not found; pass a YAML such as detection_configs/voc.yaml")
-    try:
-        raw = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{cfg_path}: not valid YAML ({first}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{cfg_path}: expected a mapping of KEY: value, got {type(raw).__name__}")
-
+    cfg_path, raw, kind = _read_config(path)
     category_ids = None
-    if yolo.is_ultralytics(raw):
-        fmt = "yolo"
+    if kind == "ultralytics":
         train, valid, classes = yolo.sources_from_ultralytics(cfg_path, raw)
+    elif kind == "coco":
+        train, valid, classes, category_ids = coco.sources_from_config(cfg_path, raw)
+    elif kind == "yolo":
+        classes = _classes_key(cfg_path, raw)
+        train, valid = yolo.sources_from_config(cfg_path, raw)
     else:
-        fmt = raw.get("FORMAT", "voc")
-        if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
-            raise UserError(f"{cfg_path}: FORMAT {fmt!r} is not one of {', '.join(FORMATS)}")
-        fmt = fmt.lower()
-        if fmt == "coco":
-            train, valid, classes, category_ids = coco.sources_from_config(cfg_path, raw)
-        elif fmt == "yolo":
-            classes = _classes_key(cfg_path, raw)
-            train, valid = yolo.sources_from_config(cfg_path, raw)
-        else:
-            classes = _classes_key(cfg_path, raw)
-            train, valid = voc.sources_from_config(cfg_path, raw)
+        classes = _classes_key(cfg_path, raw)
+        train, valid = voc.sources_from_config(cfg_path, raw)
     return DataConfig(
         path=cfg_path.resolve(),
         classes=list(classes),
@@ -139,9 +135,21 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
         visualize_transformed_images=_bool_key(cfg_path, raw, "VISUALIZE_TRANSFORMED_IMAGES", False),
         ignore_unknown_classes=_bool_key(cfg_path, raw, "IGNORE_UNKNOWN_CLASSES", False),
         skip_bad_samples=_bool_key(cfg_path, raw, "SKIP_BAD_SAMPLES", False),
-        format=fmt,
+        format="yolo" if kind == "ultralytics" else kind,
         category_ids=category_ids,
     )
+
+
+def load_config_classes(path: str | os.PathLike) -> list[str]:
+    """The classes (``__background__`` first, as ``load_data_config`` gives them and checkpoints record them) of any
+    dataset YAML ``load_data_config`` takes, without needing its image or label folders: for inference and export.
+    A COCO config without ``CLASSES`` still needs its TRAIN_JSON file, whose categories name the classes."""
+    cfg_path, raw, kind = _read_config(path)
+    if kind == "ultralytics":
+        return yolo.class_names(cfg_path, raw)
+    if kind == "coco":
+        return coco.classes_from_config(cfg_path, raw)
+    return _classes_key(cfg_path, raw)
 
 
 def read_split(data_cfg: DataConfig, split: str, ignore_unknown_classes: bool | None = None,

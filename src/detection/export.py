@@ -48,6 +48,7 @@ from .onnx_runtime import (
     output_names,
     sidecar_path,
 )
+from .predictor import add_checkpoint_args
 from .utils import parse_imgsz, resolve_path
 
 FORMATS = ("onnx",)
@@ -75,6 +76,7 @@ class ExportConfig:
     model_name: str | None = None
     config: str | None = None
     head: str | None = None
+    feature_extractor: str | None = None
     verify: bool = True
 
     def __post_init__(self) -> None:
@@ -93,10 +95,9 @@ class ExportConfig:
 
     def expect(self) -> dict[str, Any]:
         """What the flags claim about the model (describes reference-project checkpoints, checks our own)."""
-        from .predictor import config_classes
+        from .predictor import checkpoint_claims
 
-        return {"model_name": self.model_name, "head": self.head,
-                "classes": config_classes(self.config) if self.config else None}
+        return checkpoint_claims(self)
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -117,13 +118,7 @@ def build_export_parser() -> argparse.ArgumentParser:
                         help="folder for <checkpoint name>.onnx; None = the checkpoint's folder")
     parser.add_argument("--output", default=None, help="exact .onnx file to write (overrides --out-dir)")
     parser.add_argument("--device", default="auto", help="auto (cuda with --half, else cpu) | cpu | cuda | cuda:N")
-    parser.add_argument("--weights", default=None,
-                        help="backbone weights; only for checkpoints saved without the backbone")
-    parser.add_argument("--model-name", default=None,
-                        help="checked against the checkpoint; required for reference-project checkpoints")
-    parser.add_argument("--config", default=None,
-                        help="dataset YAML whose CLASSES are checked (required for reference-project checkpoints)")
-    parser.add_argument("--head", default=None, help="retinanet | ssd | fcos; checked against the checkpoint")
+    add_checkpoint_args(parser.add_argument_group("model"))
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip running the export with onnxruntime against PyTorch")
     return parser

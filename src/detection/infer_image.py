@@ -6,7 +6,8 @@ images and label files hold only detections scoring at least ``--threshold``. ``
 dataset's own COCO id when it had them (``category_name`` is always written too), so the file also scores with
 pycocotools against the original annotation file (matching ``image_id`` by ``file_name``: ours count the input
 images from 1). ``summary.json`` records the lowest score kept in the JSON (``predictions_score_floor``) and the
-images that could not be read (``unreadable``), which ``evaluate --predictions`` leaves out of the ground truth.
+images that could not be read (``unreadable``), which ``evaluate --predictions`` leaves out of the ground truth, and
+whether every image found was done (``complete``, ``images_done`` of ``images_found``; false after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def coco_results(image_id: int, file_name: str, pred: dict[str, torch.Tensor], c
 
 
 def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
-    """The body of infer_det_image.py: predict every image, write annotated images / predictions.json / labels."""
+    """The body of infer_det_image.py: predict every image, write annotated images / predictions.json / labels.
+
+    Returns the summary. A KeyboardInterrupt (Ctrl-C) ends the run early: the images already done are written as
+    usual and the summary says ``"complete": false`` (the command then exits with 130).
+    """
     import cv2
     from tqdm import tqdm
 
@@ -131,8 +136,12 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
                 cv2.waitKey(1)
 
     t0 = time.perf_counter()
+    interrupted = False
     try:
-        run_pipeline(predictor, (load(x) for x in enumerate(files)), sink)
+        try:
+            run_pipeline(predictor, (load(x) for x in enumerate(files)), sink)
+        except KeyboardInterrupt:  # Ctrl-C: the images already taken are finished; write what is done
+            interrupted = True
     finally:
         bar.close()
         if labels is not None:
@@ -142,7 +151,9 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     pred_path = out_dir / "predictions.json"
     pred_path.write_text(json.dumps(results))
-    summary = {"images": counts["images"], "skipped": len(skipped), "detections": counts["detections"],
+    done = counts["images"] + len(skipped)
+    summary = {"complete": not interrupted, "images_found": len(files), "images_done": done,
+               "images": counts["images"], "skipped": len(skipped), "detections": counts["detections"],
                "unreadable": [rel.as_posix() for rel in skipped],
                "threshold": pc.threshold, "predictions": str(pred_path),
                "predictions_detections": len(results), "predictions_score_floor": predictor.score_thresh,
@@ -154,7 +165,10 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
     print(f"{counts['images']} images{note}, {counts['detections']} detections >= {pc.threshold}; "
           f"model {summary['model_images_per_s']:.2f} img/s, end-to-end {summary['end_to_end_images_per_s']:.2f} "
           f"img/s; results in {out_dir} (predictions.json keeps scores >= {predictor.score_thresh:g} for evaluation)")
-    if counts["images"] == 0:
+    if interrupted:
+        print(f"interrupted: {done} of {len(files)} images done; predictions.json and summary.json hold only those "
+              f'("complete": false)')
+    elif counts["images"] == 0:
         raise UserError(f"--input {cfg.input}: none of the {len(files)} images could be read")
     return summary
 

@@ -61,6 +61,9 @@ ANCHOR_STRIDE_FACTOR = 4
 HEAD_CONVS = {"last": 4, "multi": 4}
 LEGACY_HEAD_CONVS = 4  # torchvision's, and what checkpoints without a recorded head_convs were built with
 MAX_HEAD_CONVS = 4  # torchvision's RetinaNet head builds exactly 4; fewer are taken from its tower
+# Depthwise-separable head convs (EfficientDet's head): a 3x3 depthwise + 1x1 pointwise conv per layer, ~8x fewer
+# FLOPs than a dense 3x3 conv at 128 channels. `last` keeps the reference's dense head.
+HEAD_SEPARABLE = {"last": False, "multi": False}
 SSD_ASPECT_RATIOS = [2, 3]  # per level: 2 square boxes + 2 per ratio = 6 default boxes per location
 
 
@@ -194,6 +197,8 @@ class DetectorConfig:
     size_multiple: int | None = None  # None: what the built model pads to
     # conv layers per head branch (RetinaNet / FCOS); None: HEAD_CONVS[feature_extractor] (SSD has none)
     head_convs: int | None = None
+    # depthwise-separable head convs (RetinaNet / FCOS); None: HEAD_SEPARABLE[feature_extractor]
+    head_separable: bool | None = None
 
     def __post_init__(self) -> None:
         self.imgsz = parse_imgsz(self.imgsz)
@@ -224,6 +229,10 @@ class DetectorConfig:
             raise UserError(f"--fpn-channels {self.fpn_channels}: use a multiple of 32, at least 64 (e.g. 256)")
         self.fpn_channels = int(self.fpn_channels)
         self.head_convs = _check_head_convs(self.head_convs, self.head)
+        if self.head_separable is not None:
+            self.head_separable = bool(self.head_separable)
+            if self.head_separable and self.head == "ssd":
+                raise UserError("--head-separable: the SSD head has no conv tower (one conv per level); drop it")
 
     @property
     def input_spec(self) -> InputSpec:
@@ -263,6 +272,8 @@ class DetectorConfig:
         kwargs = {k: v for k, v in d.items() if k in names}
         if "head_convs" not in d and d.get("head", "retinanet") != "ssd":
             kwargs["head_convs"] = LEGACY_HEAD_CONVS  # metadata from before the field: torchvision's 4 convs
+        if "head_separable" not in d and d.get("head", "retinanet") != "ssd":
+            kwargs["head_separable"] = False  # metadata from before the field: dense convs
         if isinstance(d.get("input"), dict):
             kwargs.update({k: v for k, v in d["input"].items() if k in _INPUT_FIELDS or k == "imgsz"})
         return cls(**kwargs)
@@ -609,6 +620,31 @@ def _shorten_towers(head: RetinaNetHead, n_convs: int) -> None:
         branch.conv = nn.Sequential(*list(branch.conv)[:n_convs])
 
 
+class SeparableConv2d(nn.Sequential):
+    """A 3x3 depthwise conv followed by a 1x1 pointwise conv that takes the dense conv's place (and its bias)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        depthwise = nn.Conv2d(conv.in_channels, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
+                              groups=conv.in_channels, bias=False)
+        pointwise = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
+        # unit-gain depthwise filters; the pointwise conv keeps torchvision's N(0, 0.01) and the dense conv's bias
+        # (the classification prior), so the head starts where the dense one does
+        nn.init.kaiming_normal_(depthwise.weight, nonlinearity="linear")
+        nn.init.normal_(pointwise.weight, std=0.01)
+        if conv.bias is not None:
+            with torch.no_grad():
+                pointwise.bias.copy_(conv.bias)
+        super().__init__(OrderedDict(depthwise=depthwise, pointwise=pointwise))
+
+
+def _make_separable(head: nn.Module) -> None:
+    """Swap every dense 3x3 conv of a RetinaNet / FCOS head (towers and predictors) for a ``SeparableConv2d``."""
+    for parent in list(head.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.kernel_size == (3, 3) and child.groups == 1:
+                setattr(parent, name, SeparableConv2d(child))
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
@@ -645,6 +681,7 @@ def build_detector(cfg: DetectorConfig, weights: str | None = None, verbose: boo
 
     num_classes = cfg.num_classes
     n_convs = HEAD_CONVS[cfg.feature_extractor] if cfg.head_convs is None else cfg.head_convs
+    separable = HEAD_SEPARABLE[cfg.feature_extractor] if cfg.head_separable is None else cfg.head_separable
     common = dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms, detections_per_img=cfg.max_det)
     if cfg.head == "retinanet":
         if cfg.feature_extractor == "last":  # the reference project's model, parameter for parameter
@@ -677,13 +714,16 @@ def build_detector(cfg: DetectorConfig, weights: str | None = None, verbose: boo
         head = DetFCOSHead(channels, 1, num_classes, num_convs=n_convs)
         model = DinoFCOS(DinoFeatures(dino, cfg.feature_extractor, neck, channels, strides), num_classes,
                          anchor_generator=anchors, head=head, **common)
+    if separable and cfg.head != "ssd":
+        _make_separable(model.head)
 
     if cfg.size_multiple is not None and cfg.size_multiple != divisible:
         raise UserError(f"the configuration expects inputs padded to /{cfg.size_multiple}, but {cfg.model_name} "
                         f"({cfg.feature_extractor}) pads to /{divisible}; was the checkpoint written by another version?")
     # mean/std: the configuration's (a checkpoint's record) or the statistics of the backbone's weight family
     model.config = dataclasses.replace(cfg, mean=cfg.mean or tuple(dino.mean), std=cfg.std or tuple(dino.std),
-                                       size_multiple=divisible, head_convs=None if cfg.head == "ssd" else n_convs)
+                                       size_multiple=divisible, head_convs=None if cfg.head == "ssd" else n_convs,
+                                       head_separable=None if cfg.head == "ssd" else separable)
     spec = model.config.input_spec
     model.transform = DetectionTransform(spec.mean, spec.std, spec.size_multiple, spec.imgsz)
     if verbose:

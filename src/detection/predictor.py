@@ -1,5 +1,6 @@
 """The shared Predictor (checkpoint -> preprocess -> batched forward -> boxes in original coordinates), the typed
-configuration both inference commands share (``PredictConfig``, ``add_predictor_args``, ``build_predictor``).
+configuration both inference commands share (``PredictConfig``, ``add_predictor_args``, ``build_predictor``) and
+the checkpoint-describing flags export shares too (``add_checkpoint_args``, ``checkpoint_claims``).
 
 Public Predictor interface (``OnnxPredictor`` in onnx_runtime.py offers the same): ``classes``, ``meta``,
 ``input_spec``, ``keep_aspect``, ``score_thresh``, ``batch_size``, ``device``, ``precision``, ``model_timer``,
@@ -218,8 +219,7 @@ class PredictConfig:
 
     def expect(self) -> dict[str, Any]:
         """What the flags claim about the model (checked against / describing the checkpoint)."""
-        return {"model_name": self.model_name, "head": self.head, "feature_extractor": self.feature_extractor,
-                "classes": config_classes(self.config) if self.config else None}
+        return checkpoint_claims(self)
 
     def resolved_out_dir(self) -> Path | None:
         """``--out-dir`` relative to the working directory first, then the repository root."""
@@ -239,14 +239,7 @@ def add_predictor_args(parser: argparse.ArgumentParser) -> None:
                    help="minimum score of a drawn detection (and of saved label files)")
     g.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N",
                    help="model input size W [H]; default: the checkpoint's (reference checkpoints: 640)")
-    g.add_argument("--model-name", default=None,
-                   help="checked against the checkpoint; required for reference-project checkpoints")
-    g.add_argument("--config", default=None,
-                   help="dataset YAML; its CLASSES are checked against the checkpoint (required for reference ones)")
-    g.add_argument("--head", default=None, help="retinanet | ssd | fcos; checked against the checkpoint")
-    g.add_argument("--feature-extractor", default=None, help="multi | last; checked against the checkpoint")
-    g.add_argument("--weights", default=None,
-                   help="backbone weights; only needed for checkpoints saved without the backbone")
+    add_checkpoint_args(g)
     g.add_argument("--nms", type=float, default=None, help="NMS IoU threshold (default: the checkpoint's)")
     g.add_argument("--max-det", type=int, default=None, help="max detections per image (default: the checkpoint's)")
     g.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
@@ -268,21 +261,34 @@ def add_predictor_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-save", action="store_true", help="do not write annotated images/video")
 
 
-def config_classes(config: str) -> list[str]:
-    """CLASSES of a dataset YAML (only the class list; the data folders need not exist for inference)."""
-    import yaml
+def add_checkpoint_args(group: Any) -> None:
+    """Add to ``group`` (a parser or argument group) what a command that loads a checkpoint may be told about the
+    model (inference, export): the same flags with the same meaning everywhere. They are checked against our
+    checkpoints and describe reference-project ones, which record nothing; ``checkpoint_claims`` turns the parsed
+    values into ``prepare_checkpoint``'s ``expect``."""
+    from .model import FEATURE_EXTRACTORS, HEADS
 
-    path = resolve_path(config)
-    if not path.is_file():
-        raise UserError(f"--config {config}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"--config {config}: not valid YAML ({type(exc).__name__})") from None
-    classes = data.get("CLASSES") if isinstance(data, dict) else None
-    if not isinstance(classes, list) or not classes:
-        raise UserError(f"--config {config}: no CLASSES list; add CLASSES: [__background__, ...]")
-    return [str(c) for c in classes]
+    group.add_argument("--model-name", default=None,
+                       help="backbone name; checked against the checkpoint, required for reference-project ones")
+    group.add_argument("--config", default=None,
+                       help="dataset YAML (any form train_detection.py takes; its image folders need not exist): its "
+                            "classes are checked against the checkpoint; required for reference-project ones")
+    group.add_argument("--head", default=None, help=f"{' | '.join(HEADS)}; checked against the checkpoint")
+    group.add_argument("--feature-extractor", default=None,
+                       help=f"{' | '.join(FEATURE_EXTRACTORS)}; checked against the checkpoint")
+    group.add_argument("--weights", default=None,
+                       help="backbone weights; only needed for checkpoints saved without the backbone")
+
+
+def checkpoint_claims(cfg: Any) -> dict[str, Any]:
+    """What ``add_checkpoint_args``' flags (fields of ``cfg``) claim about the model; classes read from ``--config``
+    (``__background__`` first, the form checkpoints record)."""
+    from .datasets import load_config_classes
+
+    config = getattr(cfg, "config", None)
+    return {"model_name": getattr(cfg, "model_name", None), "head": getattr(cfg, "head", None),
+            "feature_extractor": getattr(cfg, "feature_extractor", None),
+            "classes": load_config_classes(config) if config else None}
 
 
 def build_predictor(cfg: PredictConfig, keep_low_scores: bool = False, verbose: bool = True):

@@ -24,7 +24,7 @@ from .feature_cache import check_cacheable
 from .model import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS, DetectorConfig
 from .runtime import PRECISIONS
 from .transforms import DEFAULT_AUGMENT, PRESETS
-from .utils import parse_imgsz, resolve_path
+from .utils import parse_imgsz, read_yaml
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "multistep")
@@ -60,6 +60,7 @@ class TrainConfig:
     layer_decay: float = 1.0
     fpn_channels: int = 128
     head_convs: int | None = None
+    head_separable: bool | None = None
     imgsz: tuple[int, int] = (640, 640)
     letterbox: bool = False
     nms: float = 0.45
@@ -147,7 +148,7 @@ class TrainConfig:
                               backbone_impl=self.backbone_impl, fine_tune=self.fine_tune, nms=self.nms,
                               score_thresh=self.score_thresh, max_det=self.max_det,
                               arch_overrides=self.arch_overrides, fpn_channels=self.fpn_channels,
-                              head_convs=self.head_convs)
+                              head_convs=self.head_convs, head_separable=self.head_separable)
 
     # -- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -167,15 +168,8 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
-        p = resolve_path(path)
-        if not p.is_file():
-            raise UserError(f"--cfg {path}: file not found; pass a run's args.yaml")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise UserError(f"--cfg {path}: not valid YAML ({type(exc).__name__})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"--cfg {path}: expected a mapping of option names to values (a run's args.yaml)")
+        data = read_yaml(path, "--cfg", "pass a run's args.yaml",
+                         expected="a mapping of option names to values (a run's args.yaml)")
         return cls.from_dict(data, source=f"--cfg {path}")
 
     def save_yaml(self, path: str | os.PathLike) -> Path:
@@ -248,6 +242,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--head-convs", type=int, default=d.head_convs, metavar="N",
                    help="conv layers per RetinaNet/FCOS head branch, 0-4 (default: torchvision's 4; fewer = cheaper "
                         "steps but slower learning, docs/DEMO.md)")
+    g.add_argument("--head-separable", action=argparse.BooleanOptionalAction, default=d.head_separable,
+                   help="depthwise-separable head convs (EfficientDet-style; ~8x fewer head FLOPs); None: "
+                        "the built-in default for the feature extractor")
     g.add_argument("--fpn-channels", type=int, default=d.fpn_channels,
                    help="width of the FPN / pyramid and the head convs (256 = torchvision RetinaNet; 128 trains "
                         "~1.7x faster)")

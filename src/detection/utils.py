@@ -1,4 +1,4 @@
-"""Small shared helpers: repository paths, run folders, seeding, image sizes."""
+"""Small shared helpers: repository paths, YAML files, run folders, seeding, image sizes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .errors import UserError
 
@@ -37,6 +38,35 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
         return p.absolute() if not p.is_absolute() else p
     return REPO_ROOT / p
+
+
+def read_yaml(path: str | os.PathLike, flag: str, hint: str, expected: str = "a mapping of KEY: value") -> dict:
+    """The mapping in the YAML file ``path`` (given as ``flag``; resolved by :func:`resolve_path`).
+
+    Every problem is one UserError line naming the flag and file: not found (``hint`` says what to pass), not UTF-8,
+    not valid YAML (with the line of the problem), or not ``expected`` (a mapping).
+    """
+    p = resolve_path(path)
+    if not p.is_file():
+        what = "a folder, not a YAML file" if p.is_dir() else "file not found"
+        raise UserError(f"{flag} {path}: {what}; {hint}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{flag} {p}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{flag} {p}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{flag} {p}: not valid YAML ({problem}{where}); fix the syntax") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise UserError(f"{flag} {p}: expected {expected}, got {got}")
+    return data
 
 
 def increment_path(parent: str | os.PathLike, name: str | None, default_stem: str, exist_ok: bool = False) -> Path:

@@ -66,11 +66,7 @@ def categories(path: Path, data: dict[str, Any]) -> dict[int, str]:
 
 
 def sources_from_config(cfg_path: Path, raw: dict) -> tuple[list[SplitSource], list[SplitSource], list[str], list[int]]:
-    """(train, valid, classes, category_ids) of a ``FORMAT: coco`` config.
-
-    Classes come from the train file's categories (sorted by id) unless ``CLASSES`` is given; a name must have the
-    same id in both files, so one mapping serves predictions on either split.
-    """
+    """(train, valid, classes, category_ids) of a ``FORMAT: coco`` config (see :func:`class_mapping`)."""
     missing = [k for k in KEYS if raw.get(k) is None]
     if missing:
         raise UserError(f"{cfg_path}: missing key {', '.join(missing)} (FORMAT: coco needs TRAIN_JSON/VALID_JSON "
@@ -79,28 +75,53 @@ def sources_from_config(cfg_path: Path, raw: dict) -> tuple[list[SplitSource], l
                         json=resolve_config_path(cfg_path, "TRAIN_JSON", raw["TRAIN_JSON"], "file"))
     valid = SplitSource("VALID_JSON", resolve_config_path(cfg_path, "VALID_IMG", raw["VALID_IMG"]),
                         json=resolve_config_path(cfg_path, "VALID_JSON", raw["VALID_JSON"], "file"))
-    cats = {s.json: categories(s.json, load_json(s.json)) for s in (train, valid)}
-    train_cats = cats[train.json]
+    classes, ids = class_mapping(cfg_path, raw, [train.json, valid.json])
+    return [train], [valid], classes, ids
+
+
+def classes_from_config(cfg_path: Path, raw: dict) -> list[str]:
+    """The classes of a ``FORMAT: coco`` config without its image folders (inference): ``CLASSES`` when given,
+    else the categories of the ``TRAIN_JSON`` file - the same list :func:`sources_from_config` gives."""
+    if raw.get("CLASSES") is not None:
+        return check_classes(str(cfg_path), raw["CLASSES"])
+    fix = "or add CLASSES: [__background__, ...] to the config"
+    if raw.get("TRAIN_JSON") is None:
+        raise UserError(f"{cfg_path}: missing key TRAIN_JSON (FORMAT: coco takes its class names from that "
+                        f"annotation file's categories); add it, {fix}")
+    path = resolve_config_path(cfg_path, "TRAIN_JSON", raw["TRAIN_JSON"], "file",
+                               fix=f"the class names come from its categories: fix the path, {fix}")
+    return class_mapping(cfg_path, raw, [path])[0]
+
+
+def class_mapping(cfg_path: Path, raw: dict, files: Sequence[Path]) -> tuple[list[str], list[int]]:
+    """(classes, category_ids) of a ``FORMAT: coco`` config whose annotation ``files`` come train first.
+
+    Classes come from the first file's categories (sorted by id) unless ``CLASSES`` is given; a name must have the
+    same id in every file, so one mapping serves predictions on any split.
+    """
+    cats = {f: categories(f, load_json(f)) for f in files}
     if raw.get("CLASSES") is not None:
         classes = check_classes(str(cfg_path), raw["CLASSES"])
     else:
-        classes = ["__background__"] + [train_cats[c] for c in sorted(train_cats)]
+        first = cats[files[0]]
+        classes = ["__background__"] + [first[c] for c in sorted(first)]
+    names = [f.name for f in files]
     ids: list[int] = [0]
     for name in classes[1:]:
         found = {p: next((i for i, n in c.items() if n == name), None) for p, c in cats.items()}
         known = {i for i in found.values() if i is not None}
         if not known:
-            raise UserError(f"{cfg_path}: CLASSES lists {name!r}, which neither {train.json.name} nor "
-                            f"{valid.json.name} has in 'categories'; fix the name")
+            which = f"neither {' nor '.join(names)} has" if len(names) > 1 else f"{names[0]} does not have"
+            raise UserError(f"{cfg_path}: CLASSES lists {name!r}, which {which} in 'categories'; fix the name")
         if len(known) > 1:
-            raise UserError(f"{cfg_path}: category {name!r} has id {found[train.json]} in {train.json} and "
-                            f"{found[valid.json]} in {valid.json}; use the same ids in both files")
+            ids_in = " and ".join(f"{i} in {p}" for p, i in found.items() if i is not None)
+            raise UserError(f"{cfg_path}: category {name!r} has id {ids_in}; use the same ids in every file")
         ids.append(known.pop())
     clash = sorted({i for i in ids[1:] if ids.count(i) > 1})
     if clash:
-        raise UserError(f"{cfg_path}: category id {clash[0]} names different classes in {train.json.name} and "
-                        f"{valid.json.name}; use one id per class in both files")
-    return [train], [valid], classes, ids
+        raise UserError(f"{cfg_path}: category id {clash[0]} names different classes in {' and '.join(names)}; "
+                        "use one id per class in every file")
+    return classes, ids
 
 
 # ----------------------------------------------------------------------------------------------- reading

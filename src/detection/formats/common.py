@@ -49,7 +49,8 @@ class SplitSource:
         return f"{self.images} + {self.annots}" if self.annots is not None else str(self.images)
 
 
-def resolve_config_path(cfg_path: Path, key: str, value: Any, kind: str = "folder", base: Path | None = None) -> Path:
+def resolve_config_path(cfg_path: Path, key: str, value: Any, kind: str = "folder", base: Path | None = None,
+                        fix: str = "fix the path") -> Path:
     """Relative paths: ``base`` (default: the config file's folder) first, then the repository root."""
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise UserError(f"{cfg_path}: {key} must be a path string, got {value!r}")
@@ -60,7 +61,7 @@ def resolve_config_path(cfg_path: Path, key: str, value: Any, kind: str = "folde
         if checks[kind](c):
             return c.resolve()
     looked = " or ".join(str(c) for c in candidates)
-    raise UserError(f"{cfg_path}: {key}: {kind} {value!r} not found (looked in {looked}); fix the path")
+    raise UserError(f"{cfg_path}: {key}: {kind} {value!r} not found (looked in {looked}); {fix}")
 
 
 def check_classes(where: str, classes: Any, key: str = "CLASSES") -> list[str]:

@@ -31,7 +31,8 @@ def is_ultralytics(raw: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ config
-def _names(cfg_path: Path, raw: dict) -> list[str]:
+def class_names(cfg_path: Path, raw: dict) -> list[str]:
+    """``__background__`` + the ``names`` of an Ultralytics data.yaml (a list or an {id: name} mapping)."""
     names = raw["names"]
     if isinstance(names, dict):
         if sorted(names) != list(range(len(names))):
@@ -60,7 +61,7 @@ def sources_from_ultralytics(cfg_path: Path, raw: dict) -> tuple[list[SplitSourc
         if raw.get(key) is None:
             raise UserError(f"{cfg_path}: missing key {key} (an image folder or .txt list, relative to path)")
     base = resolve_config_path(cfg_path, "path", raw["path"]) if raw.get("path") else cfg_path.parent
-    classes = _names(cfg_path, raw)
+    classes = class_names(cfg_path, raw)
     return _entries(cfg_path, "train", raw["train"], base), _entries(cfg_path, "val", raw["val"], base), classes
 
 

@@ -54,7 +54,8 @@ GOAL_CACHE = 3.0
 
 def settings(quick: bool) -> dict[str, Any]:
     """Model, image size and repetition counts for the full and the ``--quick`` run (``variants``: also the
-    informative rows - bf16, the reference head through our path, the cache with the reference head)."""
+    informative rows - bf16, the reference head through our path, the dense head, the cache with the reference
+    head)."""
     if quick:
         return dict(model_name="dinov3_convnext_atto", imgsz=160, batches=(2, 8), steps={2: 2, 8: 1}, reps=2,
                     warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3, variants=True)
@@ -172,8 +173,9 @@ def fixed_batches(config: Path, imgsz: int, batch: int, n_batches: int) -> tuple
 
 # --------------------------------------------------------------------------------------------------- rows
 def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list[dict[str, Any]]:
-    """Images/s of training steps, reference vs ours, at each batch size; at the largest batch also two
-    informative variants (``--amp bf16``, ``--feature-extractor last``) that show where the time goes."""
+    """Images/s of training steps, reference vs ours, at each batch size; at the largest batch also the
+    informative variants (``--amp bf16``, ``--feature-extractor last``, ``--no-head-separable``) that show where
+    the time goes."""
     from src.detection.model import count_parameters
     from src.detection.runtime import amp_settings
 
@@ -189,6 +191,9 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         torch.manual_seed(0)
         last, last_opt, last_sched = build_ours(replace(args, feature_extractor="last"), device, iters_per_epoch=100)
         models["last"] = last
+        torch.manual_seed(0)
+        dense, dense_opt, dense_sched = build_ours(replace(args, head_separable=False), device, iters_per_epoch=100)
+        models["dense"] = dense
     counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in models.items()}
     default_amp = amp_settings(args.precision, device)[0]  # what a user's run gets: bf16 where native, else fp32
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[default_amp]
@@ -202,6 +207,8 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         if variants:
             fns["last"] = lambda: our_epoch(last, ours_b, last_opt, last_sched, device, 1, args,
                                             amp_dtype=default_amp)
+            fns["dense"] = lambda: our_epoch(dense, ours_b, dense_opt, dense_sched, device, 1, args,
+                                             amp_dtype=default_amp)
             if default_amp is not None:
                 fns["fp32"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=None)
         times = time_interleaved(fns, reps=s["reps"], warmup=s["warmup"], device=device)
@@ -212,13 +219,17 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         rows.append(make_row(
             f"train images/s, batch {batch}: reference step vs ours ({device.type})", rate["ref"], rate["ours"],
             GOAL_TRAIN, "img/s", higher_is_better=True,
-            note=f"{setup}; ours = defaults (multi-level RetinaNet, frozen backbone, --amp auto = {amp_name}); params total/trainable: "
+            note=f"{setup}; ours = defaults (multi-level RetinaNet, separable head, frozen backbone, --amp auto = {amp_name}); params total/trainable: "
                  f"reference {counts['ref']}, ours {counts['ours']}"))
         if variants:
             rows.append(make_row(
                 f"train images/s, batch {batch}: reference step vs ours --feature-extractor last ({device.type})",
                 rate["ref"], rate["last"], "info", "img/s", higher_is_better=True,
                 note=f"{setup}; the reference's own head through our frozen path ({counts['last']} params)"))
+            rows.append(make_row(
+                f"train images/s, batch {batch}: reference step vs ours --no-head-separable ({device.type})",
+                rate["ref"], rate["dense"], "info", "img/s", higher_is_better=True,
+                note=f"{setup}; our default model with dense 3x3 head convs ({counts['dense']} params)"))
             if "fp32" in rate:
                 rows.append(make_row(
                     f"train images/s, batch {batch}: reference step vs ours --amp none ({device.type})",

@@ -341,7 +341,7 @@ def test_head_convs_sets_both_towers_with_torchvision_names(head, n):
     from torchvision.models.detection.fcos import FCOSHead
     from torchvision.models.detection.retinanet import RetinaNetHead
 
-    model = build(tiny(head=head, head_convs=n))
+    model = build(tiny(head=head, head_convs=n, head_separable=False))
     assert model.config.head_convs == n
     for branch in (model.head.classification_head, model.head.regression_head):
         assert _tower_convs(branch) == n
@@ -369,11 +369,11 @@ def test_head_convs_defaults_and_parameter_counts():
         assert build(tiny(head=head, mode="last")).config.head_convs == 4
         default = build(tiny(head=head))
         assert default.config.head_convs == HEAD_CONVS["multi"]
-        four = build(tiny(head=head, head_convs=4))
+        four = build(tiny(head=head, head_convs=4, head_separable=False))
         c = 64
         bias = c if head == "fcos" else 0  # torchvision's RetinaNet tower convs have no bias before a norm
         per_layer = 2 * (9 * c * c + bias + 2 * c)  # two branches x (conv, GroupNorm affine)
-        two = build(tiny(head=head, head_convs=2))
+        two = build(tiny(head=head, head_convs=2, head_separable=False))
         assert count_parameters(four)[1] - count_parameters(two)[1] == 2 * per_layer
     assert build(tiny(head="ssd")).config.head_convs is None
 

@@ -2,13 +2,14 @@
 
     python -m benchmarks.bench_infer [--quick] [--compile] [--only onnx]
 
-Same model for every row (reference-equivalent: single-level RetinaNet on the last feature map,
-``dinov3_convnext_tiny`` random weights at 640x640; ``--quick``: a small ConvNeXt at 256), same 4:3 frames,
+``dinov3_convnext_tiny`` random weights at 640x640 (``--quick``: a small ConvNeXt at 256), same 4:3 frames,
 measured in the same run (median of several repetitions, after warm-up).
 
-* baseline = the reference project's loop: one float32 image at a time, stretched to imgsz, through
-  torchvision's own ``GeneralizedRCNNTransform`` (which resizes again), contiguous memory, ``no_grad``.
-* steps = each speed option switched on alone against our fp32 batch-1 path (channels_last, bf16 autocast,
+* baseline = the reference project's model (single-level RetinaNet on the last feature map, its dense 768-channel
+  head) in the reference's loop: one float32 image at a time, stretched to imgsz, through torchvision's own
+  ``GeneralizedRCNNTransform`` (which resizes again), contiguous memory, ``no_grad``.
+* ours = a checkpoint of our default detector (multi-level RetinaNet, separable head) through ``Predictor``.
+* steps = each speed option switched on alone against our fp32 batch-1 path (same checkpoint) (channels_last, bf16 autocast,
   aspect-preserving input size, batching, optionally torch.compile) - the ratio says what each step buys here.
 * onnx = the same checkpoint exported (``src.detection.export``, fp32) and run by ``OnnxPredictor`` with
   onnxruntime's CPU provider, batch 1, as many threads as torch: against the per-image loop, our best PyTorch row
@@ -75,15 +76,18 @@ def run(quick: bool = False, compile: bool = False, only: str | None = None) -> 
         model_name, imgsz, frame_wh, n_img, reps, n_video = "dinov3_convnext_atto", 256, (320, 240), 8, 2, 24
     else:
         model_name, imgsz, frame_wh, n_img, reps, n_video = "dinov3_convnext_tiny", 640, (640, 480), 8, 3, 48
-    torch.manual_seed(0)
-    cfg = DetectorConfig(model_name=model_name, num_classes=21, head="retinanet", feature_extractor="last",
-                         imgsz=(imgsz, imgsz))
+    ref_cfg = DetectorConfig(model_name=model_name, num_classes=21, head="retinanet", feature_extractor="last",
+                             imgsz=(imgsz, imgsz))
+    our_cfg = DetectorConfig(model_name=model_name, num_classes=21, imgsz=(imgsz, imgsz))  # a user's defaults
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_detector(cfg, verbose=False).eval()
+        torch.manual_seed(0)
+        model = build_detector(ref_cfg, verbose=False).eval()
+        torch.manual_seed(0)
+        ours = build_detector(our_cfg, verbose=False).eval()
     classes = ["__background__"] + [f"c{i}" for i in range(1, 21)]
     tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
-    ckpt = save_checkpoint(tmp / "model.pth", build_payload(model, model_meta(model, classes, letterbox=False)))
+    ckpt = save_checkpoint(tmp / "model.pth", build_payload(ours, model_meta(ours, classes, letterbox=False)))
     frames = _frames(n_img, frame_wh)
     images = [torch.from_numpy(f[:, :, ::-1].copy()).permute(2, 0, 1) for f in frames]
     rows: list[dict[str, Any]] = []

@@ -113,7 +113,7 @@ def test_predictor_rejects_contradicting_flags(checkpoint: Path) -> None:
 
     with pytest.raises(UserError, match="--head ssd contradicts checkpoint"):
         Predictor(checkpoint, device="cpu", expect={"head": "ssd"})
-    with pytest.raises(UserError, match="--config CLASSES"):
+    with pytest.raises(UserError, match=r"--config 1 classes \[.dog.\]"):
         Predictor(checkpoint, device="cpu", expect={"classes": ["__background__", "dog"]})
     Predictor(checkpoint, device="cpu", expect={"model_name": "dinov3_convnext_atto", "classes": CLASSES})
 
@@ -208,7 +208,7 @@ def test_coco_config_classes_are_checked_without_the_data_folders(checkpoint: Pa
 
     swapped = tmp_path / "data.yaml"  # an Ultralytics data.yaml naming the classes in another order
     swapped.write_text("path: nowhere\ntrain: images/train\nval: images/val\nnames: {0: square, 1: circle}\n")
-    with pytest.raises(UserError, match=r"--config CLASSES 2 classes \['square', 'circle'\]\.\.\. contradicts checkpoint"):
+    with pytest.raises(UserError, match=r"--config 2 classes \['square', 'circle'\]\.\.\. contradicts checkpoint"):
         build_predictor(PredictConfig(model=str(checkpoint), config=str(swapped), device="cpu"), verbose=False)
 
 

@@ -149,7 +149,7 @@ def test_reference_checkpoint_errors_are_one_line(tiny_reference, tmp_path: Path
     with pytest.raises(UserError) as exc:  # other sizes than the weights: the keys that differ are named
         Predictor(path, device="cpu", expect={"model_name": "dinov3_convnext_tiny", "classes": CLASSES})
     assert "\n" not in str(exc.value) and "other shapes" in str(exc.value) and "stages." in str(exc.value)
-    with pytest.raises(UserError, match="cls_logits.weight.*CLASSES of --config"):  # wrong class count
+    with pytest.raises(UserError, match="cls_logits.weight.*classes of --config"):  # wrong class count
         Predictor(path, device="cpu", expect={"model_name": "dinov3_convnext_tiny", "arch_overrides": FIXTURE_ARCH,
                                                "classes": CLASSES + ["triangle"]})
     sd = torch.load(path, weights_only=True)

@@ -116,6 +116,18 @@ def test_checkpoints_of_the_argparse_era_still_resume():
     assert cfg.precision == "fp32" and cfg.epochs == 7
 
 
+def test_runs_saved_before_the_separable_head_resume_with_their_dense_head():
+    """A stored run without ``head_separable`` was trained with dense head convs: resuming it must rebuild those
+    (the default is separable now), while a run that recorded its head keeps it."""
+    stored = {k: v for k, v in TrainConfig().to_dict().items() if k != "head_separable"}
+    assert saved_config({"path": "old.pth", "train_config": stored}).head_separable is False
+    old_args = {**vars(build_parser().parse_args([]))}
+    old_args.pop("head_separable")
+    assert saved_config({"path": "old.pth", "args": old_args}).head_separable is False
+    recorded = {**stored, "head_separable": True}
+    assert saved_config({"path": "new.pth", "train_config": recorded}).head_separable is True
+
+
 def test_every_option_has_help_and_help_shows_defaults():
     parser = build_parser()
     for action in parser._actions:

@@ -430,7 +430,7 @@ def prepare_checkpoint(ckpt: dict[str, Any], expect: dict[str, Any], imgsz: Any 
 
 def _check_expectations(meta: dict[str, Any], expect: dict[str, Any], where: str) -> None:
     flags = {"model_name": "--model-name", "head": "--head", "feature_extractor": "--feature-extractor",
-             "classes": "--config CLASSES"}
+             "classes": "--config"}  # its classes, from whatever form the dataset config takes
     for key, flag in flags.items():
         want = expect.get(key)
         if want is None:
@@ -481,7 +481,7 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
     if meta.get("source") == REFERENCE_FORMAT:
         state = convert_reference_state_dict(state, model, where)
         _check_state_dict(model, state, where, f"reference {cfg.model_name}/{cfg.head} model (last feature map, "
-                          f"{cfg.num_classes - 1} classes)", "check --model-name, --head and the CLASSES of --config")
+                          f"{cfg.num_classes - 1} classes)", "check --model-name, --head and the classes of --config")
     else:
         allowed = frozen_backbone_keys(model) if not includes_backbone else set()
         _check_state_dict(model, state, where, f"{cfg.model_name}/{cfg.head} model its metadata describes",

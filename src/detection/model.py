@@ -628,8 +628,8 @@ class SeparableConv2d(nn.Sequential):
         depthwise = nn.Conv2d(conv.in_channels, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
                               groups=conv.in_channels, bias=False)
         pointwise = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
-        # unit-gain depthwise filters; the pointwise conv keeps torchvision's N(0, 0.01) and the dense conv's bias
-        # (the classification prior), so the head starts where the dense one does
+        # unit-gain depthwise filters, so the pointwise conv's torchvision N(0, 0.01) init sets the output scale as in
+        # the dense head; the dense conv's bias carries over (the classification prior: initial scores stay ~0.01)
         nn.init.kaiming_normal_(depthwise.weight, nonlinearity="linear")
         nn.init.normal_(pointwise.weight, std=0.01)
         if conv.bias is not None:

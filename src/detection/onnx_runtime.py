@@ -243,7 +243,7 @@ class OnnxPredictor(PredictorBase):
         """From the commands' ``PredictConfig`` (see ``predictor.build_predictor``)."""
         path = resolve_path(cfg.model)
         meta = read_sidecar(path) if path.is_file() else None
-        if meta is not None:  # --model-name / --head / --config CLASSES are checked as for a checkpoint
+        if meta is not None:  # --model-name / --head / the classes of --config are checked as for a checkpoint
             prepare_checkpoint({"format": SIDECAR_FORMAT, "meta": meta, "path": str(path)}, cfg.expect())
         if cfg.weights:
             print(f"note: --weights {cfg.weights} ignored: the ONNX model contains the backbone")

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,15 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path:
 def saved_config(ckpt: dict[str, Any]) -> TrainConfig:
     """The TrainConfig a training checkpoint was written with (older checkpoints: their argparse ``args``)."""
     if isinstance(ckpt.get("train_config"), dict):
-        return TrainConfig.from_dict(ckpt["train_config"], source=ckpt["path"])
-    if isinstance(ckpt.get("args"), dict):
-        return TrainConfig.from_dict(legacy_config(ckpt["args"]), source=ckpt["path"])
-    raise UserError(f"--resume: {ckpt['path']} holds no training state (written by inference tools?); "
-                    f"resume from a last_model.pth of a training run")
+        stored = ckpt["train_config"]
+    elif isinstance(ckpt.get("args"), dict):
+        stored = legacy_config(ckpt["args"])
+    else:
+        raise UserError(f"--resume: {ckpt['path']} holds no training state (written by inference tools?); "
+                        f"resume from a last_model.pth of a training run")
+    if "head_separable" not in stored:  # written before the option existed: those heads were dense
+        stored = {**stored, "head_separable": False}
+    return TrainConfig.from_dict(stored, source=ckpt["path"])
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -166,6 +171,8 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
 
     torch.manual_seed(cfg.seed)  # identical head initialisation on every rank and every (re)start
     model = build_detector(cfg.detector_config(len(classes)), weights=cfg.weights, verbose=main).to(device)
+    # the run records the head it built, not "the default", so a later change of defaults cannot break its resume
+    cfg = replace(cfg, head_convs=model.config.head_convs, head_separable=model.config.head_separable)
     configure_trainable(model, cfg, verbose=main)
     meta = model_meta(model, classes, cfg.letterbox, weights=cfg.weights, category_ids=data_cfg.category_ids)
     meta["augment"] = cfg.augment

@@ -216,3 +216,45 @@ def test_backbone_provenance_is_recorded(tmp_path: Path) -> None:
     path = ck.save_checkpoint(tmp_path / "m.pth", ck.build_payload(model, meta))
     assert ck.load_checkpoint(path)["meta"]["weights_source"] == want
     assert f"backbone from timm weights {weights.resolve()}" in Predictor(path, device="cpu").describe()
+
+
+def test_loading_a_checkpoint_skips_the_random_init_and_keeps_computed_buffers(tmp_path: Path, monkeypatch) -> None:
+    """The model is built with parameters on the meta device and takes the checkpoint's tensors as they are (no
+    copy); buffers the state dict does not hold (ViT RoPE periods, attention k_bias, normalization constants) are
+    still computed, so every tensor and the output equal a normally built model's. If construction cannot run that
+    way, the normal build is used."""
+    import contextlib
+
+    from src.detection.model import DetectorConfig, build_detector
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(model_name="dinov3_vit_tiny", num_classes=3, head="retinanet", imgsz=(64, 64),
+                         fpn_channels=64, arch_overrides={"embed_dim": 64, "depth": 2, "num_heads": 4})
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        original = build_detector(cfg, verbose=False).eval()
+    path = ck.save_checkpoint(tmp_path / "vit.pth", ck.build_payload(original, ck.model_meta(original, ["__background__", "a", "b"])))
+    ckpt = ck.load_checkpoint(path)
+    model, _ = ck.model_from_checkpoint(ckpt, "cpu")
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    reference = dict(original.named_parameters()) | dict(original.named_buffers())
+    assert tensors.keys() == reference.keys() and not any(t.is_meta for t in tensors.values())
+    assert any("rope" in k for k in tensors) and any("k_bias" in k for k in tensors)  # non-persistent buffers
+    for k, t in tensors.items():
+        assert torch.equal(t, reference[k]), k
+    weight = next(k for k in ckpt["model"] if k.startswith("backbone.dino.") and k.endswith("weight"))
+    assert tensors[weight].data_ptr() == ckpt["model"][weight].data_ptr()  # taken over, not copied
+    frozen = {k for k, p in original.named_parameters() if not p.requires_grad}
+    assert {k for k, p in model.named_parameters() if not p.requires_grad} == frozen
+    x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0]["scores"], original(x)[0]["scores"])
+
+    @contextlib.contextmanager
+    def refuse():  # stands in for construction code that cannot run with meta parameters
+        raise RuntimeError("Tensor on device cpu is not on the expected device meta!")
+        yield
+
+    monkeypatch.setattr(ck, "parameters_on_meta", refuse)
+    fallback, _ = ck.model_from_checkpoint(ck.load_checkpoint(path), "cpu")
+    for k, t in (dict(fallback.named_parameters()) | dict(fallback.named_buffers())).items():
+        assert torch.equal(t, reference[k]), k

@@ -20,6 +20,7 @@ what the reference's own commands took (``--model-name``, ``--head``, ``--config
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -445,6 +446,26 @@ def _check_expectations(meta: dict[str, Any], expect: dict[str, Any], where: str
                             f"(the checkpoint's metadata is used) or pass the matching checkpoint")
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Inside this block every module parameter is created on the meta device (no memory, no random init) while
+    buffers stay real, so non-persistent buffers a state dict does not hold (RoPE periods, normalization constants)
+    are computed as usual. ``torch.device("meta")`` would put those on meta too; accelerate's ``init_empty_weights``
+    does the same as this but is not a dependency here."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str | torch.device = "cpu",
                           overrides: dict[str, Any] | None = None, weights: str | None = None
                           ) -> tuple[nn.Module, dict[str, Any]]:
@@ -471,12 +492,22 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
         if not backbone_weights:
             raise UserError(f"checkpoint {where} was saved without its backbone; pass the backbone weights file "
                             f"({meta.get('model_name')}) with --weights")
+    # A checkpoint that holds every parameter needs no random init: the parameters are built on the meta device and
+    # the checkpoint's tensors become them (seconds and one copy of the weights less for large backbones).
+    lazy = includes_backbone
     with warnings.catch_warnings():
         if includes_backbone:  # the random init is overwritten by the checkpoint's backbone weights just below
             from .backbones import RandomWeightsWarning
 
             warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = build_detector(cfg, weights=backbone_weights, verbose=False)
+        try:
+            with parameters_on_meta() if lazy else contextlib.nullcontext():
+                model = build_detector(cfg, weights=backbone_weights, verbose=False)
+        except Exception:  # construction code that computes with a parameter cannot run on meta: build normally
+            if not lazy:
+                raise
+            lazy = False
+            model = build_detector(cfg, weights=backbone_weights, verbose=False)
     state = ckpt["model"]
     if meta.get("source") == REFERENCE_FORMAT:
         state = convert_reference_state_dict(state, model, where)
@@ -486,7 +517,10 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
         allowed = frozen_backbone_keys(model) if not includes_backbone else set()
         _check_state_dict(model, state, where, f"{cfg.model_name}/{cfg.head} model its metadata describes",
                           "was it edited or written by another version?", allowed)
-    model.load_state_dict(state, strict=includes_backbone)
+    if lazy:
+        own = model.state_dict()  # each tensor keeps the dtype the model was built with
+        state = {k: v.to(own[k].dtype) if v.is_floating_point() and k in own else v for k, v in state.items()}
+    model.load_state_dict(state, strict=includes_backbone, assign=lazy)
     model.to(device).eval()
     meta["imgsz"] = tuple(model.input_spec.imgsz)
     meta["input"] = model.input_spec.to_dict()

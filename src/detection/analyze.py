@@ -133,7 +133,7 @@ def analyze_dataset(config: str | os.PathLike, out_dir: str | os.PathLike | None
 
 def main(argv: list[str] | None = None) -> int:
     ap = new_parser(description="Count classes/objects and find annotation problems in a dataset "
-                                             "(Pascal VOC XML, COCO JSON or YOLO).")
+                                "(Pascal VOC XML, COCO JSON or YOLO).")
     ap.add_argument("--config", required=True,
                     help="dataset YAML (VOC, FORMAT: coco / yolo, or an Ultralytics data.yaml)")
     ap.add_argument("--out-dir", "--out", dest="out_dir", default=None,

@@ -496,17 +496,16 @@ def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike, device: str 
     # the checkpoint's tensors become them (seconds and one copy of the weights less for large backbones).
     lazy = includes_backbone
     with warnings.catch_warnings():
-        if includes_backbone:  # the random init is overwritten by the checkpoint's backbone weights just below
+        if includes_backbone:
             from .backbones import RandomWeightsWarning
 
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-        try:
-            with parameters_on_meta() if lazy else contextlib.nullcontext():
-                model = build_detector(cfg, weights=backbone_weights, verbose=False)
-        except Exception:  # construction code that computes with a parameter cannot run on meta: build normally
-            if not lazy:
-                raise
-            lazy = False
+            warnings.simplefilter("ignore", RandomWeightsWarning)  # no random init is kept
+            try:
+                with parameters_on_meta():
+                    model = build_detector(cfg, verbose=False)
+            except Exception:  # construction code that computes with a parameter cannot run on meta
+                lazy = False
+        if not lazy:
             model = build_detector(cfg, weights=backbone_weights, verbose=False)
     state = ckpt["model"]
     if meta.get("source") == REFERENCE_FORMAT:

@@ -48,7 +48,7 @@ from .onnx_runtime import (
     output_names,
     sidecar_path,
 )
-from .predictor import add_checkpoint_args
+from .predictor import add_checkpoint_args, checkpoint_claims
 from .utils import parse_imgsz, resolve_path
 
 FORMATS = ("onnx",)
@@ -95,8 +95,6 @@ class ExportConfig:
 
     def expect(self) -> dict[str, Any]:
         """What the flags claim about the model (describes reference-project checkpoints, checks our own)."""
-        from .predictor import checkpoint_claims
-
         return checkpoint_claims(self)
 
 

@@ -138,10 +138,9 @@ def infer_images(cfg: ImageInferConfig | argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     interrupted = False
     try:
-        try:
-            run_pipeline(predictor, (load(x) for x in enumerate(files)), sink)
-        except KeyboardInterrupt:  # Ctrl-C: the images already taken are finished; write what is done
-            interrupted = True
+        run_pipeline(predictor, (load(x) for x in enumerate(files)), sink)
+    except KeyboardInterrupt:  # Ctrl-C: the images already taken are finished; write what is done
+        interrupted = True
     finally:
         bar.close()
         if labels is not None:

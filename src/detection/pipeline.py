@@ -152,21 +152,21 @@ def run_pipeline(predictor: Predictor, items: Iterable[Item], sink: Callable[[It
             ready.popleft()
 
     try:
-        try:
-            for it in source:
-                if it.input is None:
-                    forward_pending()
-                    ready.append(it)
-                    flush()
-                    continue
-                if pending and pending[0].input.shape != it.input.shape:
-                    flush()
-                pending.append(it)
-                if len(pending) >= bs:
-                    flush()
-        except KeyboardInterrupt:
-            flush()
-            raise
+        for it in source:
+            if it.input is None:
+                forward_pending()
+                ready.append(it)
+                flush()
+                continue
+            if pending and pending[0].input.shape != it.input.shape:
+                flush()
+            pending.append(it)
+            if len(pending) >= bs:
+                flush()
+    except KeyboardInterrupt:
+        flush()
+        raise
+    else:
         flush()
     finally:
         source.close()

@@ -10,12 +10,12 @@ Multi-GPU: torchrun --nproc_per_node N train_detection.py ...  See README.md for
 
 from __future__ import annotations
 
-from src.detection.errors import run_cli
+from src.detection.core.errors import run_cli
 
 
 def main() -> int:
-    from src.detection.train import run
-    from src.detection.train_config import parse_train_config
+    from src.detection.commands.train import run
+    from src.detection.engine.config import parse_train_config
 
     cfg, typed = parse_train_config(description=__doc__)
     run(cfg, typed=typed)

@@ -90,7 +90,7 @@ def make_eval_set(
 
 
 def _time_ours(classes: list[str], preds: list, gts: list) -> tuple[float, float]:
-    from src.detection.metrics import DetectionEvaluator
+    from src.detection.evaluation.metrics import DetectionEvaluator
 
     t = time.perf_counter()
     ev = DetectionEvaluator(classes, metric="all")

@@ -45,8 +45,8 @@ def head_gflops(model: torch.nn.Module, feats: list[torch.Tensor]) -> float:
 
 
 def make_batches(imgsz: int, batch: int, n_batches: int, root: Path) -> list:
-    from src.detection.datasets import build_datasets, collate_fn, load_data_config
-    from src.detection.synthetic import generate_dataset
+    from src.detection.data.datasets import build_datasets, collate_fn, load_data_config
+    from src.detection.data.synthetic import generate_dataset
 
     config = generate_dataset(root / "shapes", batch * n_batches, 1, imgsz=imgsz, seed=0)
     ds, _ = build_datasets(load_data_config(config), imgsz=(imgsz, imgsz), augment="none", verbose=False,
@@ -57,8 +57,8 @@ def make_batches(imgsz: int, batch: int, n_batches: int, root: Path) -> list:
 def variant(name: str, convs: int, separable: bool, channels_last: bool, p: dict[str, Any],
             batches: list) -> dict[str, Any]:
     """Model, optimizer and the two timed callables for one head variant."""
-    from src.detection.engine import targets_to_device
-    from src.detection.model import DetectorConfig, build_detector, count_parameters
+    from src.detection.engine.loop import targets_to_device
+    from src.detection.modeling.model import DetectorConfig, build_detector, count_parameters
 
     torch.manual_seed(0)
     cfg = DetectorConfig(p["model_name"], NUM_CLASSES, head=p["head"], feature_extractor="multi",

@@ -11,7 +11,7 @@ measured in the same run (median of several repetitions, after warm-up).
 * ours = a checkpoint of our default detector (multi-level RetinaNet, separable head) through ``Predictor``.
 * steps = each speed option switched on alone against our fp32 batch-1 path (same checkpoint) (channels_last, bf16 autocast,
   aspect-preserving input size, batching, optionally torch.compile) - the ratio says what each step buys here.
-* onnx = the same checkpoint exported (``src.detection.export``, fp32) and run by ``OnnxPredictor`` with
+* onnx = the same checkpoint exported (``src.detection.commands.export``, fp32) and run by ``OnnxPredictor`` with
   onnxruntime's CPU provider, batch 1, as many threads as torch: against the per-image loop, our best PyTorch row
   of this run, and our fp32 PyTorch path (forced fp32: what CPUs without native bf16, e.g. AVX2-only, run).
 * video = end-to-end FPS of the threaded decode -> batch -> draw/encode pipeline divided by model-only FPS.
@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 import torch
 
-from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
-from src.detection.predictor import Predictor
-from src.detection.runtime import cpu_bf16_supported
-from src.detection.transforms import resize_image
+from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
+from src.detection.core.runtime import cpu_bf16_supported
+from src.detection.data.transforms import resize_image
+from src.detection.inference.predictor import Predictor
 
 
 def _frames(n: int, wh: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
@@ -69,8 +69,8 @@ def run(quick: bool = False, compile: bool = False, only: str | None = None) -> 
     """All rows; ``only="onnx"``: just the onnxruntime rows (with the measurements they are compared with)."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    from src.detection.model import DetectorConfig, build_detector
-    from src.detection.video import open_source, process_video
+    from src.detection.commands.infer_video import open_source, process_video
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     if quick:
         model_name, imgsz, frame_wh, n_img, reps, n_video = "dinov3_convnext_atto", 256, (320, 240), 8, 2, 24
@@ -178,8 +178,8 @@ def _onnx_rows(ckpt: Path, images: list[torch.Tensor], reps: int, ref: float, be
     try:
         import onnxruntime  # noqa: F401
 
-        from src.detection.export import ExportConfig, export_onnx
-        from src.detection.onnx_runtime import OnnxPredictor
+        from src.detection.commands.export import ExportConfig, export_onnx
+        from src.detection.inference.onnx_runtime import OnnxPredictor
     except ModuleNotFoundError as exc:
         return [_row("onnxruntime rows", 0.0, 0.0, "info", f"not measured: {exc.name} is not installed")]
     t0 = time.perf_counter()

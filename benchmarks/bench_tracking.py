@@ -107,7 +107,7 @@ def train_checkpoint(out: Path, quick: bool) -> Path:
     data = out / "shapes"
     n_train, epochs = (300, 4) if quick else (1000, 8)
     py = sys.executable
-    subprocess.run([py, "-m", "src.detection.synthetic", "--out", str(data), "--train", str(n_train), "--valid",
+    subprocess.run([py, "-m", "src.detection.data.synthetic", "--out", str(data), "--train", str(n_train), "--valid",
                     "50", "--imgsz", "192", "--seed", "0"], cwd=REPO, check=True, capture_output=True, text=True)
     subprocess.run([py, "train_detection.py", "--config", str(data / "shapes.yaml"), "--model-name",
                     "dinov3_convnext_atto", "--head", "fcos", "--feature-extractor", "multi", "--fpn-channels", "64",
@@ -133,11 +133,11 @@ def evaluate(gt_path: Path, mot_path: Path, unique_ids: bool) -> dict[str, float
 
 def run(quick: bool = False, checkpoint: str | None = None, frames: int | None = None, threshold: float = 0.5,
         reps: int | None = None) -> list[dict[str, Any]]:
-    from src.detection.predictor import PredictConfig, build_predictor
-    from src.detection.synthetic_video import generate_tracking_video
-    from src.detection.tracking import TrackConfig
-    from src.detection.video import process_video
-    from src.detection.video_io import open_source
+    from src.detection.commands.infer_video import process_video
+    from src.detection.data.synthetic_video import generate_tracking_video
+    from src.detection.data.video_io import open_source
+    from src.detection.inference.predictor import PredictConfig, build_predictor
+    from src.detection.inference.tracking import TrackConfig
 
     frames = frames or (120 if quick else 240)
     reps = reps or (1 if quick else 2)

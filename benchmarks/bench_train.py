@@ -3,7 +3,7 @@
     python -m benchmarks.bench_train [--quick] [--device cpu|cuda]
 
 Same backbone size (``dinov3_convnext_tiny``, random weights), image size (640x640), classes (21, as VOC) and
-synthetic images (``src.detection.synthetic``) for both sides, in the same process, repetitions interleaved
+synthetic images (``src.detection.data.synthetic``) for both sides, in the same process, repetitions interleaved
 (baseline, ours, baseline, ...) after a warm-up; median and min-max reported. ``--quick``: the architecture-only
 ``dinov3_convnext_atto`` at 160x160 with fewer repetitions.
 
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import make_row, markdown_table, time_call, time_interleaved
-from src.detection.train_config import TrainConfig
+from src.detection.engine.config import TrainConfig
 
 NUM_CLASSES = 21  # the reference figures were measured with the 20 VOC classes + background
 REFERENCE_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
@@ -85,7 +85,7 @@ def build_reference(model_name: str, imgsz: int, num_classes: int = NUM_CLASSES)
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 
-    from src.detection.backbones import build_backbone
+    from src.detection.modeling.backbones import build_backbone
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-weights warning: known, the benchmark says so itself
@@ -117,8 +117,8 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: 
 def build_ours(cfg: TrainConfig, device: torch.device, iters_per_epoch: int):
     """Our detector as a training run with ``cfg`` builds it (defaults: multi-level RetinaNet, frozen backbone),
     with the optimizer and scheduler ``train.run`` builds from the same config."""
-    from src.detection.engine import build_optimizer, build_scheduler
-    from src.detection.model import build_detector
+    from src.detection.engine.loop import build_optimizer, build_scheduler
+    from src.detection.modeling.model import build_detector
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -133,7 +133,7 @@ def build_ours(cfg: TrainConfig, device: torch.device, iters_per_epoch: int):
 def our_epoch(model, batches, optimizer, scheduler, device: torch.device, epoch: int, cfg: TrainConfig,
               amp_dtype=None) -> None:
     """``engine.train_one_epoch`` with the settings ``train.run`` uses for ``cfg`` (progress bar silenced)."""
-    from src.detection.engine import train_one_epoch
+    from src.detection.engine.loop import train_one_epoch
 
     with contextlib.redirect_stderr(io.StringIO()):
         train_one_epoch(model, batches, optimizer, scheduler, device, epoch, clip_grad=cfg.clip_grad,
@@ -148,7 +148,7 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------------- data
 def make_data(root: Path, n_images: int, imgsz: int) -> Path:
     """Synthetic shapes at ``imgsz`` (the project's generator); returns the dataset config path."""
-    from src.detection.synthetic import generate_dataset
+    from src.detection.data.synthetic import generate_dataset
 
     return generate_dataset(root / f"shapes_{imgsz}", n_images, 1, imgsz=imgsz, seed=0)
 
@@ -156,7 +156,7 @@ def make_data(root: Path, n_images: int, imgsz: int) -> Path:
 def fixed_batches(config: Path, imgsz: int, batch: int, n_batches: int) -> tuple[list, list]:
     """``n_batches`` ready batches from our dataset (flip preset, seeded): ours as uint8 ``[B,3,H,W]``, the
     reference's as lists of float images in 0..1 (what its dataset produced) with plain-tensor targets."""
-    from src.detection.datasets import build_datasets, collate_fn, load_data_config
+    from src.detection.data.datasets import build_datasets, collate_fn, load_data_config
 
     torch.manual_seed(0)
     ds, _ = build_datasets(load_data_config(config), imgsz=(imgsz, imgsz), augment="flip", verbose=False,
@@ -176,8 +176,8 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
     """Images/s of training steps, reference vs ours, at each batch size; at the largest batch also the
     informative variants (``--amp bf16``, ``--feature-extractor last``, ``--no-head-separable``) that show where
     the time goes."""
-    from src.detection.model import count_parameters
-    from src.detection.runtime import amp_settings
+    from src.detection.core.runtime import amp_settings
+    from src.detection.modeling.model import count_parameters
 
     imgsz, name = s["imgsz"], s["model_name"]
     args = TrainConfig(model_name=name, imgsz=(imgsz, imgsz))  # a user's run with the defaults
@@ -241,9 +241,9 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
 def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path,
                feature_extractor: str = "multi", goal: Any = GOAL_CACHE) -> list[dict[str, Any]]:
     """Epoch seconds of the real training loader vs the ``--cache-features ram`` loader (epochs >= 2)."""
-    from src.detection.datasets import load_data_config
-    from src.detection.runtime import amp_settings
-    from src.detection.train import data_loaders, prepare_feature_cache
+    from src.detection.commands.train import data_loaders, prepare_feature_cache
+    from src.detection.core.runtime import amp_settings
+    from src.detection.data.datasets import load_data_config
 
     imgsz, batch = s["imgsz"], s["epoch_batch"]
     workers = 0 if device.type == "cpu" else 2  # 2 shared cores: a worker process only competes with compute

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import describe_machine, machine_info, markdown_table, verdict
-from src.detection.errors import UserError, run_cli
-from src.detection.utils import resolve_repo_path
+from src.detection.core.errors import UserError, run_cli
+from src.detection.core.utils import resolve_repo_path
 
 # key -> module; run in this order. "memory" is skipped when the inference bench already reports peak RSS.
 BENCHES = {

@@ -13,7 +13,7 @@ TRACK_OUT=outputs/inference/demo_track
 START=$SECONDS
 
 echo "== 1/4 synthetic dataset -> $DATA (2,000 train / 200 valid images at 192 px + a 240-frame video)"
-$PY -m src.detection.synthetic --out "$DATA" --train 2000 --valid 200 --imgsz 192 --seed 0 --video 240
+$PY -m src.detection.data.synthetic --out "$DATA" --train 2000 --valid 200 --imgsz 192 --seed 0 --video 240
 
 echo "== 2/4 training on CPU"
 echo "   NOTE: no pretrained DINOv3 weights exist on this machine, so the backbone has RANDOM weights (frozen);"

@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from src.detection import backbones as bb
-from src.detection.backbones import (
+from src.detection.core.errors import UserError
+from src.detection.modeling import backbones as bb
+from src.detection.modeling.backbones import (
     ENTRYPOINTS,
     NORMALIZATION,
     RandomWeightsWarning,
@@ -22,7 +23,6 @@ from src.detection.backbones import (
     official_param_count,
     resolve_weights,
 )
-from src.detection.errors import UserError
 
 ATOL = 1e-4
 # Expected keys we consciously do not reproduce, with the reason. Any other key in expected.pt must be checked.

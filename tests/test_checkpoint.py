@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.detection import checkpoint as ck
-from src.detection.errors import UserError
+from src.detection.checkpoint import format as ck
+from src.detection.core.errors import UserError
 
 
 def _payload(value: float = 1.0) -> dict:
@@ -144,7 +144,7 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     torch.manual_seed(0)
     cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="fcos", imgsz=(64, 96),
@@ -199,8 +199,8 @@ def test_edited_checkpoint_is_one_line_naming_keys(tiny_model, tmp_path: Path) -
 
 def test_backbone_provenance_is_recorded(tmp_path: Path) -> None:
     """A detector built from a weights file records where its backbone came from; a random one records None."""
-    from src.detection.model import DetectorConfig, build_detector
-    from src.detection.predictor import Predictor
+    from src.detection.inference.predictor import Predictor
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="fcos", imgsz=(64, 64),
                          fpn_channels=64, arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
@@ -225,7 +225,7 @@ def test_loading_a_checkpoint_skips_the_random_init_and_keeps_computed_buffers(t
     way, the normal build is used."""
     import contextlib
 
-    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     torch.manual_seed(0)
     cfg = DetectorConfig(model_name="dinov3_vit_tiny", num_classes=3, head="retinanet", imgsz=(64, 64),

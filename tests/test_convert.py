@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from src.detection.annotations import LabelWriter, write_voc_xml
-from src.detection.convert import ConvertOptions, convert_dataset, main
-from src.detection.datasets import load_data_config, load_ground_truth, parse_voc_xml
-from src.detection.errors import UserError
+from src.detection.commands.convert import ConvertOptions, convert_dataset, main
+from src.detection.core.errors import UserError
+from src.detection.data.annotations import LabelWriter, write_voc_xml
+from src.detection.data.datasets import load_data_config, load_ground_truth, parse_voc_xml
 
 CLASSES = ["__background__", "cat", "dog"]
 

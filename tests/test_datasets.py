@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.detection.datasets import (
+from src.detection.core.errors import UserError
+from src.detection.data.datasets import (
     SplitSource,
     VOCDataset,
     build_dataloader,
@@ -22,8 +23,7 @@ from src.detection.datasets import (
     read_image,
     save_transformed_samples,
 )
-from src.detection.errors import UserError
-from src.detection.transforms import build_transform
+from src.detection.data.transforms import build_transform
 
 CLASSES = ["__background__", "cat", "dog"]
 
@@ -316,7 +316,7 @@ def test_reference_config_loads_with_relative_paths_against_config_folder(tmp_pa
 
 
 def test_build_single_split_and_ground_truth_by_file_name(tmp_path):
-    from src.detection.datasets import load_ground_truth
+    from src.detection.data.datasets import load_ground_truth
 
     cfg = load_data_config(reference_config(tmp_path, REFERENCE_CFG.format(root=tmp_path)))
     write_image(tmp_path / "data/valid/images/b.png")
@@ -332,7 +332,7 @@ def test_build_single_split_and_ground_truth_by_file_name(tmp_path):
 
 
 def test_relative_paths_fall_back_to_repo_root(tmp_path):
-    from src.detection.utils import REPO_ROOT
+    from src.detection.core.utils import REPO_ROOT
 
     # "detection_configs" does not exist beside the config file, but it does in the repository root
     text = REFERENCE_CFG.format(root=tmp_path).replace(f"{tmp_path}/data/train/images", "detection_configs")
@@ -341,7 +341,7 @@ def test_relative_paths_fall_back_to_repo_root(tmp_path):
 
 
 def test_shipped_voc_config(tmp_path):
-    from src.detection.utils import REPO_ROOT
+    from src.detection.core.utils import REPO_ROOT
 
     if (REPO_ROOT / "input/voc_07_12/voc_xml_dataset").is_dir():
         assert len(load_data_config("detection_configs/voc.yaml").classes) == 21
@@ -403,8 +403,8 @@ def test_missing_config_file(tmp_path):
 ])
 def test_yaml_problems_read_the_same_in_every_reader(tmp_path, content, pattern):
     """Dataset configs (training and inference) and --cfg run files share one reader: one line naming flag + file."""
-    from src.detection.datasets import load_config_classes
-    from src.detection.train_config import TrainConfig
+    from src.detection.data.datasets import load_config_classes
+    from src.detection.engine.config import TrainConfig
 
     path = tmp_path / "nope.yaml"
     if content == "folder":
@@ -536,7 +536,7 @@ def test_save_transformed_samples_writes_pngs(tmp_path):
 
 
 def test_analyze_reports_problems_and_writes_plots(tmp_path, capsys):
-    from src.detection import analyze
+    from src.detection.commands import analyze
 
     cfg = reference_config(tmp_path, REFERENCE_CFG.format(root=tmp_path))
     write_image(tmp_path / "data/train/images/b.jpg")

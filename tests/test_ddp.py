@@ -19,7 +19,7 @@ TINY = ["--model-name", "dinov3_convnext_atto", "--head", "fcos", "--fpn-channel
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory) -> Path:
     """17 training images: 2 ranks x batch 8 -> shards of 9 and 8, i.e. 2 and 1 steps unless padded."""
-    from src.detection.synthetic import generate_dataset
+    from src.detection.data.synthetic import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("uneven"), 17, 6, imgsz=64, seed=1)
 

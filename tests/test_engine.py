@@ -9,9 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from src.detection.engine import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, lr_factor, train_one_epoch
-from src.detection.errors import UserError
-from src.detection.sampling import EpochSampler, EpochSeededDataset, ShardSampler
+from src.detection.core.errors import UserError
+from src.detection.data.sampling import EpochSampler, EpochSeededDataset, ShardSampler
+from src.detection.engine.loop import (
+    ModelEMA,
+    NonFiniteGuard,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    train_one_epoch,
+)
 
 
 def test_lr_schedule_warmup_then_cosine_step_multistep():
@@ -131,14 +138,14 @@ def test_epoch_keyed_sampling_is_reproducible_and_sharded():
 
 
 def _tiny_data(tmp_path, n_train=6, n_valid=3):
-    from src.detection.datasets import load_data_config
-    from src.detection.synthetic import generate_dataset
+    from src.detection.data.datasets import load_data_config
+    from src.detection.data.synthetic import generate_dataset
 
     return load_data_config(generate_dataset(tmp_path / "d", n_train, n_valid, imgsz=64, seed=0))
 
 
 def _tiny_model(num_classes, imgsz, letterbox=False):
-    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -151,8 +158,8 @@ def _tiny_model(num_classes, imgsz, letterbox=False):
 def test_cached_samples_are_the_live_pipelines_samples(tmp_path, letterbox):
     """For every (seed, epoch, index) the cache holds the live pipeline's boxes and the backbone maps of the live
     pipeline's image (flip first, then resize / pad bottom-right), in both resize modes; validation likewise."""
-    from src.detection.datasets import build_datasets, collate_fn
-    from src.detection.feature_cache import CachedBatches, FeatureCache
+    from src.detection.data.datasets import build_datasets, collate_fn
+    from src.detection.engine.feature_cache import CachedBatches, FeatureCache
 
     data = _tiny_data(tmp_path)
     imgsz = (96, 64)  # not the images' aspect ratio: letterbox pads 32 columns
@@ -190,8 +197,8 @@ def test_cached_samples_are_the_live_pipelines_samples(tmp_path, letterbox):
 
 def test_feature_cache_training_matches_image_training(tmp_path):
     """A step on cached fp16 features gives (almost) the losses of the same step on the live images."""
-    from src.detection.datasets import build_datasets, collate_fn
-    from src.detection.feature_cache import CachedBatches, FeatureCache
+    from src.detection.data.datasets import build_datasets, collate_fn
+    from src.detection.engine.feature_cache import CachedBatches, FeatureCache
 
     data = _tiny_data(tmp_path, n_train=8)
     train_ds, _ = build_datasets(data, imgsz=(64, 64), augment="flip", verbose=False, splits=("train",))
@@ -213,7 +220,7 @@ def test_feature_cache_training_matches_image_training(tmp_path):
 
 
 def test_padded_shards_give_every_rank_the_same_number_of_steps():
-    from src.detection.sampling import padded_shard
+    from src.detection.data.sampling import padded_shard
 
     for n, world in ((17, 2), (5, 4), (8, 3), (1, 2)):
         shards = [padded_shard(n, r, world) for r in range(world)]
@@ -253,7 +260,7 @@ def test_compiled_training_step_runs_the_compiled_module():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from src.detection.train import compile_for_training
+    from src.detection.commands.train import compile_for_training
 
     model = _tiny_model(3, (64, 64))
     torch._dynamo.reset()
@@ -272,7 +279,7 @@ def test_compiled_training_step_runs_the_compiled_module():
 
 
 def test_fine_tune_backbone_gets_its_own_learning_rate():
-    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     model = build_detector(DetectorConfig("dinov3_convnext_atto", 4, head="fcos", imgsz=(64, 64), fpn_channels=64,
                                           fine_tune=True), verbose=False)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from src.detection.datasets import load_data_config, load_ground_truth
-from src.detection.synthetic import generate_dataset
+from src.detection.data.datasets import load_data_config, load_ground_truth
+from src.detection.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def run_evaluate(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "src.detection.evaluate", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "src.detection.commands.evaluate", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -78,7 +78,7 @@ def test_bad_predictions_file_is_one_line(dataset: Path, tmp_path: Path):
 
 
 def test_cut_predictions_are_scored_with_a_warning(dataset: Path, tmp_path: Path):
-    from src.detection.evaluate import EvalConfig, evaluate_predictions
+    from src.detection.commands.evaluate import EvalConfig, evaluate_predictions
 
     gts = load_ground_truth(load_data_config(dataset), split="valid")
     rows = predictions_from_ground_truth(gts)  # every score 0.9: what a file cut at --threshold 0.5 looks like
@@ -135,9 +135,9 @@ def best_row(run: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_evaluate_model_reproduces_the_best_row_and_inference_json_scores_the_same(trained_run, tmp_path: Path):
-    from src.detection.annotations import split_layout
-    from src.detection.evaluate import EvalConfig, evaluate_checkpoint, evaluate_predictions
-    from src.detection.infer_image import build_image_parser, image_config_from_args, infer_images
+    from src.detection.commands.evaluate import EvalConfig, evaluate_checkpoint, evaluate_predictions
+    from src.detection.commands.infer_image import build_image_parser, image_config_from_args, infer_images
+    from src.detection.data.annotations import split_layout
 
     data, run = trained_run
     best = best_row(run)
@@ -176,10 +176,10 @@ def coco_inference(tmp_path_factory) -> tuple[Path, Path]:
     a tiny random RetinaNet checkpoint recording those ids, and image inference over the valid folder."""
     import torch
 
-    from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
-    from src.detection.infer_image import ImageInferConfig, infer_images
-    from src.detection.model import DetectorConfig, build_detector
-    from src.detection.predictor import PredictConfig
+    from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
+    from src.detection.commands.infer_image import ImageInferConfig, infer_images
+    from src.detection.inference.predictor import PredictConfig
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     root = tmp_path_factory.mktemp("coco_ids")
     names = ["a.jpg", "b.jpg", "sub/c.jpg", "broken.jpg"]
@@ -226,7 +226,7 @@ def test_coco_ids_round_trip_through_inference_and_evaluation(coco_inference, tm
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from src.detection.evaluate import EvalConfig, evaluate_predictions
+    from src.detection.commands.evaluate import EvalConfig, evaluate_predictions
 
     config, out = coco_inference
     rows = json.loads((out / "predictions.json").read_text())
@@ -249,8 +249,8 @@ def test_coco_ids_round_trip_through_inference_and_evaluation(coco_inference, tm
 
 
 def test_predictions_with_other_ids_or_classes_are_refused(coco_inference, tmp_path: Path):
-    from src.detection.errors import UserError
-    from src.detection.evaluate import EvalConfig, evaluate_predictions
+    from src.detection.commands.evaluate import EvalConfig, evaluate_predictions
+    from src.detection.core.errors import UserError
 
     config, out = coco_inference
     rows = json.loads((out / "predictions.json").read_text())

@@ -1,4 +1,4 @@
-"""ONNX export (``python -m src.detection.export``) and onnxruntime inference (``OnnxPredictor``).
+"""ONNX export (``python -m src.detection.commands.export``) and onnxruntime inference (``OnnxPredictor``).
 
 Parity is checked against the PyTorch ``Predictor`` on the same checkpoint: same detections (count, labels),
 boxes within 1e-3 relative, scores within 1e-4, on 3 images of different sizes. The models have random weights;
@@ -20,9 +20,8 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from src.detection.checkpoint import build_payload, model_meta, save_checkpoint  # noqa: E402
-from src.detection.errors import UserError  # noqa: E402
-from src.detection.export import (  # noqa: E402
+from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint  # noqa: E402
+from src.detection.commands.export import (  # noqa: E402
     ExportConfig,
     ExportGraph,
     build_export_parser,
@@ -30,10 +29,11 @@ from src.detection.export import (  # noqa: E402
     export_onnx,
     main,
 )
-from src.detection.model import DetectorConfig, build_detector  # noqa: E402
-from src.detection.onnx_runtime import DetectionDecoder, OnnxPredictor, sidecar_path  # noqa: E402
-from src.detection.predictor import Predictor  # noqa: E402
-from src.detection.transforms import resize_image  # noqa: E402
+from src.detection.core.errors import UserError  # noqa: E402
+from src.detection.data.transforms import resize_image  # noqa: E402
+from src.detection.inference.onnx_runtime import DetectionDecoder, OnnxPredictor, sidecar_path  # noqa: E402
+from src.detection.inference.predictor import Predictor  # noqa: E402
+from src.detection.modeling.model import DetectorConfig, build_detector  # noqa: E402
 
 CLASSES = ["__background__", "cat", "dog", "car"]
 IMGSZ = (320, 256)
@@ -198,7 +198,7 @@ def test_infer_command_with_onnx_model_matches_pth(exported, tmp_path):
     """infer_det_image.py's body with --model x.onnx writes the same predictions.json as with the .pth."""
     import cv2
 
-    from src.detection.infer_image import build_image_parser, image_config_from_args, infer_images
+    from src.detection.commands.infer_image import build_image_parser, image_config_from_args, infer_images
 
     ckpt, result = exported
     folder = tmp_path / "images"
@@ -283,8 +283,8 @@ def test_config_validation_and_help():
 def test_checkpoint_flags_are_the_inference_ones(tmp_path):
     """--model-name/--config/--head/--feature-extractor/--weights: one definition, same help and meaning in export
     and both inference commands; --config takes any dataset config form without its data folders."""
-    from src.detection.infer_image import build_image_parser
-    from src.detection.video import build_video_parser
+    from src.detection.commands.infer_image import build_image_parser
+    from src.detection.commands.infer_video import build_video_parser
 
     flags = ("--model-name", "--config", "--head", "--feature-extractor", "--weights")
 

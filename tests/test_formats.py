@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from src.detection.datasets import (
+from src.detection.core.errors import UserError
+from src.detection.data.datasets import (
     build_dataloader,
     build_datasets,
     load_config_classes,
     load_data_config,
     load_ground_truth,
 )
-from src.detection.errors import UserError
 
 
 def write_image(path: Path, w: int = 64, h: int = 48, seed: int = 0) -> Path:
@@ -111,7 +111,7 @@ def test_coco_predictions_with_original_ids_score_like_pycocotools(tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from src.detection.metrics import score_predictions_json
+    from src.detection.evaluation.metrics import score_predictions_json
 
     cfg = load_data_config(coco_dataset(tmp_path))
     gts = load_ground_truth(cfg, "valid")
@@ -338,8 +338,9 @@ def test_ultralytics_config_errors(tmp_path, text, pattern):
 def test_ground_truth_and_analyze_agree_across_formats(tmp_path, capsys):
     import re
 
-    from src.detection import analyze, synthetic
-    from src.detection.datasets import DetectionDataset, read_split
+    from src.detection.commands import analyze
+    from src.detection.data import synthetic
+    from src.detection.data.datasets import DetectionDataset, read_split
 
     def object_counts(text: str) -> dict[str, list[int]]:  # class -> [train objects, valid objects]
         rows = re.findall(r"^\| (\w+) \| (\d+) \(\d+\) \| (\d+) \(\d+\) \|$", text, re.M)
@@ -375,7 +376,7 @@ def test_ground_truth_and_analyze_agree_across_formats(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- evaluation skips bad images
 def test_evaluation_skips_an_undecodable_image_instead_of_scoring_a_substitute(tmp_path):
-    from src.detection.engine import evaluate
+    from src.detection.engine.loop import evaluate
 
     n = 4
     for i in range(n):
@@ -409,7 +410,7 @@ def test_evaluation_skips_an_undecodable_image_instead_of_scoring_a_substitute(t
                 out.append({"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": torch.ones(len(boxes), dtype=torch.int64)})
             return out
 
-    from src.detection.model import InputSpec
+    from src.detection.modeling.model import InputSpec
 
     result = evaluate(Perfect(), build_dataloader(valid, batch_size=2), torch.device("cpu"), cfg.classes,
                       spec=InputSpec(imgsz=(32, 32)), metric="coco")
@@ -423,7 +424,7 @@ def test_evaluation_skips_an_undecodable_image_instead_of_scoring_a_substitute(t
 @pytest.mark.parametrize("name,key", [("coco_example.yaml", "TRAIN_IMG: folder 'input/coco/train2017'"),
                                       ("yolo_example.yaml", "path: folder 'input/my_yolo_dataset'")])
 def test_shipped_example_configs(name, key):
-    from src.detection.utils import REPO_ROOT
+    from src.detection.core.utils import REPO_ROOT
 
     # the data is not shipped: loading stops at the first path, naming the file and the key
     with pytest.raises(UserError, match=rf"{name}: {key} not found"):
@@ -484,7 +485,7 @@ def test_config_classes_of_a_coco_config_without_its_annotation_file(tmp_path):
 def test_config_classes_of_the_shipped_configs():
     import yaml
 
-    from src.detection.utils import REPO_ROOT
+    from src.detection.core.utils import REPO_ROOT
 
     configs = REPO_ROOT / "detection_configs"
     raw = yaml.safe_load((configs / "voc.yaml").read_text())  # its data folders are not shipped

@@ -19,8 +19,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
-from src.detection.errors import UserError
+from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
+from src.detection.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["__background__", "circle", "square"]
@@ -44,8 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def checkpoint(one_thread, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train a tiny RetinaNet (frozen random ConvNeXt, 1-block stages) on the scene for 40 steps; save it."""
-    from src.detection.model import DetectorConfig, build_detector
-    from src.detection.transforms import resize_image
+    from src.detection.data.transforms import resize_image
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     torch.manual_seed(0)
     cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=len(CLASSES), head="retinanet",
@@ -93,7 +93,7 @@ def best(pred: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 # ------------------------------------------------------------------------------------------------- Predictor
 def test_predictor_finds_box_in_original_coordinates(checkpoint: Path) -> None:
-    from src.detection.predictor import Predictor
+    from src.detection.inference.predictor import Predictor
 
     rgb = torch.from_numpy(make_scene()[:, :, ::-1].copy()).permute(2, 0, 1)
     predictor = Predictor(checkpoint, device="cpu", score_thresh=0.3, batch_size=2)
@@ -109,7 +109,7 @@ def test_predictor_finds_box_in_original_coordinates(checkpoint: Path) -> None:
 
 
 def test_predictor_rejects_contradicting_flags(checkpoint: Path) -> None:
-    from src.detection.predictor import Predictor
+    from src.detection.inference.predictor import Predictor
 
     with pytest.raises(UserError, match="--head ssd contradicts checkpoint"):
         Predictor(checkpoint, device="cpu", expect={"head": "ssd"})
@@ -165,7 +165,7 @@ def test_broken_image_is_reported_and_skipped(image_run) -> None:
 
 
 def test_save_xml_round_trips_through_dataset_reader(image_run) -> None:
-    from src.detection.datasets import parse_voc_xml
+    from src.detection.data.datasets import parse_voc_xml
 
     _, out = image_run
     preds = json.loads((out / "predictions.json").read_text())
@@ -204,7 +204,7 @@ def test_coco_config_classes_are_checked_without_the_data_folders(checkpoint: Pa
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())
 
-    from src.detection.predictor import PredictConfig, build_predictor
+    from src.detection.inference.predictor import PredictConfig, build_predictor
 
     swapped = tmp_path / "data.yaml"  # an Ultralytics data.yaml naming the classes in another order
     swapped.write_text("path: nowhere\ntrain: images/train\nval: images/val\nnames: {0: square, 1: circle}\n")
@@ -218,8 +218,8 @@ def test_interrupted_run_writes_the_images_done(checkpoint: Path, tmp_path: Path
     """Ctrl-C on the 4th of 5 images (while reading it, or in the model's forward, where a real Ctrl-C lands): the
     images taken so far are finished and written, the summary says the run is incomplete, the command exits 130."""
     import infer_det_image
-    from src.detection import infer_image
-    from src.detection.predictor import Predictor
+    from src.detection.commands import infer_image
+    from src.detection.inference.predictor import Predictor
 
     src = tmp_path / "in"
     src.mkdir()
@@ -265,8 +265,8 @@ def scene_rgb(seed: int = 0) -> torch.Tensor:
 
 def test_same_checkpoint_gives_identical_boxes_across_constructions(checkpoint: Path) -> None:
     """The CPU precision follows a fixed rule (runtime.inference_precision), so two runs agree bit for bit."""
-    from src.detection.predictor import Predictor
-    from src.detection.runtime import inference_precision
+    from src.detection.core.runtime import inference_precision
+    from src.detection.inference.predictor import Predictor
 
     images = [scene_rgb(0), scene_rgb(1)]
     a, b = (Predictor(checkpoint, device="cpu", score_thresh=0.05, batch_size=2) for _ in range(2))
@@ -282,7 +282,7 @@ def test_compile_compiles_the_module_the_forward_runs(checkpoint: Path, monkeypa
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    from src.detection import predictor as predictor_module
+    from src.detection.inference import predictor as predictor_module
 
     counter = CompileCounter()  # a backend that counts the graphs dynamo hands it and runs them eagerly
     monkeypatch.setattr(predictor_module, "COMPILE_BACKEND", counter)
@@ -298,7 +298,7 @@ def test_compile_compiles_the_module_the_forward_runs(checkpoint: Path, monkeypa
 
 
 def test_display_available_with_and_without_a_display(monkeypatch: pytest.MonkeyPatch) -> None:
-    from src.detection.predictor import display_available
+    from src.detection.inference.predictor import display_available
 
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
@@ -310,8 +310,8 @@ def test_display_available_with_and_without_a_display(monkeypatch: pytest.Monkey
 
 def test_show_draws_windows_when_a_display_is_present(checkpoint: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from src.detection import infer_image
-    from src.detection.predictor import PredictConfig
+    from src.detection.commands import infer_image
+    from src.detection.inference.predictor import PredictConfig
 
     src = tmp_path / "in"
     src.mkdir()
@@ -341,7 +341,7 @@ def test_show_draws_windows_when_a_display_is_present(checkpoint: Path, tmp_path
 
 @pytest.mark.parametrize("fmt", ["yolo", "coco"])
 def test_save_format_writes_the_drawn_detections(checkpoint: Path, tmp_path: Path, fmt: str) -> None:
-    from src.detection.infer_image import build_image_parser, image_config_from_args, infer_images
+    from src.detection.commands.infer_image import build_image_parser, image_config_from_args, infer_images
 
     src = tmp_path / "in"
     src.mkdir()
@@ -378,13 +378,13 @@ def test_image_help_shows_defaults_and_aliases() -> None:
 def test_onnx_model_without_the_onnx_module_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from src.detection.predictor import PredictConfig, build_predictor
+    from src.detection.inference.predictor import PredictConfig, build_predictor
 
     real_import = builtins.__import__
 
     def no_onnx_runtime(name, *args, **kwargs):
         if name.endswith("onnx_runtime"):
-            raise ModuleNotFoundError("No module named 'src.detection.onnx_runtime'", name="src.detection.onnx_runtime")
+            raise ModuleNotFoundError("No module named 'src.detection.inference.onnx_runtime'", name="src.detection.inference.onnx_runtime")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnx_runtime)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.detection.backbones import NORMALIZATION
-from src.detection.checkpoint import build_payload, load_checkpoint, model_meta, save_checkpoint
-from src.detection.errors import UserError
-from src.detection.model import DetectorConfig, InputSpec, build_detector
-from src.detection.transforms import PAD_VALUE, boxes_to_original, letterbox_size, resize_image
+from src.detection.checkpoint.format import build_payload, load_checkpoint, model_meta, save_checkpoint
+from src.detection.core.errors import UserError
+from src.detection.data.transforms import PAD_VALUE, boxes_to_original, letterbox_size, resize_image
+from src.detection.modeling.backbones import NORMALIZATION
+from src.detection.modeling.model import DetectorConfig, InputSpec, build_detector
 
 CLASSES = ["__background__", "a", "b"]
 ATTO = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}
@@ -68,7 +68,7 @@ def test_spec_round_trips_through_checkpoint_metadata(tmp_path: Path):
 
 def test_checkpoint_from_before_the_input_dict_still_loads(tmp_path: Path):
     """Older metadata: imgsz / letterbox / mean / std at the top level, no ``input``."""
-    from src.detection.checkpoint import model_from_checkpoint
+    from src.detection.checkpoint.format import model_from_checkpoint
 
     model = build("dinov3_convnext_atto", ATTO, head="fcos", imgsz=(96, 64))
     payload = build_payload(model, model_meta(model, CLASSES))
@@ -86,7 +86,7 @@ def test_checkpoint_from_before_the_input_dict_still_loads(tmp_path: Path):
 def test_sat_backbone_is_reloaded_with_sat_statistics(tmp_path: Path, fixtures_dir: Path):
     """Training picks the SAT-493M variant from the weights file name; the checkpoint records the hub name
     (dinov3_vitl16), whose default statistics are ImageNet's - inference must still normalize with SAT's."""
-    from src.detection.predictor import Predictor
+    from src.detection.inference.predictor import Predictor
 
     weights = tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
     shutil.copy(fixtures_dir / "vit_s_like_random" / "weights.pth", weights)  # official keys, ViT-S-like shapes
@@ -133,7 +133,7 @@ def test_keep_aspect_uses_the_letterbox_scale_of_a_non_square_imgsz():
 def test_preprocess_is_the_validation_resize():
     from torchvision import tv_tensors
 
-    from src.detection.transforms import build_transform
+    from src.detection.data.transforms import build_transform
 
     image = torch.randint(0, 255, (3, 75, 130), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     for letterbox in (False, True):
@@ -156,7 +156,7 @@ def _ssd_checkpoint(tmp_path: Path) -> Path:
 
 def test_ssd_is_never_fed_another_aspect_ratio(tmp_path: Path):
     """Default boxes are fractions of the input tensor: a 4:3 input would shrink their heights by 25 %."""
-    from src.detection.predictor import Predictor
+    from src.detection.inference.predictor import Predictor
 
     path = _ssd_checkpoint(tmp_path)
     default = Predictor(path, device="cpu")

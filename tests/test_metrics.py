@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from benchmarks.bench_eval import make_eval_set, markdown, run
-from src.detection.errors import UserError
-from src.detection.metrics import DetectionEvaluator, score_predictions_json, voc_ap
-from src.detection.report import format_table, save_results
+from src.detection.core.errors import UserError
+from src.detection.evaluation.metrics import DetectionEvaluator, score_predictions_json, voc_ap
+from src.detection.evaluation.report import format_table, save_results
 
 CLASSES = ["__background__", "cat", "dog", "bird"]
 

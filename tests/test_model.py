@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from src.detection.errors import UserError
-from src.detection.model import DetectorConfig, build_detector, count_parameters, num_extra_levels, ssd_scales
+from src.detection.core.errors import UserError
+from src.detection.modeling.model import DetectorConfig, build_detector, count_parameters, num_extra_levels, ssd_scales
 
 W, H = 128, 96  # non-square on purpose: (width, height) as --imgsz W H
 NUM_CLASSES = 4
@@ -362,7 +362,7 @@ def test_head_convs_sets_both_towers_with_torchvision_names(head, n):
 def test_head_convs_defaults_and_parameter_counts():
     """`last` keeps torchvision's 4 convs (the reference's head); `multi` uses HEAD_CONVS['multi']; each conv layer
     left out takes away exactly one 3x3 conv + GroupNorm per branch."""
-    from src.detection.model import HEAD_CONVS
+    from src.detection.modeling.model import HEAD_CONVS
 
     assert HEAD_CONVS["last"] == 4
     for head in ("retinanet", "fcos"):
@@ -440,7 +440,7 @@ def test_separable_head_replaces_every_dense_conv(head):
 def test_separable_head_config_round_trip_and_older_metadata():
     """The choice is recorded and rebuilt; metadata from before the field means dense convs (strict load); the
     reference's `last` head and SSD stay dense."""
-    from src.detection.model import HEAD_SEPARABLE
+    from src.detection.modeling.model import HEAD_SEPARABLE
 
     model = build(tiny(head="retinanet", head_separable=True))
     d = model.config.to_dict()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from src.detection.backbones import RandomWeightsWarning, build_backbone
-from src.detection.errors import UserError
+from src.detection.core.errors import UserError
+from src.detection.modeling.backbones import RandomWeightsWarning, build_backbone
 
 VIT = ("dinov3_vit_tiny", {"embed_dim": 32, "num_heads": 2, "depth": 4, "drop_path_rate": 0.1})
 CONVNEXT = ("dinov3_convnext_atto", {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "drop_path_rate": 0.1})

@@ -20,14 +20,14 @@ import torch
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSDHead
 
-from src.detection.checkpoint import (
+from src.detection.checkpoint.format import (
     REFERENCE_BACKBONE_PREFIX,
     REFERENCE_FORMAT,
     convert_reference_state_dict,
     load_checkpoint,
 )
-from src.detection.errors import UserError
-from src.detection.model import DetectorConfig, build_detector
+from src.detection.core.errors import UserError
+from src.detection.modeling.model import DetectorConfig, build_detector
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["__background__", "circle", "square"]
@@ -84,7 +84,7 @@ def test_official_key_lists_map_onto_our_last_model(fixtures_dir: Path, model_na
     with torch.device("meta"):
         backbone = {k: torch.empty(shape) for k, shape in keys.items()}
         ref = reference_state_dict(backbone, reference_head(head, channels, 21))
-    from src.detection.checkpoint import adopt_reference_checkpoint
+    from src.detection.checkpoint.format import adopt_reference_checkpoint
 
     ckpt = adopt_reference_checkpoint({"format": REFERENCE_FORMAT, "meta": None, "model": ref, "path": "ref.pth"},
                                       model_name=hub_name, classes=["__background__"] + [f"c{i}" for i in range(20)])
@@ -110,7 +110,7 @@ def tiny_reference(fixtures_dir: Path, tmp_path_factory) -> tuple[Path, torch.nn
 
 
 def test_reference_checkpoint_loads_and_computes_what_the_reference_did(tiny_reference, fixtures_dir: Path):
-    from src.detection.predictor import Predictor
+    from src.detection.inference.predictor import Predictor
 
     path, head, expected = tiny_reference
     ckpt = load_checkpoint(path)  # weights_only=True inside
@@ -136,7 +136,7 @@ def test_reference_checkpoint_loads_and_computes_what_the_reference_did(tiny_ref
 
 
 def test_reference_checkpoint_errors_are_one_line(tiny_reference, tmp_path: Path):
-    from src.detection.predictor import Predictor
+    from src.detection.inference.predictor import Predictor
 
     path, _, _ = tiny_reference
     with pytest.raises(UserError, match="reference project.*--model-name and --config"):
@@ -169,8 +169,8 @@ def test_reference_vits16_ssd_checkpoint_in_every_command(fixtures_dir: Path, tm
     the video command's predictor, with the reference's flags."""
     import cv2
 
-    from src.detection.synthetic import CLASSES as SHAPES
-    from src.detection.synthetic import generate_dataset
+    from src.detection.data.synthetic import CLASSES as SHAPES
+    from src.detection.data.synthetic import generate_dataset
 
     data = generate_dataset(tmp_path / "data", 1, 2, imgsz=64, seed=0)
     classes = list(SHAPES)
@@ -189,12 +189,12 @@ def test_reference_vits16_ssd_checkpoint_in_every_command(fixtures_dir: Path, tm
     assert out.returncode == 0, out.stderr[-2000:]
     assert "reference-project checkpoint" in out.stdout and (tmp_path / "out" / "predictions.json").is_file()
     # evaluate and the video command in-process (their parsers, the same code path as their CLIs)
-    from src.detection.evaluate import build_parser, eval_config_from_args, evaluate_checkpoint
+    from src.detection.commands.evaluate import build_parser, eval_config_from_args, evaluate_checkpoint
 
     result = evaluate_checkpoint(eval_config_from_args(build_parser().parse_args([*flags, "--workers", "0"])))
     assert result.n_images == 2
-    from src.detection.predictor import build_predictor, predict_config_from_args
-    from src.detection.video import build_video_parser
+    from src.detection.commands.infer_video import build_video_parser
+    from src.detection.inference.predictor import build_predictor, predict_config_from_args
 
     args = build_video_parser().parse_args(["--input", "clip.mp4", *flags])
     predictor = build_predictor(predict_config_from_args(args), verbose=False)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.bench_eval import make_eval_set
-from src.detection.metrics import DetectionEvaluator, EvalResult
-from src.detection.report import plot_per_class_ap, plot_pr_curves, plot_training_curves
+from src.detection.evaluation.metrics import DetectionEvaluator, EvalResult
+from src.detection.evaluation.report import plot_per_class_ap, plot_pr_curves, plot_training_curves
 
 
 def _check_png(path, min_size=(300, 200)):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.detection import synthetic
-from src.detection.datasets import build_dataloader, build_datasets, load_data_config
+from src.detection.commands import synthetic as synthetic_command
+from src.detection.data import synthetic
+from src.detection.data.datasets import build_dataloader, build_datasets, load_data_config
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -76,7 +77,7 @@ def test_cli_writes_a_loadable_config(tmp_path, capsys):
 
     out = tmp_path / "cli"
     argv = ["--out", str(out), "--train", "3", "--valid", "2", "--imgsz", "64", "--seed", "5", "--video", "12"]
-    assert synthetic.main(argv) == 0
+    assert synthetic_command.main(argv) == 0
     assert "shapes.yaml" in capsys.readouterr().out
     cap = cv2.VideoCapture(str(out / "demo.mp4"))
     frames = []
@@ -91,7 +92,7 @@ def test_cli_writes_a_loadable_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["coco", "yolo"])
 def test_other_formats_hold_the_generated_boxes(tmp_path, fmt):
-    from src.detection.datasets import load_ground_truth
+    from src.detection.data.datasets import load_ground_truth
 
     seed, size = 2, 80
     cfg = load_data_config(synthetic.generate_dataset(tmp_path / fmt, 2, 10, imgsz=size, seed=seed, format=fmt))
@@ -115,10 +116,10 @@ def test_other_formats_hold_the_generated_boxes(tmp_path, fmt):
 
 
 def test_cli_format_and_out_dir(tmp_path, capsys):
-    assert synthetic.main(["--out-dir", str(tmp_path / "y"), "--format", "yolo", "--train", "2", "--valid", "1",
+    assert synthetic_command.main(["--out-dir", str(tmp_path / "y"), "--format", "yolo", "--train", "2", "--valid", "1",
                            "--imgsz", "64"]) == 0
     assert "(yolo)" in capsys.readouterr().out
     cfg = load_data_config(tmp_path / "y/shapes.yaml")
     assert cfg.format == "yolo" and cfg.classes == synthetic.CLASSES
     with pytest.raises(SystemExit):
-        synthetic.main(["--out-dir", str(tmp_path / "z"), "--format", "xml"])
+        synthetic_command.main(["--out-dir", str(tmp_path / "z"), "--format", "xml"])

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from src.detection.evaluate import EvalConfig, evaluate_checkpoint
+from src.detection.commands.evaluate import EvalConfig, evaluate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -28,7 +28,7 @@ TINY = ["--model-name", "dinov3_convnext_atto", "--head", "fcos", "--fpn-channel
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    from src.detection.synthetic import generate_dataset
+    from src.detection.data.synthetic import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("shapes"), 48, 16, imgsz=96, seed=1)
 

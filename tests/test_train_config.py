@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.detection.errors import UserError
-from src.detection.runtime import amp_settings
-from src.detection.train import saved_config
-from src.detection.train_config import (
+from src.detection.commands.train import saved_config
+from src.detection.core.errors import UserError
+from src.detection.core.runtime import amp_settings
+from src.detection.engine.config import (
     RESUME_OVERRIDABLE,
     TrainConfig,
     build_parser,

@@ -8,8 +8,8 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as F
 
-from src.detection.errors import UserError
-from src.detection.transforms import (
+from src.detection.core.errors import UserError
+from src.detection.data.transforms import (
     PAD_VALUE,
     PRESETS,
     boxes_to_original,

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.detection.runtime import Stopwatch
-from src.detection.synthetic import CLASSES
-from src.detection.synthetic_video import clip_frames, generate_tracking_video, write_mot_gt
-from src.detection.tracking import TrackConfig, Tracker
+from src.detection.core.runtime import Stopwatch
+from src.detection.data.synthetic import CLASSES
+from src.detection.data.synthetic_video import clip_frames, generate_tracking_video, write_mot_gt
+from src.detection.inference.tracking import TrackConfig, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,8 +237,8 @@ def gt_detections(clip):
 
 @pytest.mark.parametrize("track", [False, True])
 def test_results_files_agree_with_drawn_boxes(odd_clip, tmp_path: Path, monkeypatch, track: bool) -> None:
-    from src.detection import video
-    from src.detection.video_io import open_source
+    from src.detection.commands import infer_video as video
+    from src.detection.data.video_io import open_source
 
     drawn: list[tuple] = []
     real_draw = video.draw_detections
@@ -292,8 +292,8 @@ def test_results_files_agree_with_drawn_boxes(odd_clip, tmp_path: Path, monkeypa
 
 def test_tracking_drops_fewer_objects_than_plain_detection(odd_clip, tmp_path: Path) -> None:
     """Objects scoring 0.3 in every other frame: plain detection at 0.5 blinks, tracking keeps them."""
-    from src.detection.video import process_video
-    from src.detection.video_io import open_source
+    from src.detection.commands.infer_video import process_video
+    from src.detection.data.video_io import open_source
 
     dets = [[(box, 0.9 if (f + k) % 2 == 0 else 0.3, cls) for k, (_, cls, box) in enumerate(rows)]
             for f, (_, rows) in enumerate(odd_clip)]
@@ -324,9 +324,9 @@ class InterruptedSource:
 
 
 def test_interrupted_run_leaves_playable_video_and_summary(odd_clip, tmp_path: Path, monkeypatch) -> None:
-    from src.detection import video
-    from src.detection.predictor import PredictConfig
-    from src.detection.video_io import open_source as real_open
+    from src.detection.commands import infer_video as video
+    from src.detection.data.video_io import open_source as real_open
+    from src.detection.inference.predictor import PredictConfig
 
     src = folder_of_frames(tmp_path / "frames", [f for f, _ in odd_clip])
     monkeypatch.setattr(video, "open_source", lambda s, fps=None: InterruptedSource(real_open(s, fps), 9))
@@ -351,7 +351,7 @@ def test_interrupted_run_leaves_playable_video_and_summary(odd_clip, tmp_path: P
 @pytest.mark.parametrize("stop_after", [5, 8])
 def test_pipeline_delivers_every_taken_item_on_interrupt(stop_after: int) -> None:
     """Ctrl-C mid-batch: the items already decoded still reach the sink, in order (stub predictor, batch 4)."""
-    from src.detection.pipeline import Item, run_pipeline
+    from src.detection.inference.pipeline import Item, run_pipeline
 
     predictor = StubPredictor([[([float(i), 0.0, i + 1.0, 1.0], 0.9, 1)] for i in range(20)])
     predictor.batch_size = 4
@@ -371,7 +371,7 @@ def test_pipeline_delivers_every_taken_item_on_interrupt(stop_after: int) -> Non
 def test_odd_size_writer_keeps_size_with_pyav_and_opencv(tmp_path: Path) -> None:
     import av
 
-    from src.detection.video_io import open_writer
+    from src.detection.data.video_io import open_writer
 
     w = open_writer(tmp_path / "odd", 15.0, (101, 77))
     for i in range(5):
@@ -392,8 +392,8 @@ def test_odd_size_writer_keeps_size_with_pyav_and_opencv(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory) -> Path:
     """A tiny random-weight RetinaNet that returns its top boxes at any score (plumbing, not accuracy)."""
-    from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
-    from src.detection.model import DetectorConfig, build_detector
+    from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
+    from src.detection.modeling.model import DetectorConfig, build_detector
 
     torch.manual_seed(0)
     cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=len(CLASSES), head="retinanet",

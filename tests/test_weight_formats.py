@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.detection import backbones as bb
-from src.detection import weight_formats as wf
-from src.detection.backbones import ENTRYPOINTS, RandomWeightsWarning, build_backbone
-from src.detection.errors import UserError
+from src.detection.core.errors import UserError
+from src.detection.modeling import backbones as bb
+from src.detection.modeling import weight_formats as wf
+from src.detection.modeling.backbones import ENTRYPOINTS, RandomWeightsWarning, build_backbone
 
 ATOL = 1e-4
 

@@ -1,0 +1,149 @@
+"""Dataset analysis: what is in a dataset (VOC, COCO or YOLO) and what is wrong with it, as a table and PNG plots.
+
+    python -m src.detection.analyze --config detection_configs/voc.yaml [--out-dir DIR]
+
+Parses annotations only (no pixel decoding) with the same reader training uses, in the forgiving mode
+(unknown classes and bad samples are counted, not fatal), so it reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.cli import new_parser
+from ..core.errors import run_cli
+from ..core.utils import increment_path, resolve_path
+from ..data.datasets import DetectionDataset, load_data_config, read_split
+
+
+def dataset_stats(ds: DetectionDataset) -> dict[str, Any]:
+    """Per-split numbers: class counts (difficult included), objects per image, box sizes and aspects."""
+    per_class: Counter = Counter()
+    per_class_difficult: Counter = Counter()
+    objects_per_image, widths, heights = [], [], []
+    for i in range(len(ds)):
+        ann = ds.annotations(i)
+        objects_per_image.append(len(ann["labels"]))
+        for lab, diff in zip(ann["labels"].tolist(), ann["difficult"].tolist()):
+            per_class[ds.classes[lab]] += 1
+            per_class_difficult[ds.classes[lab]] += int(diff)
+        b = ann["boxes"].numpy()
+        widths += (b[:, 2] - b[:, 0]).tolist()
+        heights += (b[:, 3] - b[:, 1]).tolist()
+    return {
+        "per_class": per_class,
+        "per_class_difficult": per_class_difficult,
+        "objects_per_image": np.asarray(objects_per_image, np.int64),
+        "widths": np.asarray(widths, np.float32),
+        "heights": np.asarray(heights, np.float32),
+        "report": ds.report,
+    }
+
+
+def format_report(classes: list[str], stats: dict[str, dict[str, Any]]) -> str:
+    """Markdown-style table of class counts per split, then summary and problem lines per split."""
+    splits = list(stats)
+    lines = ["| class | " + " | ".join(f"{s} objects (difficult)" for s in splits) + " |",
+             "|---|" + "---|" * len(splits)]
+    for c in classes[1:]:
+        cells = [f"{st['per_class'][c]} ({st['per_class_difficult'][c]})" for st in stats.values()]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    for s, st in stats.items():
+        rep, opi = st["report"], st["objects_per_image"]
+        area = np.sqrt(st["widths"] * st["heights"]) if len(st["widths"]) else np.zeros(1)
+        lines += [
+            "",
+            f"{s}: {rep.n_images} images ({rep.n_negatives} without objects), {rep.n_objects} objects "
+            f"({rep.n_difficult} difficult); objects/image mean {opi.mean() if len(opi) else 0:.2f}, "
+            f"max {opi.max() if len(opi) else 0}; box sqrt(area) median {np.median(area):.1f} px "
+            f"(small <32: {(area < 32).sum()}, medium: {((area >= 32) & (area < 96)).sum()}, large >=96: {(area >= 96).sum()})",
+        ]
+        problems = rep.problems()
+        lines += [f"{s} problem: {p}" for p in problems] or [f"{s}: no problems found"]
+        lines += [f"{s} bad file: {reason}" for _, reason in rep.bad_files[:20]]
+        if len(rep.bad_files) > 20:
+            lines.append(f"{s}: ... and {len(rep.bad_files) - 20} more bad files")
+        lines += [f"{s} unmatched: {what}" for what in rep.unmatched_annotations[:20]]
+        if len(rep.unmatched_annotations) > 20:
+            lines.append(f"{s}: ... and {len(rep.unmatched_annotations) - 20} more annotations without an image")
+    return "\n".join(lines)
+
+
+def save_plots(classes: list[str], stats: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = classes[1:]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
+    x = np.arange(len(names))
+    width = 0.8 / max(1, len(stats))
+    for k, (s, st) in enumerate(stats.items()):
+        ax.bar(x + k * width, [st["per_class"][c] for c in names], width, label=s)
+    ax.set_xticks(x + width * (len(stats) - 1) / 2, names, rotation=45, ha="right")
+    ax.set_ylabel("objects")
+    ax.set_title("objects per class")
+    ax.legend()
+    paths.append(_save(fig, out_dir / "class_counts.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for s, st in stats.items():
+        w, h = st["widths"], st["heights"]
+        if len(w):
+            axes[0].hist(np.sqrt(w * h), bins=40, alpha=0.6, label=s)
+            axes[1].hist(np.log2(w / np.maximum(h, 1e-6)), bins=40, alpha=0.6, label=s)
+        opi = st["objects_per_image"]
+        axes[2].hist(opi, bins=np.arange(opi.max() + 2 if len(opi) else 2) - 0.5, alpha=0.6, label=s)
+    for ax, title in zip(axes, ("box size sqrt(w*h) [px]", "aspect log2(w/h)", "objects per image")):
+        ax.set_title(title)
+        ax.legend()
+    paths.append(_save(fig, out_dir / "box_stats.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def analyze_dataset(config: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[str, list[Path]]:
+    """Table text and plot paths for the config's train and valid splits."""
+    cfg = load_data_config(config)
+    stats = {}
+    for split in ("train", "valid"):
+        records, report = read_split(cfg, split, ignore_unknown_classes=True, skip_bad_samples=True)
+        stats[split] = dataset_stats(DetectionDataset(records, cfg.classes, report=report, name=split, verbose=False))
+    table = f"{cfg.path.name}: {cfg.format} dataset, {len(cfg.classes) - 1} classes\n\n" + format_report(cfg.classes, stats)
+    out = Path(out_dir) if out_dir else increment_path("outputs/analyze", None, cfg.path.stem)
+    return table, save_plots(cfg.classes, stats, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = new_parser(description="Count classes/objects and find annotation problems in a dataset "
+                                "(Pascal VOC XML, COCO JSON or YOLO).")
+    ap.add_argument("--config", required=True,
+                    help="dataset YAML (VOC, FORMAT: coco / yolo, or an Ultralytics data.yaml)")
+    ap.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                    help="folder for the PNG plots (None: outputs/analyze/<config>_N)")
+    args = ap.parse_args(argv)
+    table, plots = analyze_dataset(args.config, resolve_path(args.out_dir) if args.out_dir else None)
+    print(table)
+    print(f"\nplots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

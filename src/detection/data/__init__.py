@@ -1,0 +1,1 @@
+"""Datasets: annotation formats, dataset configs, decoding, transforms, sampling, label writers, synthetic data."""

@@ -1,0 +1,1 @@
+"""Training: the run configuration, the epoch loop, optimisation, EMA and the feature cache."""

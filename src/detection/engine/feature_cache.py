@@ -1,0 +1,227 @@
+"""Backbone feature cache: with a frozen backbone and deterministic (or flip-only) augmentation the backbone output
+of every image never changes, so it is computed once (fp16) and later epochs run only neck + head. The validation
+split is cached the same way (no flip), so evaluation runs only neck + head too.
+
+Cached samples are exactly the live pipeline's: each variant is made by the training transform itself with its
+random flip decided (flip first, then the resize / letterbox padding at the bottom-right), and the flip decision
+for ``(seed, epoch, index)`` is the coin the live ``RandomHorizontalFlip`` draws for that sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from ..core.errors import UserError
+from ..core.runtime import autocast_context
+from ..data.sampling import sample_seed
+
+CACHEABLE_AUGMENTS = ("none", "flip")
+FLIP_P = 0.5  # transforms.build_transform's RandomHorizontalFlip probability (checked when a cache is built)
+
+
+def check_cacheable(augment: str, trains_backbone: bool) -> None:
+    if trains_backbone:
+        raise UserError("--cache-features needs a frozen backbone; drop --cache-features, or --fine-tune / "
+                        "--unfreeze-last (the backbone's features change while it trains)")
+    if augment not in CACHEABLE_AUGMENTS:
+        raise UserError(f"--cache-features works with --augment none or flip (got {augment!r}): other augmentations "
+                        f"change the image every epoch, so its features cannot be reused")
+
+
+def forced_flip(transform: Any, flip: bool) -> v2.Compose:
+    """``transform`` (a training pipeline) with its random horizontal flip always / never applied; every other
+    op is the same object in the same order, so a variant is exactly what the live pipeline gives for that coin."""
+    ops = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+    if flip and not any(isinstance(op, v2.RandomHorizontalFlip) for op in ops):
+        raise ValueError("a mirrored cache variant needs a training transform with RandomHorizontalFlip (--augment flip)")
+    out = []
+    for op in ops:
+        if isinstance(op, v2.RandomHorizontalFlip):
+            if op.p != FLIP_P:
+                raise ValueError(f"the feature cache assumes a flip probability of {FLIP_P}, got {op.p}")
+            op = v2.RandomHorizontalFlip(p=1.0 if flip else 0.0)
+        elif isinstance(op, v2.Transform) and any(isinstance(op, t) for t in _RANDOM_OPS):
+            raise ValueError(f"{type(op).__name__} is random: the feature cache supports --augment none/flip only")
+        out.append(op)
+    return v2.Compose(out)
+
+
+_RANDOM_OPS = (v2.RandomPhotometricDistort, v2.RandomZoomOut, v2.RandomIoUCrop, v2.ScaleJitter, v2.RandomCrop)
+
+
+def is_flipped(seed: int, epoch: int, index: int) -> bool:
+    """The live RandomHorizontalFlip's coin for sample ``index`` in ``epoch``: the first draw of torch's RNG after
+    ``EpochSeededDataset`` seeded it from ``(seed, epoch, index)`` (``torch.rand(1) < p`` flips)."""
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
+    return bool(torch.rand(1, generator=g) < FLIP_P)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def _plain_target(target: dict[str, Any]) -> dict[str, Any]:
+    """Targets as plain tensors / numbers (weights_only-safe; BoundingBoxes -> Tensor)."""
+    out = {}
+    for k, v in target.items():
+        out[k] = v.as_subclass(torch.Tensor).clone() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+class FeatureCache(Dataset):
+    """Cached backbone maps for a list of dataset indices.
+
+    ``cache[(epoch, i)]`` (or ``cache[i]`` without flip) returns ``(features, target)``; ``cache.batch(keys)`` a
+    whole batch ``(level maps [B,C,h,w] fp16, targets)`` - in RAM mode one ``index_select`` per level, no per-sample
+    work. ``flip=True`` stores each image and its mirror; which one a key gets is the live pipeline's coin.
+    """
+
+    def __init__(self, mode: str, flip: bool, seed: int, cache_dir: Path | None = None):
+        if mode not in ("ram", "disk"):
+            raise UserError(f"--cache-features {mode!r}: use ram or disk")
+        self.mode, self.flip, self.seed = mode, flip, seed
+        self.cache_dir = cache_dir
+        self.indices: list[int] = []  # unique dataset indices, in storage order
+        self.row: dict[int, int] = {}  # dataset index -> storage row
+        self.levels: dict[bool, list[torch.Tensor]] = {}  # flipped -> per level [N, C, h, w] fp16 (RAM)
+        self.targets: dict[bool, list[dict[str, Any]]] = {}
+        self.dropped: set[int] = set()
+        self.nbytes = 0
+
+    # -- building
+    @torch.inference_mode()
+    def build(self, model, dataset, indices: Sequence[int], device: torch.device, batch_size: int, workers: int = 0,
+              amp_dtype: torch.dtype | None = None, show: bool = True) -> None:
+        """Run the frozen backbone once over ``dataset[indices]`` - each variant through ``dataset``'s own transform
+        with the flip decided - and store fp16 maps. Repeated indices (DDP padding) are computed once; samples the
+        dataset drops (``None``: undecodable evaluation images) are left out, as the live loader leaves them out."""
+        self.indices = list(dict.fromkeys(int(i) for i in indices))
+        self.row = {i: r for r, i in enumerate(self.indices)}
+        self.dropped: set[int] = set()
+        if self.mode == "disk":
+            assert self.cache_dir is not None
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            self.cache_dir.mkdir(parents=True)
+        for flipped in ((False, True) if self.flip else (False,)):
+            view = copy.copy(dataset)
+            if getattr(dataset, "transform", None) is not None:
+                view.transform = forced_flip(dataset.transform, flipped)
+            loader = DataLoader(torch.utils.data.Subset(view, self.indices), batch_size=batch_size, shuffle=False,
+                                num_workers=workers, collate_fn=_as_list)
+            levels: list[torch.Tensor] = []
+            targets: list[dict[str, Any] | None] = [None] * len(self.indices)
+            position = 0
+            desc = f"caching backbone features{' (mirrored)' if flipped else ''}"
+            for samples in tqdm(loader, desc=desc, disable=not show, leave=False):
+                start = position
+                position += len(samples)
+                good = [(start + j, s) for j, s in enumerate(samples) if s is not None]
+                self.dropped.update(self.indices[start + j] for j, s in enumerate(samples) if s is None)
+                if not good:
+                    continue
+                with autocast_context(device, amp_dtype):
+                    feats = model.backbone_features(torch.stack([s[0] for _, s in good]).to(device))
+                feats = [f.to("cpu", torch.float16) for f in feats]
+                if self.mode == "ram" and not levels:
+                    levels = [torch.empty((len(self.indices), *f.shape[1:]), dtype=torch.float16) for f in feats]
+                for k, (r, sample) in enumerate(good):
+                    target = _plain_target(sample[1])
+                    if self.mode == "ram":
+                        for store, f in zip(levels, feats):
+                            store[r].copy_(f[k])
+                        targets[r] = target
+                    else:
+                        torch.save(([f[k].clone() for f in feats], target),
+                                   self.cache_dir / f"{self.indices[r]}_{int(flipped)}.pt")
+                self.nbytes += sum(f.numel() * f.element_size() for f in feats)
+            if self.mode == "ram":
+                self.levels[flipped], self.targets[flipped] = levels, targets  # type: ignore[assignment]
+
+    # -- reading
+    def flipped(self, key) -> tuple[int, bool]:
+        """``(dataset index, mirrored?)`` for a key ``(epoch, index)`` or a plain ``index`` (never mirrored)."""
+        if isinstance(key, (tuple, list)):
+            epoch, index = int(key[0]), int(key[1])
+            return index, self.flip and is_flipped(self.seed, epoch, index)
+        return int(key), False
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        index, flipped = self.flipped(key)
+        if self.mode == "ram":
+            r = self.row[index]
+            return [level[r] for level in self.levels[flipped]], self.targets[flipped][r]
+        return torch.load(self.cache_dir / f"{index}_{int(flipped)}.pt", weights_only=True)
+
+    def batch(self, keys: Sequence) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """Level maps ``[B,C,h,w]`` (fp16, CPU) and targets for ``keys`` (dropped samples left out)."""
+        if self.dropped:
+            keys = [k for k in keys if self.flipped(k)[0] not in self.dropped]
+        if self.mode != "ram":
+            items = [self[k] for k in keys]
+            return [torch.stack(level) for level in zip(*(it[0] for it in items))], [it[1] for it in items]
+        resolved = [self.flipped(k) for k in keys]
+        variants = {f for _, f in resolved}
+        if len(variants) == 1:
+            flipped = variants.pop()
+            rows = torch.tensor([self.row[i] for i, _ in resolved])
+            feats = [level.index_select(0, rows) for level in self.levels[flipped]]
+        else:  # mixed batch: gather each variant's rows, then put them back in key order
+            feats = []
+            for lvl in range(len(self.levels[False])):
+                out = torch.empty((len(keys), *self.levels[False][lvl].shape[1:]), dtype=torch.float16)
+                for flipped in (False, True):
+                    pos = [p for p, (_, f) in enumerate(resolved) if f == flipped]
+                    if pos:
+                        rows = torch.tensor([self.row[resolved[p][0]] for p in pos])
+                        out[torch.tensor(pos)] = self.levels[flipped][lvl].index_select(0, rows)
+                feats.append(out)
+        return feats, [self.targets[f][self.row[i]] for i, f in resolved]
+
+
+def collate_cached(batch, imgsz: tuple[int, int]):
+    """``(zero uint8 images [B,3,H,W], targets, [level maps [B,C,h,w]])`` - the images only carry the size."""
+    feats = [torch.stack(level) for level in zip(*(item[0] for item in batch))]
+    targets = [item[1] for item in batch]
+    w, h = imgsz
+    images = torch.zeros((len(batch), 3, h, w), dtype=torch.uint8)
+    return images, targets, feats
+
+
+class CachedBatches:
+    """Batches ``(zero images, targets, level maps)`` over a RAM ``FeatureCache`` in ``sampler`` order.
+
+    Replaces a DataLoader: there is nothing to decode, and a batch is one gather per level. The zero image batch
+    only carries the input size (anchors, clipping) and is allocated once.
+    """
+
+    def __init__(self, cache: FeatureCache, sampler: Iterable, batch_size: int, imgsz: tuple[int, int],
+                 pin_memory: bool = False):
+        self.cache, self.sampler, self.batch_size, self.pin_memory = cache, sampler, batch_size, pin_memory
+        w, h = imgsz
+        self.images = torch.zeros((batch_size, 3, h, w), dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]], list[torch.Tensor]]]:
+        keys = list(self.sampler)
+        for start in range(0, len(keys), self.batch_size):
+            feats, targets = self.cache.batch(keys[start:start + self.batch_size])
+            if not targets:
+                continue
+            if self.pin_memory:
+                feats = [f.pin_memory() for f in feats]
+            yield self.images[:len(targets)], targets, feats

@@ -1,0 +1,1 @@
+"""Metrics (COCO, VOC) and their presentation (tables, CSV, plots)."""

@@ -1,0 +1,1 @@
+"""Inference: predictors (PyTorch, ONNX), the threaded pipeline, video IO, tracking and drawing."""

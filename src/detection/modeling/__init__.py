@@ -1,0 +1,1 @@
+"""Models: DINOv3 backbones and their weight formats, input specification, necks, heads, the detector builder."""

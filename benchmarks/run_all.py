@@ -27,9 +27,8 @@ import torch
 
 from benchmarks.common import describe_machine, machine_info, markdown_table, verdict
 from src.detection.core.errors import UserError, run_cli
-from src.detection.core.utils import resolve_repo_path
+from src.detection.core.paths import resolve_path
 
-# key -> module; run in this order. "memory" is skipped when the inference bench already reports peak RSS.
 BENCHES = {
     "train": "benchmarks.bench_train",
     "eval": "benchmarks.bench_eval",
@@ -121,7 +120,7 @@ def run_suite(keys: list[str], quick: bool, devices: list[str], out_dir: str | P
         rows += run_bench(key, quick, devices)
     info["load_avg_end"] = machine_info().get("load_avg")
     text = render(rows, info, quick, started, time.perf_counter() - t0)
-    out = resolve_repo_path(out_dir)
+    out = resolve_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / (started.strftime("%Y%m%d-%H%M%S") + ("-quick" if quick else "") + ".md")
     path.write_text(text)

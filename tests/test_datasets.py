@@ -332,16 +332,14 @@ def test_build_single_split_and_ground_truth_by_file_name(tmp_path):
 
 
 def test_relative_paths_fall_back_to_repo_root(tmp_path):
-    from src.detection.core.utils import REPO_ROOT
-
-    # "detection_configs" does not exist beside the config file, but it does in the repository root
+    from src.detection.core.paths import REPO_ROOT
     text = REFERENCE_CFG.format(root=tmp_path).replace(f"{tmp_path}/data/train/images", "detection_configs")
     cfg = load_data_config(reference_config(tmp_path, text))
     assert cfg.train[0].images == (REPO_ROOT / "detection_configs").resolve()
 
 
 def test_shipped_voc_config(tmp_path):
-    from src.detection.core.utils import REPO_ROOT
+    from src.detection.core.paths import REPO_ROOT
 
     if (REPO_ROOT / "input/voc_07_12/voc_xml_dataset").is_dir():
         assert len(load_data_config("detection_configs/voc.yaml").classes) == 21

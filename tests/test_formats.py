@@ -424,9 +424,7 @@ def test_evaluation_skips_an_undecodable_image_instead_of_scoring_a_substitute(t
 @pytest.mark.parametrize("name,key", [("coco_example.yaml", "TRAIN_IMG: folder 'input/coco/train2017'"),
                                       ("yolo_example.yaml", "path: folder 'input/my_yolo_dataset'")])
 def test_shipped_example_configs(name, key):
-    from src.detection.core.utils import REPO_ROOT
-
-    # the data is not shipped: loading stops at the first path, naming the file and the key
+    from src.detection.core.paths import REPO_ROOT
     with pytest.raises(UserError, match=rf"{name}: {key} not found"):
         load_data_config(REPO_ROOT / "detection_configs" / name)
 
@@ -485,7 +483,7 @@ def test_config_classes_of_a_coco_config_without_its_annotation_file(tmp_path):
 def test_config_classes_of_the_shipped_configs():
     import yaml
 
-    from src.detection.core.utils import REPO_ROOT
+    from src.detection.core.paths import REPO_ROOT
 
     configs = REPO_ROOT / "detection_configs"
     raw = yaml.safe_load((configs / "voc.yaml").read_text())  # its data folders are not shipped

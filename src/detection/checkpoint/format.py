@@ -26,7 +26,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -38,8 +37,9 @@ from torch import nn
 
 from .. import __version__
 from ..core.errors import UserError
+from ..core.io import atomic_write
+from ..core.paths import REPO_ROOT
 from ..core.runtime import unwrap
-from ..core.utils import REPO_ROOT
 
 FORMAT = "dinov3-detection"
 FORMAT_VERSION = 1
@@ -95,20 +95,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     A crash or exception mid-write leaves any existing file at ``path`` untouched and no partial file behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 

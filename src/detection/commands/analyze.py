@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.cli import new_parser
 from ..core.errors import run_cli
-from ..core.utils import increment_path, resolve_path
+from ..core.paths import increment_path, resolve_path
 from ..data.datasets import DetectionDataset, load_data_config, read_split
 
 

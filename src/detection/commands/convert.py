@@ -28,7 +28,7 @@ import yaml
 
 from ..core.cli import new_parser
 from ..core.errors import UserError, run_cli
-from ..core.utils import resolve_path
+from ..core.paths import resolve_path
 from ..data.annotations import LABEL_FORMATS, LabelWriter, dataset_config, split_layout
 from ..data.datasets import DataConfig, clamp_boxes, load_data_config, read_split
 

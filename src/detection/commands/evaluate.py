@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.cli import config_from_args, new_parser
+from ..core.cli import config_from_args, new_parser, parse_imgsz
 from ..core.errors import ToolkitWarning, UserError, run_cli
+from ..core.paths import increment_path, resolve_path
 from ..core.runtime import PRECISIONS, amp_settings, inference_precision, select_device
-from ..core.utils import increment_path, parse_imgsz, resolve_path
 
 METRICS = ("coco", "voc07", "voc12", "all")
 # A predictions file whose lowest score is above this was most likely cut at a display threshold.

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,9 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
-from ..core.cli import config_from_args, new_parser
+from ..core.cli import config_from_args, new_parser, parse_imgsz
 from ..core.errors import UserError, run_cli
-from ..core.utils import parse_imgsz, resolve_path
+from ..core.io import atomic_paths
+from ..core.paths import resolve_path
 from ..inference.onnx_runtime import (
     HEAD_OUTPUTS,
     INPUT_NAME,
@@ -165,12 +164,6 @@ def _output_path(cfg: ExportConfig, checkpoint: Path) -> Path:
     return folder / (checkpoint.stem + ".onnx")
 
 
-def _temp_beside(path: Path, suffix: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0][:200] if text else type(exc).__name__)
@@ -277,8 +270,7 @@ def export_onnx(cfg: ExportConfig) -> dict[str, Any]:
         if dynamic_hw:
             dynamic_axes["anchors"] = {0: "anchors"}
 
-    tmp_onnx, tmp_json = _temp_beside(out, ".onnx.tmp"), _temp_beside(out, ".json.tmp")
-    try:
+    with atomic_paths(out, sidecar_path(out)) as (tmp_onnx, tmp_json):
         try:
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")  # tracer / deprecation chatter; the result is checked below
@@ -314,11 +306,6 @@ def export_onnx(cfg: ExportConfig) -> dict[str, Any]:
         entry.key, entry.value = METADATA_KEY, text
         onnx.save(proto, str(tmp_onnx))
         tmp_json.write_text(text)
-        os.replace(tmp_onnx, out)
-        os.replace(tmp_json, sidecar_path(out))
-    finally:
-        for tmp in (tmp_onnx, tmp_json):
-            tmp.unlink(missing_ok=True)
     return {"onnx": out, "sidecar": sidecar_path(out), "seconds": time.perf_counter() - t0,
             "verification": verification, "input_shape": list(example.shape), "dynamic_hw": dynamic_hw,
             "mb": out.stat().st_size / 1e6}

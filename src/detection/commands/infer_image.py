@@ -24,7 +24,7 @@ import torch
 
 from ..core.cli import config_from_args, new_parser
 from ..core.errors import UserError
-from ..core.utils import increment_path
+from ..core.paths import increment_path
 from ..data.annotations import LABEL_FORMATS, LabelWriter
 from ..data.image_io import find_images, read_image
 from ..inference.pipeline import Item, run_pipeline

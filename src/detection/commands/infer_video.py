@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.cli import config_from_args, new_parser
 from ..core.errors import UserError
-from ..core.utils import increment_path
+from ..core.paths import increment_path
 from ..data.video_io import CODEC_CHOICES, DEFAULT_FPS, FrameSource, Writer, open_source, open_writer
 from ..inference.draw import bgr_to_tensor, draw_detections, draw_text
 from ..inference.pipeline import Item, run_pipeline

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write <out-dir>/demo.mp4 with this many frames of moving, crossing and occluded "
                          "shapes (24 fps) and its MOTChallenge ground truth <out-dir>/demo_gt.txt")
     args = ap.parse_args(argv)
-    from ..core.utils import resolve_path
+    from ..core.paths import resolve_path
 
     out = resolve_path(args.out_dir)
     cfg = generate_dataset(out, args.train, args.valid, imgsz=args.imgsz, seed=args.seed, format=args.format)

@@ -32,8 +32,9 @@ from ..checkpoint.format import (
     set_rng_state,
 )
 from ..core.errors import UserError
-from ..core.runtime import amp_settings, setup_distributed, unwrap
-from ..core.utils import increment_path, resolve_path, resolve_repo_path, seed_everything
+from ..core.io import atomic_write
+from ..core.paths import increment_path, resolve_path
+from ..core.runtime import amp_settings, seed_everything, setup_distributed, unwrap
 from ..data.datasets import build_dataloader, build_datasets, load_data_config, save_transformed_samples
 from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
 from ..engine.config import TrainConfig, legacy_config, resume_config
@@ -49,7 +50,7 @@ CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "
 def find_resume_checkpoint(cfg: TrainConfig) -> Path:
     if cfg.resume != "auto":
         return resolve_path(cfg.resume)
-    parent = resolve_repo_path(cfg.out_dir)
+    parent = resolve_path(cfg.out_dir)
     if cfg.name:
         return parent / cfg.name / "last_model.pth"
     runs = sorted((p for p in parent.glob("*/last_model.pth")), key=lambda p: p.stat().st_mtime)
@@ -75,12 +76,10 @@ def saved_config(ckpt: dict[str, Any]) -> TrainConfig:
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = list(CSV_FIELDS) + sorted({k for r in rows for k in r if k not in CSV_FIELDS})
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:

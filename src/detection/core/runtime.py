@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,6 +27,12 @@ from .errors import UserError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CPU_BF16_MIN_BACKBONE_PARAMS = 20_000_000
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------------- devices

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 
 from ..core.errors import ToolkitWarning, UserError
-from ..core.utils import read_yaml, resolve_path
+from ..core.io import read_yaml
+from ..core.paths import resolve_path
 from .formats import coco, voc, yolo
 from .formats.common import (  # re-exported: the reader's building blocks are part of this module's API
     BadSample,

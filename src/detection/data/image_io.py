@@ -14,9 +14,8 @@ from PIL import Image
 from torchvision.transforms.v2.functional import to_dtype
 
 from ..core.errors import UserError
-from ..core.utils import resolve_path
+from ..core.paths import resolve_path
 
-# Everything read_image decodes (torchvision: JPEG/PNG; OpenCV: the rest).
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec but they are still the fastest here

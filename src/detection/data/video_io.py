@@ -27,7 +27,7 @@ import numpy as np
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 from ..core.errors import UserError
-from ..core.utils import resolve_path
+from ..core.paths import resolve_path
 from .image_io import IMAGE_EXTS, image_size
 
 DEFAULT_FPS = 30.0

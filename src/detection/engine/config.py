@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from ..core.cli import new_parser
+from ..core.cli import new_parser, parse_imgsz
 from ..core.errors import UserError
+from ..core.io import read_yaml, write_text_atomic
 from ..core.runtime import PRECISIONS
-from ..core.utils import parse_imgsz, read_yaml
 from ..data.transforms import DEFAULT_AUGMENT, PRESETS
 from ..modeling.model import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS, DetectorConfig
 from .feature_cache import check_cacheable
@@ -173,12 +173,8 @@ class TrainConfig:
         return cls.from_dict(data, source=f"--cfg {path}")
 
     def save_yaml(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("# Training configuration of this run; re-run it with: python train_detection.py --cfg "
+        return write_text_atomic(path, "# Training configuration of this run; re-run it with: python train_detection.py --cfg "
                        f"{path.name} (flags typed then override it)\n" + yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
 
 
 _FIELDS = {f.name for f in fields(TrainConfig)}

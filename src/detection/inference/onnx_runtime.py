@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint.format import prepare_checkpoint
+from ..core.cli import parse_imgsz
 from ..core.errors import UserError
+from ..core.paths import resolve_path
 from ..core.runtime import Stopwatch
-from ..core.utils import parse_imgsz, resolve_path
 from .predictor import PredictorBase
 
 SIDECAR_FORMAT = "dinov3-detection-onnx"

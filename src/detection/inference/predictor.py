@@ -26,10 +26,10 @@ from ..checkpoint.format import (
     model_from_checkpoint,
     prepare_checkpoint,
 )
-from ..core.cli import config_from_args
+from ..core.cli import config_from_args, parse_imgsz
 from ..core.errors import UserError
+from ..core.paths import resolve_path
 from ..core.runtime import PRECISIONS, Stopwatch, autocast_context, inference_precision, select_device
-from ..core.utils import parse_imgsz, resolve_path
 
 if TYPE_CHECKING:
     from ..modeling.model import InputSpec

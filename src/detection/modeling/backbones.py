@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ToolkitWarning, UserError
-from ..core.utils import REPO_ROOT, load_dotenv_once, resolve_repo_path  # noqa: F401 - REPO_ROOT: tests read it here
+from ..core.paths import load_dotenv_once, resolve_path
 from .weight_formats import LoadedWeights, locate_weights, open_weights, read_torch_state_dict, resolve_weights
 
 __all__ = [
@@ -757,7 +757,7 @@ def _hub_repo() -> Path:
         raise UserError("--backbone-impl hub needs the official code: git clone "
                         "https://github.com/facebookresearch/dinov3.git dinov3/dinov3 and set "
                         "DINOv3_REPO=dinov3/dinov3 in .env (or use --backbone-impl timm)")
-    path = resolve_repo_path(repo)
+    path = resolve_path(repo)
     if not (path / "hubconf.py").is_file():
         raise UserError(f"DINOv3_REPO={repo}: no hubconf.py in {path}; clone "
                         f"https://github.com/facebookresearch/dinov3.git there (or use --backbone-impl timm)")

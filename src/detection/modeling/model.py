@@ -41,8 +41,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ..core.cli import parse_imgsz
 from ..core.errors import UserError
-from ..core.utils import parse_imgsz
 from ..data.transforms import boxes_to_original as _boxes_to_original
 from ..data.transforms import letterbox_size, resize_image
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..core.errors import UserError
-from ..core.utils import REPO_ROOT, load_dotenv_once, resolve_repo_path
+from ..core.paths import REPO_ROOT, load_dotenv_once, resolve_path
 
 __all__ = ["LoadedWeights", "resolve_weights", "locate_weights", "open_weights", "read_torch_state_dict",
            "hf_config_architecture", "HUB_PREFIXES"]
@@ -83,12 +83,12 @@ def resolve_weights(weights: str | os.PathLike | None) -> Path | None:
         return None
     load_dotenv_once()
     given = Path(weights).expanduser()
-    candidates = [given, resolve_repo_path(given)]
+    candidates = [given, resolve_path(given)]
     if len(given.parts) == 1:  # bare name: also the weights folders
         candidates.append(REPO_ROOT / "weights" / given)
         env = os.environ.get("DINOv3_WEIGHTS")
         if env:
-            candidates.append(resolve_repo_path(env) / given)
+            candidates.append(resolve_path(env) / given)
     looked: list[str] = []
     for cand in candidates:
         if cand.is_file() or cand.is_dir():

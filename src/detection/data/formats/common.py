@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...core.errors import UserError
-from ...core.utils import REPO_ROOT
+from ...core.paths import REPO_ROOT
 from ..image_io import UnreadableImage, image_size
 
 SKIP_HINT = "skip bad samples (--skip-bad-samples / SKIP_BAD_SAMPLES: true)"

@@ -4,7 +4,9 @@ Precision rules (one place, fixed, so the same checkpoint on the same machine al
 
 * training ``--amp auto``: bf16 autocast where the hardware runs bf16 natively (CUDA compute capability >= 8,
   CPUs with AVX-512 BF16 / AMX), fp16 + GradScaler on older CUDA GPUs, fp32 elsewhere;
-* inference ``--precision auto``: fp32 on CUDA (fp16 with ``--half``); on a CPU with native bf16, bf16 for
+* inference ``--precision auto``: on CUDA bf16 autocast where the GPU runs it natively (compute capability >= 8),
+  fp16 on older GPUs (and with ``--half``): detections match fp32 within the tolerances in README.md's precision
+  section and the model runs at tensor-core speed; on a CPU with native bf16, bf16 for
   backbones of at least ``CPU_BF16_MIN_BACKBONE_PARAMS`` parameters, fp32 for smaller ones (measured in
   benchmarks/bench_infer.py: bf16 was 3.1x faster for convnext_tiny at 640, 4x slower for convnext_atto at 192,
   whose small convolutions do not amortise the bf16 reorders); fp32 on CPUs without native bf16 (emulated bf16
@@ -94,7 +96,7 @@ def inference_precision(precision: str | None, device: torch.device, backbone_pa
     cuda = device.type == "cuda"
     if precision in (None, "auto"):
         if cuda:
-            precision = "fp16" if half else "fp32"
+            precision = "bf16" if cuda_bf16_native(device) and not half else "fp16"
         elif cpu_bf16_supported() and (half or backbone_params >= CPU_BF16_MIN_BACKBONE_PARAMS):
             precision = "bf16"
         else:

@@ -4,10 +4,9 @@ from src.detection.core.errors import run_cli
 
 
 def main() -> int:
-    from src.detection.commands.infer_image import build_image_parser, image_config_from_args, infer_images
+    from src.detection.commands.infer_image import main
 
-    summary = infer_images(image_config_from_args(build_image_parser().parse_args()))
-    return 0 if summary["complete"] else 130  # interrupted: what was done is written, but the run is not complete
+    return main()
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ from src.detection.core.errors import run_cli
 
 
 def main() -> int:
-    from src.detection.commands.infer_video import build_video_parser, infer_video, video_config_from_args
+    from src.detection.commands.infer_video import main
 
-    summary = infer_video(video_config_from_args(build_video_parser().parse_args()))
-    return 130 if summary["interrupted"] else 0  # interrupted: what was done is finalized, but the run is not complete
+    return main()
 
 
 if __name__ == "__main__":

@@ -8,18 +8,13 @@ Re-run a run exactly: --cfg outputs/img_det/run_1/args.yaml (flags typed after i
 Multi-GPU: torchrun --nproc_per_node N train_detection.py ...  See README.md for every flag.
 """
 
-from __future__ import annotations
-
 from src.detection.core.errors import run_cli
 
 
 def main() -> int:
-    from src.detection.commands.train import run
-    from src.detection.engine.config import parse_train_config
+    from src.detection.commands.train import main
 
-    cfg, typed = parse_train_config(description=__doc__)
-    run(cfg, typed=typed)
-    return 0
+    return main()
 
 
 if __name__ == "__main__":

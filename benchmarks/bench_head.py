@@ -58,7 +58,9 @@ def variant(name: str, convs: int, separable: bool, channels_last: bool, p: dict
             batches: list) -> dict[str, Any]:
     """Model, optimizer and the two timed callables for one head variant."""
     from src.detection.engine.loop import targets_to_device
-    from src.detection.modeling.model import DetectorConfig, build_detector, count_parameters
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
+    from src.detection.modeling.detector import count_parameters
 
     torch.manual_seed(0)
     cfg = DetectorConfig(p["model_name"], NUM_CLASSES, head=p["head"], feature_extractor="multi",

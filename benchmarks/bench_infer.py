@@ -8,7 +8,7 @@ measured in the same run (median of several repetitions, after warm-up).
 * baseline = the reference project's model (single-level RetinaNet on the last feature map, its dense 768-channel
   head) in the reference's loop: one float32 image at a time, stretched to imgsz, through torchvision's own
   ``GeneralizedRCNNTransform`` (which resizes again), contiguous memory, ``no_grad``.
-* ours = a checkpoint of our default detector (multi-level RetinaNet, separable head) through ``Predictor``.
+* ours = a checkpoint of our default detector (multi-level RetinaNet, dense head) through ``Predictor``.
 * steps = each speed option switched on alone against our fp32 batch-1 path (same checkpoint) (channels_last, bf16 autocast,
   aspect-preserving input size, batching, optionally torch.compile) - the ratio says what each step buys here.
 * onnx = the same checkpoint exported (``src.detection.commands.export``, fp32) and run by ``OnnxPredictor`` with
@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
+from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
 from src.detection.core.runtime import cpu_bf16_supported
 from src.detection.data.transforms import resize_image
 from src.detection.inference.predictor import Predictor
@@ -65,12 +65,15 @@ def _row(name: str, baseline: float, ours: float, goal: str, note: str = "") -> 
             "ratio": round(ours / baseline, 3) if baseline else 0.0, "goal": goal, "note": note}
 
 
-def run(quick: bool = False, compile: bool = False, only: str | None = None) -> list[dict[str, Any]]:
-    """All rows; ``only="onnx"``: just the onnxruntime rows (with the measurements they are compared with)."""
+def run(quick: bool = False, compile: bool = False, only: str | None = None, device: str = "cpu"
+        ) -> list[dict[str, Any]]:
+    """All rows; ``only="onnx"``: just the onnxruntime rows (with the measurements they are compared with).
+    On CUDA: the GPU rows only (``gpu_rows``)."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    from src.detection.commands.infer_video import open_source, process_video
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.inference.video import open_source, process_video
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     if quick:
         model_name, imgsz, frame_wh, n_img, reps, n_video = "dinov3_convnext_atto", 256, (320, 240), 8, 2, 24
@@ -91,6 +94,8 @@ def run(quick: bool = False, compile: bool = False, only: str | None = None) -> 
     frames = _frames(n_img, frame_wh)
     images = [torch.from_numpy(f[:, :, ::-1].copy()).permute(2, 0, 1) for f in frames]
     rows: list[dict[str, Any]] = []
+    if device != "cpu":
+        return gpu_rows(model, ckpt, frame_wh, imgsz, device, reps)
 
     # --- baseline: the reference's per-image float32 loop through torchvision's own transform
     dino = model.dino
@@ -168,6 +173,56 @@ def run(quick: bool = False, compile: bool = False, only: str | None = None) -> 
     summary = process_video(p, open_source(str(video)), tmp / "out", progress=False)
     rows.append(_row("video end-to-end FPS / model-only FPS", summary["mean_model_fps"],
                      summary["mean_end_to_end_fps"], ">= 0.9", f"{summary['frames']} frames {frame_wh[0]}x{frame_wh[1]}"))
+    return rows
+
+
+def describe_device(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def gpu_rows(model, ckpt: Path, frame_wh: tuple[int, int], imgsz: int, device: torch.device | str, reps: int
+             ) -> list[dict[str, Any]]:
+    """On a GPU: the reference loop (fp32, cv2 resize on the CPU, one image at a time) against our ``Predictor``
+    with its defaults (``--precision auto``) at batch 1, 8 and 32, uint8 images in and boxes out; and our batched
+    end-to-end rate against the frozen backbone's forward alone (the ceiling) at the same batch and precision."""
+    from benchmarks.bench_train import backbone_ceiling
+    from benchmarks.common import sync
+
+    device = torch.device(device)
+    frames = _frames(32, frame_wh)
+    images = [torch.from_numpy(cv2.cvtColor(f, cv2.COLOR_BGR2RGB)).permute(2, 0, 1) for f in frames]
+    model = model.to(device)
+
+    def reference_loop() -> int:
+        with torch.no_grad():
+            for f in frames[:16]:
+                img = cv2.resize(f, (imgsz, imgsz))[:, :, ::-1].astype(np.float32) / 255.0
+                model([torch.from_numpy(img.copy()).permute(2, 0, 1).to(device)])
+        sync(device)
+        return 16
+
+    ref = _rate(reference_loop, reps)
+    rows = []
+    for bs in (1, 8, 32):
+        p = Predictor(ckpt, device=device, batch_size=bs)
+        n = 16 if bs == 1 else 32
+
+        def batched(p: Predictor = p, n: int = n) -> int:
+            out = p.predict(images[:n])
+            sync(device)
+            return len(out)
+
+        rate = _rate(batched, reps)
+        rows.append(_row(f"images/s batch {bs} (ours: {p.precision}, channels_last) vs per-image loop ({device.type})",
+                         ref, rate, ">= 2x" if bs == 1 else "info",
+                         note=f"{describe_device(device)}; uint8 {frame_wh[0]}x{frame_wh[1]} frames in, "
+                              f"boxes out; reference: fp32, one image at a time"))
+        if bs > 1:
+            amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision)
+            ceiling = statistics.median(backbone_ceiling(p.model, bs, imgsz, amp, device, reps))
+            rows.append(_row(f"images/s batch {bs}: backbone forward alone (ceiling) vs ours end to end ({device.type})",
+                             ceiling, rate, ">= 0.8x" if bs == 32 else "info",
+                             note=f"{p.precision}, channels-last, no_grad; ratio = share of the ceiling we reach"))
     return rows
 
 

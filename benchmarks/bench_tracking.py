@@ -133,11 +133,11 @@ def evaluate(gt_path: Path, mot_path: Path, unique_ids: bool) -> dict[str, float
 
 def run(quick: bool = False, checkpoint: str | None = None, frames: int | None = None, threshold: float = 0.5,
         reps: int | None = None) -> list[dict[str, Any]]:
-    from src.detection.commands.infer_video import process_video
     from src.detection.data.synthetic_video import generate_tracking_video
     from src.detection.data.video_io import open_source
     from src.detection.inference.predictor import PredictConfig, build_predictor
     from src.detection.inference.tracking import TrackConfig
+    from src.detection.inference.video import process_video
 
     frames = frames or (120 if quick else 240)
     reps = reps or (1 if quick else 2)

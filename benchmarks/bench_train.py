@@ -31,11 +31,11 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import sys
 import tempfile
 import warnings
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,13 @@ GOAL_TRAIN = 1.5
 GOAL_CACHE = 3.0
 
 
-def settings(quick: bool) -> dict[str, Any]:
+def settings(quick: bool, device: str = "cpu") -> dict[str, Any]:
     """Model, image size and repetition counts for the full and the ``--quick`` run (``variants``: also the
-    informative rows - bf16, the reference head through our path, the dense head, the cache with the reference
-    head)."""
+    informative rows - bf16, the reference head through our path, the separable head, the cache with the
+    reference head). On CUDA the full run uses the batch sizes GPU users train with (8 and 32)."""
+    if device.startswith("cuda") and not quick:
+        return dict(model_name="dinov3_convnext_tiny", imgsz=640, batches=(8, 32), steps={8: 4, 32: 2}, reps=3,
+                    warmup=2, n_images=64, epoch_images=128, epoch_batch=32, epochs=3, variants=True)
     if quick:
         return dict(model_name="dinov3_convnext_atto", imgsz=160, batches=(2, 8), steps={2: 2, 8: 1}, reps=2,
                     warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3, variants=True)
@@ -74,7 +77,7 @@ class ReferenceBackbone(nn.Module):
     def __init__(self, dino: nn.Module):
         super().__init__()
         self.dino = dino
-        self.out_channels = dino.last_channels
+        self.out_channels = dino.output_shape()["last"][0].channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict([("0", self.dino.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0])])
@@ -118,7 +121,7 @@ def build_ours(cfg: TrainConfig, device: torch.device, iters_per_epoch: int):
     """Our detector as a training run with ``cfg`` builds it (defaults: multi-level RetinaNet, frozen backbone),
     with the optimizer and scheduler ``train.run`` builds from the same config."""
     from src.detection.engine.loop import build_optimizer, build_scheduler
-    from src.detection.modeling.model import build_detector
+    from src.detection.modeling.builder import build_detector
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -177,10 +180,10 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
     informative variants (``--amp bf16``, ``--feature-extractor last``, ``--no-head-separable``) that show where
     the time goes."""
     from src.detection.core.runtime import amp_settings
-    from src.detection.modeling.model import count_parameters
+    from src.detection.modeling.detector import count_parameters
 
     imgsz, name = s["imgsz"], s["model_name"]
-    args = TrainConfig(model_name=name, imgsz=(imgsz, imgsz))  # a user's run with the defaults
+    args = TrainConfig.from_dict({"model_name": name, "imgsz": (imgsz, imgsz)})  # a user's run with the defaults
     torch.manual_seed(0)
     ref = build_reference(name, imgsz).to(device)
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
@@ -189,13 +192,13 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
     models = {"ref": ref, "ours": ours}
     if s["variants"]:
         torch.manual_seed(0)
-        last, last_opt, last_sched = build_ours(replace(args, feature_extractor="last"), device, iters_per_epoch=100)
+        last, last_opt, last_sched = build_ours(args.replace(feature_extractor="last"), device, iters_per_epoch=100)
         models["last"] = last
         torch.manual_seed(0)
-        dense, dense_opt, dense_sched = build_ours(replace(args, head_separable=False), device, iters_per_epoch=100)
-        models["dense"] = dense
+        sep, sep_opt, sep_sched = build_ours(args.replace(head_separable=True), device, iters_per_epoch=100)
+        models["sep"] = sep
     counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in models.items()}
-    default_amp = amp_settings(args.precision, device)[0]  # what a user's run gets: bf16 where native, else fp32
+    default_amp = amp_settings(args.runtime.precision, device)[0]  # what a user's run gets: bf16 where native, else fp32
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[default_amp]
     rows = []
     for batch in s["batches"]:
@@ -207,8 +210,8 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         if variants:
             fns["last"] = lambda: our_epoch(last, ours_b, last_opt, last_sched, device, 1, args,
                                             amp_dtype=default_amp)
-            fns["dense"] = lambda: our_epoch(dense, ours_b, dense_opt, dense_sched, device, 1, args,
-                                             amp_dtype=default_amp)
+            fns["sep"] = lambda: our_epoch(sep, ours_b, sep_opt, sep_sched, device, 1, args,
+                                           amp_dtype=default_amp)
             if default_amp is not None:
                 fns["fp32"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=None)
         times = time_interleaved(fns, reps=s["reps"], warmup=s["warmup"], device=device)
@@ -219,7 +222,7 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         rows.append(make_row(
             f"train images/s, batch {batch}: reference step vs ours ({device.type})", rate["ref"], rate["ours"],
             GOAL_TRAIN, "img/s", higher_is_better=True,
-            note=f"{setup}; ours = defaults (multi-level RetinaNet, separable head, frozen backbone, --amp auto = {amp_name}); params total/trainable: "
+            note=f"{setup}; ours = defaults (multi-level RetinaNet, dense head, frozen backbone, --amp auto = {amp_name}); params total/trainable: "
                  f"reference {counts['ref']}, ours {counts['ours']}"))
         if variants:
             rows.append(make_row(
@@ -227,36 +230,120 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                 rate["ref"], rate["last"], "info", "img/s", higher_is_better=True,
                 note=f"{setup}; the reference's own head through our frozen path ({counts['last']} params)"))
             rows.append(make_row(
-                f"train images/s, batch {batch}: reference step vs ours --no-head-separable ({device.type})",
-                rate["ref"], rate["dense"], "info", "img/s", higher_is_better=True,
-                note=f"{setup}; our default model with dense 3x3 head convs ({counts['dense']} params)"))
+                f"train images/s, batch {batch}: reference step vs ours --head-separable ({device.type})",
+                rate["ref"], rate["sep"], "info", "img/s", higher_is_better=True,
+                note=f"{setup}; depthwise-separable head convs, the CPU option ({counts['sep']} params)"))
             if "fp32" in rate:
                 rows.append(make_row(
                     f"train images/s, batch {batch}: reference step vs ours --amp none ({device.type})",
                     rate["ref"], rate["fp32"], "info", "img/s", higher_is_better=True,
                     note=f"{setup}; default model in plain fp32"))
+        if device.type == "cuda":
+            ceiling = backbone_ceiling(ours, batch, imgsz, default_amp, device, s["reps"])
+            rows.append(make_row(
+                f"train images/s, batch {batch}: frozen backbone forward alone (the ceiling) vs our step ({device.type})",
+                ceiling, rate["ours"], "info", "img/s", higher_is_better=True,
+                note=f"{name} {imgsz}x{imgsz}, {amp_name}, channels-last, no_grad; ratio = our training step's share "
+                     f"of the backbone-only speed (goal >= 0.4)"))
+    if device.type == "cuda":
+        rows.append(compile_row(s, config, device, args, default_amp))
+        rows.append(sync_row(ours, opt, sched, fixed_batches(config, imgsz, s["batches"][0], 6)[0], device, args,
+                             default_amp))
     return rows
+
+
+def compile_row(s: dict[str, Any], config: Path, device: torch.device, cfg: TrainConfig, amp_dtype
+                ) -> dict[str, Any]:
+    """Our default step eager vs ``--compile`` (inductor; the step's shapes are static), at the smallest batch;
+    the one-off compile time goes in the note."""
+    import time
+
+    from src.detection.engine.training import compile_for_training
+
+    batch = s["batches"][0]
+    steps = s["steps"][batch]
+    batches, _ = fixed_batches(config, s["imgsz"], batch, steps)
+    torch.manual_seed(0)
+    eager, e_opt, e_sched = build_ours(cfg, device, iters_per_epoch=100)
+    torch.manual_seed(0)
+    model, c_opt, c_sched = build_ours(cfg, device, iters_per_epoch=100)
+    compiled = compile_for_training(model, "inductor")
+    t0 = time.perf_counter()
+    our_epoch(compiled, batches[:1], c_opt, c_sched, device, 1, cfg, amp_dtype=amp_dtype)
+    compile_s = time.perf_counter() - t0
+    times = time_interleaved({"eager": lambda: our_epoch(eager, batches, e_opt, e_sched, device, 1, cfg, amp_dtype),
+                              "compiled": lambda: our_epoch(compiled, batches, c_opt, c_sched, device, 1, cfg,
+                                                            amp_dtype)},
+                             reps=s["reps"], warmup=1, device=device)
+    n = batch * steps
+    log(f"compile: {compile_s:.1f}s; eager {n / min(times['eager']):.1f}, compiled {n / min(times['compiled']):.1f} img/s")
+    return make_row(f"train images/s, batch {batch}: ours eager vs ours --compile ({device.type})",
+                    [n / t for t in times["eager"]], [n / t for t in times["compiled"]], "info", "img/s",
+                    higher_is_better=True, note=f"inductor, first step (compile) {compile_s:.0f}s")
+
+
+def backbone_ceiling(model: nn.Module, batch: int, imgsz: int, amp_dtype, device: torch.device,
+                     reps: int) -> list[float]:
+    """Images/s of the frozen backbone's forward alone at ``batch``: what no training step can beat."""
+    from src.detection.core.runtime import autocast_context
+
+    dino = model.dino
+    x = torch.randn(batch, 3, imgsz, imgsz, device=device).contiguous(memory_format=torch.channels_last)
+    dino_cl = dino.to(memory_format=torch.channels_last)
+
+    def forward() -> None:
+        with torch.no_grad(), autocast_context(device, amp_dtype):
+            dino_cl.forward_multi(x)
+
+    times = time_interleaved({"b": forward}, reps=max(3, reps), warmup=2, device=device)["b"]
+    return [batch / t for t in times]
+
+
+def sync_row(model, optimizer, scheduler, batches: list, device: torch.device, cfg: TrainConfig,
+             amp_dtype) -> dict[str, Any]:
+    """Host-device synchronisations in ``len(batches)`` training steps with the progress read-back only at the end
+    (``torch.cuda.set_sync_debug_mode("warn")`` reports every one)."""
+    from src.detection.engine.loop import train_one_epoch
+
+    our_epoch(model, batches, optimizer, scheduler, device, 1, cfg, amp_dtype=amp_dtype)  # warm: anchors, kernels
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_one_epoch(model, batches, optimizer, scheduler, device, 1, clip_grad=cfg.clip_grad,
+                            amp_dtype=amp_dtype, total=len(batches), desc="bench", log_interval=len(batches))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
+    log(f"syncs in {len(batches)} steps: {len(syncs)} {sorted(set(syncs))[:3]}")
+    return {"name": f"host syncs in {len(batches)} training steps, progress read once at the end ({device.type})",
+            "baseline": float("nan"), "ours": float(len(syncs)), "ratio": float("nan"), "goal": "info",
+            "unit": "syncs", "note": "torch.cuda.set_sync_debug_mode('warn'); goal: 1 (the epoch-end read-back)"}
 
 
 def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path,
                feature_extractor: str = "multi", goal: Any = GOAL_CACHE) -> list[dict[str, Any]]:
     """Epoch seconds of the real training loader vs the ``--cache-features ram`` loader (epochs >= 2)."""
-    from src.detection.commands.train import data_loaders, prepare_feature_cache
     from src.detection.core.runtime import amp_settings
     from src.detection.data.datasets import load_data_config
+    from src.detection.engine.training import data_loaders, prepare_feature_cache
+    from src.detection.modeling.input_spec import InputSpec
 
     imgsz, batch = s["imgsz"], s["epoch_batch"]
-    workers = 0 if device.type == "cpu" else 2  # 2 shared cores: a worker process only competes with compute
-    args = TrainConfig(config=str(config), imgsz=(imgsz, imgsz), batch=batch, workers=workers,
-                       model_name=s["model_name"], cache_features="ram", feature_extractor=feature_extractor)
+    # 2 shared cores: a worker process only competes with compute; a GPU machine decodes in parallel
+    workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    args = TrainConfig.from_dict({"config": str(config), "imgsz": (imgsz, imgsz), "batch": batch, "workers": workers,
+                                  "model_name": s["model_name"], "cache_features": "ram",
+                                  "feature_extractor": feature_extractor})
     data_cfg = load_data_config(config)
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
-        train_ds, valid_ds, loader, sampler, _ = data_loaders(args, data_cfg, (imgsz, imgsz), 0, 1)
+        train_ds, valid_ds, loader, sampler, _ = data_loaders(args, data_cfg, InputSpec((imgsz, imgsz)), 0, 1)
     model, opt, sched = build_ours(args, device, iters_per_epoch=len(loader))
     cached: dict[str, Any] = {}
 
-    amp = amp_settings(args.precision, device)[0]  # the default --precision auto, as train.run applies it
+    amp = amp_settings(args.runtime.precision, device)[0]  # the default --precision auto, as train.run applies it
 
     def build() -> None:
         cached["loader"], cached["sampler"], _ = prepare_feature_cache(
@@ -283,7 +370,7 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
 
 def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     """All training rows ``{name, baseline, ours, ratio, goal, unit, *_spread, note}`` on ``device``."""
-    s = settings(quick)
+    s = settings(quick, device)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
@@ -294,7 +381,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
             rows += cache_rows(s, config, dev, root, feature_extractor="last", goal="info")
     for r in rows:  # a NaN would make every ratio meaningless: fail loudly instead
         for key in ("baseline", "ours", "ratio"):
-            if not math.isfinite(r[key]):
+            if not math.isfinite(r[key]) and r.get("unit") != "syncs":
                 raise RuntimeError(f"{r['name']}: non-finite {key} {r[key]}")
     return rows
 

@@ -57,11 +57,12 @@ class RssSampler:
 
 def run(quick: bool = False, frames: int | None = None) -> list[dict[str, Any]]:
     """One row: peak RSS (MiB) of the first vs the second half of a ``frames``-frame video run."""
-    from src.detection.checkpoint.format import build_payload, model_meta
-    from src.detection.commands.infer_video import open_source, process_video
+    from src.detection.checkpoint import build_payload, model_meta
     from src.detection.data.synthetic import CLASSES, generate_video
     from src.detection.inference.predictor import Predictor
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.inference.video import open_source, process_video
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     frames = frames or (300 if quick else 2000)
     frame_size, imgsz = 256, 128

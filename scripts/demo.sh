@@ -13,16 +13,17 @@ TRACK_OUT=outputs/inference/demo_track
 START=$SECONDS
 
 echo "== 1/4 synthetic dataset -> $DATA (2,000 train / 200 valid images at 192 px + a 240-frame video)"
-$PY -m src.detection.data.synthetic --out "$DATA" --train 2000 --valid 200 --imgsz 192 --seed 0 --video 240
+$PY -m src.detection.synthetic --out "$DATA" --train 2000 --valid 200 --imgsz 192 --seed 0 --video 240
 
 echo "== 2/4 training on CPU"
 echo "   NOTE: no pretrained DINOv3 weights exist on this machine, so the backbone has RANDOM weights (frozen);"
 echo "   only the FPN neck and the FCOS head learn. Real DINOv3 weights (--weights) do far better."
 # Frozen backbone + flip-only augmentation -> --cache-features ram: the backbone runs once per image (and its
 # mirror); the 10 epochs then run only FPN + head. --workers 0: decoding 192 px JPEGs is cheaper than worker processes
-# on 2 cores. Cosine LR from 2e-3 after half an epoch of warm-up.
+# on 2 cores. Cosine LR from 2e-3 after half an epoch of warm-up. --head-separable: the CPU recipe (depthwise-separable
+# head convs: ~2.3x faster cached steps on a CPU; a GPU runs the default dense head faster).
 $PY train_detection.py --config "$DATA/shapes.yaml" --model-name dinov3_convnext_atto --head fcos \
-    --feature-extractor multi --fpn-channels 64 --imgsz 192 --batch 8 --workers 0 \
+    --feature-extractor multi --fpn-channels 64 --head-separable --imgsz 192 --batch 8 --workers 0 \
     --lr 2e-3 --scheduler cosine --warmup-epochs 0.5 --epochs 10 \
     --augment flip --cache-features ram --out-dir outputs/img_det --name demo --exist-ok --seed 0
 

@@ -28,27 +28,58 @@ def _is_mask(index) -> bool:
     return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
 
 
+class _Found:
+    """What to do with a sync: raise (``forbid_host_syncs``) or record it (``count_host_syncs``)."""
+
+    def __init__(self, record: list[str] | None):
+        self.record = record
+
+    def __call__(self, what: str) -> None:
+        if self.record is None:
+            raise AssertionError(f"host sync: {what}")
+        self.record.append(what)
+
+
 class _FunctionGuard(TorchFunctionMode):
+    def __init__(self, found: _Found):
+        super().__init__()
+        self.found = found
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _SYNC_METHODS:
-            raise AssertionError(f"host sync: {getattr(func, '__name__', func)}")
+            self.found(getattr(func, "__name__", str(func)))
         if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1 and _is_mask(args[1]):
-            raise AssertionError("host sync: boolean-mask indexing")
+            self.found("boolean-mask indexing")
         return func(*args, **(kwargs or {}))
 
 
 class _DispatchGuard(TorchDispatchMode):
+    def __init__(self, found: _Found):
+        super().__init__()
+        self.found = found
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in _SYNC_OPS:
-            raise AssertionError(f"host sync: aten.{name}")
-        if name in ("index", "index_put", "index_put_") and len(args) > 1 and any(
+            self.found(f"aten.{name}")
+        elif name in ("index", "index_put", "index_put_") and len(args) > 1 and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])):
-            raise AssertionError(f"host sync: aten.{name} with a boolean mask")
+            self.found(f"aten.{name} with a boolean mask")
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def forbid_host_syncs():
-    with _FunctionGuard(), _DispatchGuard():
+    found = _Found(None)
+    with _FunctionGuard(found), _DispatchGuard(found):
         yield
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Yields a list that collects one entry per sync (a Python-level call such as ``item`` can also show up as
+    ``aten._local_scalar_dense`` underneath: compare counts of one kind, e.g. ``tolist``)."""
+    record: list[str] = []
+    found = _Found(record)
+    with _FunctionGuard(found), _DispatchGuard(found):
+        yield record

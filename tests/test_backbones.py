@@ -13,16 +13,13 @@ import torch
 from torch import nn
 
 from src.detection.core.errors import UserError
-from src.detection.modeling import backbones as bb
-from src.detection.modeling.backbones import (
-    ENTRYPOINTS,
-    NORMALIZATION,
-    RandomWeightsWarning,
-    build_backbone,
-    convert_official_state_dict,
-    official_param_count,
-    resolve_weights,
-)
+from src.detection.core.paths import REPO_ROOT
+from src.detection.modeling import hub
+from src.detection.modeling.backbones import RandomWeightsWarning, build_backbone
+from src.detection.modeling.dino import DinoBackbone
+from src.detection.modeling.entrypoints import ENTRYPOINTS, NORMALIZATION, merge_arch
+from src.detection.modeling.official_keys import convert_official_state_dict, official_param_count
+from src.detection.modeling.weight_formats import resolve_weights
 
 ATOL = 1e-4
 # Expected keys we consciously do not reproduce, with the reason. Any other key in expected.pt must be checked.
@@ -32,14 +29,14 @@ UNSUPPORTED_KEYS = {
 TINY_CONVNEXT = {"depths": [1, 1, 2, 1], "dims": [16, 32, 48, 64]}
 
 
-def quiet_build(*args, **kwargs) -> bb.DinoBackbone:
+def quiet_build(*args, **kwargs) -> DinoBackbone:
     """build_backbone without the (expected) random-weights warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         return build_backbone(*args, **kwargs)
 
 
-def fixture_backbone(folder: Path, **kwargs) -> bb.DinoBackbone:
+def fixture_backbone(folder: Path, **kwargs) -> DinoBackbone:
     """Build a fixture's tiny model through the real path: official constructor kwargs as arch_overrides (on the
     entry point whose other settings are the official defaults), weights.pth via resolve_weights + strict load."""
     cfg = json.loads((folder / "config.json").read_text())
@@ -48,7 +45,7 @@ def fixture_backbone(folder: Path, **kwargs) -> bb.DinoBackbone:
                           **kwargs)
 
 
-def _outputs(b: bb.DinoBackbone, x: torch.Tensor, key: str):
+def _outputs(b: DinoBackbone, x: torch.Tensor, key: str):
     """Our value for one expected.pt key (see the fixture README for how each was computed officially)."""
     gil = b.get_intermediate_layers
     grid = [x.shape[-2] // 16, x.shape[-1] // 16]
@@ -155,7 +152,7 @@ def test_entrypoint_table_matches_official_facts(fixtures_dir):
         for key, value in e["arch"].items():
             assert kw.get(key, False if key.startswith("untie") else None) == value, (name, key)
         # every official kwarg is either in our arch or accepted as an override
-        bb._merge_arch(name, e, kw)
+        merge_arch(name, e, kw)
 
 
 def test_full_size_parameter_counts(fixtures_dir):
@@ -183,7 +180,7 @@ def test_missing_weights_lists_places_looked(tmp_path, monkeypatch):
         build_backbone("dinov3_convnext_tiny", weights="nope-12345678.pth")
     msg = str(exc.value)
     assert "nope-12345678.pth" in msg and str(tmp_path / "nope-12345678.pth") in msg
-    assert str(bb.REPO_ROOT / "weights" / "nope-12345678.pth") in msg and "\n" not in msg
+    assert str(REPO_ROOT / "weights" / "nope-12345678.pth") in msg and "\n" not in msg
     # a bare name found in $DINOv3_WEIGHTS; a path works as given
     (tmp_path / "w.pth").write_bytes(b"x")
     assert resolve_weights("w.pth") == (tmp_path / "w.pth").resolve()
@@ -270,14 +267,14 @@ def test_sat_checkpoint_detected_by_file_hash(fixtures_dir, tmp_path):
 
 
 def test_hub_impl_needs_the_official_clone(tmp_path, monkeypatch):
-    monkeypatch.setattr(bb, "load_dotenv_once", lambda: None)
+    monkeypatch.setattr(hub, "load_dotenv_once", lambda: None)
     monkeypatch.delenv("DINOv3_REPO", raising=False)
     with pytest.raises(UserError, match="DINOv3_REPO"):
         build_backbone("dinov3_convnext_tiny", impl="hub")
     monkeypatch.setenv("DINOv3_REPO", str(tmp_path))
     with pytest.raises(UserError, match="hubconf.py"):
         build_backbone("dinov3_convnext_tiny", impl="hub")
-    with pytest.raises(UserError, match="timm or hub"):
+    with pytest.raises(UserError, match="--backbone-impl 'official' is not valid; choose one of timm, hub"):
         build_backbone("dinov3_convnext_tiny", impl="official")
 
 
@@ -286,17 +283,32 @@ def test_random_init_warns_and_small_names_work():
         b = build_backbone("dinov3_vit_tiny")
     x = torch.randn(1, 3, 64, 80)
     assert b.forward_last(x).shape == (1, 192, 4, 5)
-    assert b.multi_indices == [0, 2, 3, 5] and b.multi_strides == [16] * 4
+    assert b.multi_indices == [0, 2, 3, 5] and [s.stride for s in b.output_shape()["multi"]] == [16] * 4
     with pytest.warns(RandomWeightsWarning, match="dinov3_convnext_atto"):
         c = build_backbone("dinov3_convnext_atto")
     feats = c.forward_multi(x)
     assert [tuple(f.shape[1:]) for f in feats] == [(80, 8, 10), (160, 4, 5), (320, 2, 2)]
-    assert (c.last_channels, c.last_stride, c.multi_channels) == (320, 32, [80, 160, 320])
+    assert c.output_shape() == {"last": [(320, 32)], "multi": [(80, 8), (160, 16), (320, 32)]}
     torch.testing.assert_close(feats[-1], c.forward_last(x))  # stage 3 carries the final norm
     with pytest.raises(UserError, match="unknown key 'dpeth'"):
         build_backbone("dinov3_vit_tiny", arch_overrides={"dpeth": 3})
     with pytest.raises(UserError, match="patch_size=14"):
         build_backbone("dinov3_vit_tiny", arch_overrides={"patch_size": 14})
+
+
+@pytest.mark.parametrize("name, arch", [("dinov3_convnext_atto", TINY_CONVNEXT),
+                                        ("dinov3_vit_tiny", {"embed_dim": 32, "num_heads": 2, "depth": 5})])
+def test_output_shape_is_what_forward_returns(name, arch):
+    """The declared channels and strides of each feature extractor are those of the maps the forwards return."""
+    b = quiet_build(name, arch_overrides=arch)
+    x = torch.randn(1, 3, 64, 96)
+    shapes = b.output_shape()
+    assert set(shapes) == {"last", "multi"}
+    for mode, maps in (("last", [b.forward_last(x)]), ("multi", b.forward_multi(x))):
+        got = [(f.shape[1], x.shape[-2] // f.shape[-2], x.shape[-1] // f.shape[-1]) for f in maps]
+        assert got == [(s.channels, s.stride, s.stride) for s in shapes[mode]], mode
+    shapes["last"].clear()  # a copy: the backbone's declaration cannot be changed from outside
+    assert len(b.output_shape()["last"]) == 1
 
 
 def test_vit_multi_blocks_evenly_spaced():
@@ -362,7 +374,7 @@ def test_hub_impl_wraps_the_official_model(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOv3_REPO", str(tmp_path))
     b = quiet_build("dinov3_convnext_tiny", impl="hub", arch_overrides=TINY_CONVNEXT)
     assert b.impl == "hub" and b.model.kwargs == dict(pretrained=False, weights=None, **TINY_CONVNEXT)
-    assert b.multi_channels == [32, 48, 64] and b.last_channels == 64
+    assert [s.channels for s in b.output_shape()["multi"]] == [32, 48, 64] and b.output_shape()["last"] == [(64, 32)]
     x = torch.randn(2, 3, 64, 64, requires_grad=True)
     last, multi = b.forward_last(x), b.forward_multi(x)
     assert b.model.calls == [dict(n=1, reshape=True, norm=True, cls=False),

@@ -1,4 +1,5 @@
-"""Checkpoint format: atomic writes, safe loading, clear errors for wrong files, RNG capture, model round trip."""
+"""Checkpoints: atomic writes, safe loading, clear errors for wrong files, RNG capture, model round trip, the model
+card (every stored form since format 1, the ONNX sidecar) and preparing a checkpoint once."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.detection.checkpoint import format as ck
+import src.detection.checkpoint as ck
+from src.detection.checkpoint import build as ck_build
 from src.detection.core.errors import UserError
 
 
@@ -37,7 +39,7 @@ def test_failing_save_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.Mo
         f.write(b"partial garbage")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck.torch, "save", broken_save)
+    monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         ck.save_checkpoint(path, _payload(9.0))
     assert path.read_bytes() == before
@@ -129,7 +131,7 @@ def test_unsupported_format_version(tmp_path: Path) -> None:
     payload = _payload()
     payload["format_version"] = ck.FORMAT_VERSION + 1
     path = ck.save_checkpoint(tmp_path / "future.pth", payload)
-    with pytest.raises(UserError, match="format_version 2"):
+    with pytest.raises(UserError, match=f"format_version {ck.FORMAT_VERSION + 1}"):
         ck.load_checkpoint(path)
 
 
@@ -144,7 +146,8 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     torch.manual_seed(0)
     cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="fcos", imgsz=(64, 96),
@@ -155,7 +158,8 @@ def tiny_model():
 
 def test_model_round_trip_without_backbone_file(tiny_model, tmp_path: Path) -> None:
     meta = ck.model_meta(tiny_model, ["__background__", "a", "b"], letterbox=True)
-    assert meta["imgsz"] == [64, 96] and meta["input"]["letterbox"] is True and len(meta["input"]["mean"]) == 3
+    assert meta["input"]["imgsz"] == [64, 96] and meta["input"]["letterbox"] is True and len(meta["input"]["mean"]) == 3
+    assert "imgsz" not in meta  # the input spec is its one record
     path = ck.save_checkpoint(tmp_path / "m.pth", ck.build_payload(tiny_model, meta, epoch=4, best_metric=0.5))
     model, meta2 = ck.model_from_checkpoint(path, "cpu", overrides={"score_thresh": 0.2})
     assert meta2["includes_backbone"] is True and meta2["classes"] == ["__background__", "a", "b"]
@@ -200,7 +204,8 @@ def test_edited_checkpoint_is_one_line_naming_keys(tiny_model, tmp_path: Path) -
 def test_backbone_provenance_is_recorded(tmp_path: Path) -> None:
     """A detector built from a weights file records where its backbone came from; a random one records None."""
     from src.detection.inference.predictor import Predictor
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="fcos", imgsz=(64, 64),
                          fpn_channels=64, arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
@@ -225,7 +230,8 @@ def test_loading_a_checkpoint_skips_the_random_init_and_keeps_computed_buffers(t
     way, the normal build is used."""
     import contextlib
 
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     torch.manual_seed(0)
     cfg = DetectorConfig(model_name="dinov3_vit_tiny", num_classes=3, head="retinanet", imgsz=(64, 64),
@@ -254,7 +260,200 @@ def test_loading_a_checkpoint_skips_the_random_init_and_keeps_computed_buffers(t
         raise RuntimeError("Tensor on device cpu is not on the expected device meta!")
         yield
 
-    monkeypatch.setattr(ck, "parameters_on_meta", refuse)
+    monkeypatch.setattr(ck_build, "parameters_on_meta", refuse)
     fallback, _ = ck.model_from_checkpoint(ck.load_checkpoint(path), "cpu")
     for k, t in (dict(fallback.named_parameters()) | dict(fallback.named_buffers())).items():
         assert torch.equal(t, reference[k]), k
+
+
+def test_meta_parameters_only_for_the_thread_inside_the_block() -> None:
+    """Modules other threads build meanwhile keep real parameters; everything is as before once the block ends."""
+    import threading
+
+    before = torch.nn.Module.register_parameter
+    other: list[torch.nn.Module] = []
+    with ck.parameters_on_meta():
+        mine = torch.nn.Linear(2, 2)
+        worker = threading.Thread(target=lambda: other.append(torch.nn.Linear(2, 2)))
+        worker.start()
+        worker.join()
+        assert mine.weight.is_meta and not other[0].weight.is_meta
+    assert torch.nn.Module.register_parameter is before and not torch.nn.Linear(2, 2).weight.is_meta
+
+
+# ------------------------------------------------------------------------------------------------ the model card
+CLASSES = ["__background__", "a", "b"]
+
+
+def _tiny(head: str = "fcos", **kw):
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head=head, imgsz=(64, 96),
+                         fpn_channels=64, arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}, **kw)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        return build_detector(cfg, verbose=False).eval()
+
+
+def _v1_payload(model, drop=("head_convs", "head_separable", "input"), **top) -> dict:
+    """A format 1 payload: today's meta with the top-level imgsz older readers read, ``drop`` keys removed and
+    ``top`` set (e.g. the top-level letterbox / mean / std that came before the ``input`` dict)."""
+    payload = ck.build_payload(model, ck.model_meta(model, CLASSES))
+    meta = payload["meta"]
+    meta["imgsz"] = list(meta["input"]["imgsz"])
+    for key in drop:
+        meta.pop(key, None)
+    meta.update(top)
+    payload["format_version"] = 1
+    return payload
+
+
+def test_format_1_checkpoint_loads_with_the_old_defaults(tmp_path: Path) -> None:
+    """No head_convs: torchvision's 4 convs; no head_separable: dense convs; no input dict: the top-level imgsz /
+    letterbox / mean / std. Such a checkpoint rebuilds its model strictly."""
+    from src.detection.modeling.heads import LEGACY_HEAD_CONVS
+
+    model = _tiny(head_convs=4, head_separable=False)
+    mean, std = [0.4, 0.4, 0.4], [0.2, 0.25, 0.3]
+    path = ck.save_checkpoint(tmp_path / "v1.pth", _v1_payload(model, letterbox=True, mean=mean, std=std))
+    card = ck.load_card(ck.load_checkpoint(path))
+    cfg = card.detector
+    assert card.format_version == 1 and cfg.head_convs == LEGACY_HEAD_CONVS and cfg.head_separable is False
+    assert cfg.imgsz == (64, 96) and cfg.letterbox is True and cfg.mean == tuple(mean) and cfg.std == tuple(std)
+    assert cfg.size_multiple is None  # not recorded then: the built model says
+    assert card.classes == CLASSES and card.provenance.source == "ours" and card.provenance.includes_backbone
+    loaded, meta = ck.model_from_checkpoint(path, "cpu")  # strict: the old head's every tensor fits
+    assert loaded.input_spec.size_multiple == 32 and loaded.input_spec.mean == tuple(mean)
+    assert meta["head_separable"] is False and meta["input"]["letterbox"] is True and "imgsz" not in meta
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_format_1_rules_for_head_fields() -> None:
+    """A separable or shorter head was always recorded; SSD has no conv tower, so neither field is filled in."""
+    four = _tiny(head_convs=4, head_separable=False)
+    card = ck.load_card(_v1_payload(four, drop=("head_convs",)))
+    assert card.detector.head_convs == 4 and card.detector.head_separable is False
+    from src.detection.modeling.builder import build_detector
+
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        rebuilt = build_detector(card.detector, verbose=False)
+    rebuilt.load_state_dict(four.state_dict(), strict=True)
+    one = _tiny(head_convs=1, head_separable=True)  # recorded values are kept as they are
+    kept = ck.load_card(_v1_payload(one, drop=()))
+    assert kept.detector.head_convs == 1 and kept.detector.head_separable is True
+    ssd = ck.load_card(_v1_payload(_tiny(head="ssd")))
+    assert ssd.detector.head_convs is None and ssd.detector.head_separable is None
+
+
+def test_format_1_with_the_duplicate_imgsz_loads_and_new_meta_has_none(tmp_path: Path) -> None:
+    model = _tiny()
+    old = _v1_payload(model, drop=())  # the last format 1 form: input dict plus its imgsz at the top level
+    assert old["meta"]["imgsz"] == old["meta"]["input"]["imgsz"]
+    path = ck.save_checkpoint(tmp_path / "old.pth", old)
+    loaded, meta = ck.model_from_checkpoint(path, "cpu")
+    assert loaded.input_spec == model.input_spec and "imgsz" not in meta
+    new = ck.build_payload(model, ck.model_meta(model, CLASSES))
+    assert new["format_version"] == ck.FORMAT_VERSION == 2 and "imgsz" not in new["meta"]
+    assert new["meta"]["input"]["imgsz"] == [64, 96]
+
+
+def test_future_card_is_refused() -> None:
+    model = _tiny()
+    payload = ck.build_payload(model, ck.model_meta(model, CLASSES))
+    payload["format_version"] = ck.FORMAT_VERSION + 1
+    with pytest.raises(UserError, match=f"format_version {ck.FORMAT_VERSION + 1}, this toolkit reads 1..2"):
+        ck.load_card(payload)
+
+
+def test_card_round_trips_through_checkpoint_meta_and_onnx_sidecar(tmp_path: Path) -> None:
+    import json
+
+    from src.detection.inference.sidecar import OnnxDescription, read_sidecar, sidecar_path
+
+    model = _tiny()
+    card = ck.ModelCard.from_model(model, CLASSES, category_ids=[0, 7, 3])
+    assert card.labels.dataset_id(1) == 7 and card.input == model.input_spec
+    path = ck.save_checkpoint(tmp_path / "m.pth", ck.build_payload(model, card))
+    from_pth = ck.load_card(ck.load_checkpoint(path))
+    assert from_pth == card and from_pth.format_version == ck.FORMAT_VERSION
+    desc = OnnxDescription(card, graph={"batch": 1}, thresholds={"score_thresh": 0.05}, extra={"exported_from": "m"})
+    onnx_path = tmp_path / "m.onnx"
+    sidecar_path(onnx_path).write_text(json.dumps(desc.to_dict()))
+    read = read_sidecar(onnx_path)
+    assert read.card == card and read.graph == {"batch": 1} and read.extra == {"exported_from": "m"}
+    side = json.loads(sidecar_path(onnx_path).read_text())
+    assert {k: v for k, v in side.items() if k in from_pth.to_dict() and k != "input"} == {
+        k: v for k, v in card.to_dict().items() if k != "input"}  # the same fields as a checkpoint's meta
+
+
+def test_format_1_sidecar_with_its_detector_section_loads(tmp_path: Path) -> None:
+    import json
+
+    from src.detection.inference.sidecar import read_sidecar, sidecar_path
+
+    model = _tiny(head_convs=4, head_separable=False)
+    detector = model.config.to_dict()  # format 1: the config in its own section, without the newer head fields
+    for key in ("head_convs", "head_separable"):
+        detector.pop(key)
+    side = {"format": "dinov3-detection-onnx", "format_version": 1, "toolkit_version": "0.1",
+            "exported_from": "m.pth", "model_name": detector["model_name"], "head": "fcos",
+            "feature_extractor": "multi", "classes": CLASSES, "category_ids": None, "num_classes": 3,
+            "input": {**model.input_spec.to_dict(), "dtype": "uint8", "layout": "NCHW"},
+            "thresholds": {"score_thresh": 0.05, "nms": 0.45, "max_det": 100, "topk_candidates": 1000},
+            "graph": {"batch": 1}, "detector": detector, "verification": {"skipped": "--no-verify"}}
+    sidecar_path(tmp_path / "m.onnx").write_text(json.dumps(side))
+    card = read_sidecar(tmp_path / "m.onnx").card
+    assert card.input == model.input_spec and card.detector.head_separable is False
+    assert card.detector.head_convs == 4 and card.classes == CLASSES and card.labels.category_ids is None
+
+
+def test_claims_are_checked_by_the_card() -> None:
+    card = ck.ModelCard.from_model(_tiny(), CLASSES)
+    card.check_matches({"model_name": "dinov3_convnext_atto", "classes": CLASSES, "head": None}, "m.pth")
+    with pytest.raises(UserError, match=r"--head ssd contradicts checkpoint m.pth \(fcos\); drop the flag"):
+        card.check_matches({"head": "ssd"}, "m.pth")
+    with pytest.raises(UserError, match=r"--config 1 classes \['x'\]\.\.\. contradicts.*pass the --config the model"):
+        card.check_matches({"classes": ["__background__", "x"]}, "m.pth", required=("classes",))
+
+
+def test_training_options_of_every_format() -> None:
+    """Format 1's parser namespace: amp is precision, parser-only keys dropped; a run recorded without
+    head_separable trained dense heads."""
+    args = {"amp": "none", "epochs": 7, "cfg": None}
+    assert ck.training_options({"args": args}, known={"epochs", "precision", "head_separable"}) == {
+        "precision": "fp32", "epochs": 7, "head_separable": False}
+    assert ck.training_options({"args": {"amp": "bf16"}})["precision"] == "bf16"
+    assert ck.training_options({"train_config": {"epochs": 3, "head_separable": True}}) == {
+        "epochs": 3, "head_separable": True}
+    assert ck.training_options({"meta": {}}) == {}
+
+
+def test_predictor_from_a_path_prepares_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from src.detection.inference import predictor as predictor_module
+
+    model = _tiny()
+    path = ck.save_checkpoint(tmp_path / "m.pth", ck.build_payload(model, ck.model_meta(model, CLASSES)))
+    calls: dict[str, int] = {}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(ck_build, "load_checkpoint")
+    counted(ck_build, "load_card")
+    counted(predictor_module, "prepare_checkpoint")
+    cfg = predictor_module.PredictConfig(model=str(path), device="cpu", model_name="dinov3_convnext_atto",
+                                         config=None, head="fcos")
+    predictor = predictor_module.build_predictor(cfg, verbose=False)
+    assert calls == {"load_checkpoint": 1, "load_card": 1, "prepare_checkpoint": 1}
+    assert predictor.meta["input"]["imgsz"] == [64, 96] and "imgsz" not in predictor.meta
+    calls.clear()
+    predictor_module.Predictor(path, device="cpu", imgsz=(96, 128))
+    assert calls == {"load_checkpoint": 1, "load_card": 1, "prepare_checkpoint": 1}

@@ -12,17 +12,18 @@ from PIL import Image
 
 from src.detection.core.errors import UserError
 from src.detection.data.datasets import (
+    DetectionDataset,
+    ReadPolicy,
     SplitSource,
-    VOCDataset,
     build_dataloader,
     build_datasets,
     collate_fn,
     image_size,
-    list_samples,
     load_data_config,
     read_image,
     save_transformed_samples,
 )
+from src.detection.data.formats import FORMATS
 from src.detection.data.transforms import build_transform
 
 CLASSES = ["__background__", "cat", "dog"]
@@ -71,10 +72,16 @@ def write_xml(path: Path, objects=(), size: tuple[int, int] | None = (80, 100), 
     return path
 
 
-def folder_dataset(root: Path, **kw) -> VOCDataset:
-    samples = list_samples([SplitSource("TRAIN_IMG", root / "images", root / "labels")])
-    kw.setdefault("classes", CLASSES)
-    return VOCDataset(samples, **kw)
+def voc_dataset(sources: list[SplitSource], classes=CLASSES, ignore_unknown_classes: bool = False,
+                skip_bad_samples: bool = False, **kw) -> DetectionDataset:
+    """The VOC reader of the format registry + DetectionDataset, as ``read_split`` / ``build_datasets`` use them."""
+    policy = ReadPolicy(list(classes), ignore_unknown_classes, skip_bad_samples)
+    records = FORMATS["voc"].read(sources, policy)
+    return DetectionDataset(records, classes, skip_bad_samples=skip_bad_samples, report=policy.report, **kw)
+
+
+def folder_dataset(root: Path, **kw) -> DetectionDataset:
+    return voc_dataset([SplitSource("TRAIN_IMG", root / "images", root / "labels")], **kw)
 
 
 # ----------------------------------------------------------------------------------------- coordinates
@@ -458,11 +465,11 @@ def test_devkit_listed_id_without_image(tmp_path):
     (tmp_path / "VOCdevkit/VOC2007/JPEGImages/000002.jpg").unlink()
     src = SplitSource("TRAIN_SETS", devkit_dir=tmp_path / "VOCdevkit/VOC2007", split="trainval")
     with pytest.raises(UserError, match=r"image 000002 listed in .*trainval\.txt not found"):
-        VOCDataset(list_samples([src]), CLASSES)
+        voc_dataset([src])
 
 
 # ---------------------------------------------------------------------------------------------- loaders
-def small_dataset(tmp_path: Path, n: int = 6, preset: str = "flip") -> VOCDataset:
+def small_dataset(tmp_path: Path, n: int = 6, preset: str = "flip") -> DetectionDataset:
     rng = np.random.default_rng(1)
     for i in range(n):
         path = tmp_path / f"images/{i}.png"

@@ -145,7 +145,8 @@ def _tiny_data(tmp_path, n_train=6, n_valid=3):
 
 
 def _tiny_model(num_classes, imgsz, letterbox=False):
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -260,7 +261,7 @@ def test_compiled_training_step_runs_the_compiled_module():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from src.detection.commands.train import compile_for_training
+    from src.detection.engine.training import compile_for_training
 
     model = _tiny_model(3, (64, 64))
     torch._dynamo.reset()
@@ -279,7 +280,8 @@ def test_compiled_training_step_runs_the_compiled_module():
 
 
 def test_fine_tune_backbone_gets_its_own_learning_rate():
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     model = build_detector(DetectorConfig("dinov3_convnext_atto", 4, head="fcos", imgsz=(64, 64), fpn_channels=64,
                                           fine_tune=True), verbose=False)
@@ -294,3 +296,21 @@ def test_fine_tune_backbone_gets_its_own_learning_rate():
     n_opt = sum(len(g["params"]) for g in build_optimizer(frozen, "sgd", 1e-3, 0.0).param_groups)
     assert n_opt == sum(p.requires_grad for p in frozen.parameters()) and not any(
         p.requires_grad for p in frozen.dino.parameters())
+
+
+def test_resume_takes_the_optimizer_state_of_an_unfused_optimizer():
+    """Checkpoints of earlier versions hold a plain (unfused) AdamW's state: resuming keeps this build's step."""
+    from src.detection.engine.training import restore_training_state
+
+    model = ToyDetector()
+    old = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+    loss = sum(model(*batches(1)[0]).values())
+    loss.backward()
+    old.step()
+    ckpt = {"path": "old.pth", "meta": {}, "model": model.state_dict(), "optimizer": old.state_dict(), "epoch": 1,
+            "best_metric": 0.5}
+    opt = build_optimizer(model, "adamw", 0.01, 0.0)
+    assert restore_training_state(ckpt, model, opt, None, None, None) == (2, 0.5)
+    before = model.w.detach().clone()
+    out = train_one_epoch(model, batches(2), opt, None, torch.device("cpu"), 2)
+    assert out["skipped_steps"] == 0 and not torch.equal(before, model.w.detach())

@@ -3,21 +3,24 @@ reproducing a training run's own evaluation from its checkpoint (the same path a
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import io
 import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
+from src.detection.checkpoint.source import ModelSource
+from src.detection.commands.evaluate import main as evaluate_main
+from src.detection.core.cli import RuntimeOptions
 from src.detection.data.datasets import load_data_config, load_ground_truth
 from src.detection.data.synthetic import generate_dataset
+from src.detection.engine.evaluation import EvalConfig, evaluate_checkpoint
+from src.detection.evaluation.predictions import evaluate_predictions
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models in process
 
 
 def predictions_from_ground_truth(gts: dict, drop_every: int = 0) -> list[dict]:
@@ -39,18 +42,12 @@ def dataset(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("evalset"), 4, 20, imgsz=96, seed=3)
 
 
-def run_evaluate(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "src.detection.commands.evaluate", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_perfect_predictions_score_one_and_missing_boxes_lower_recall(dataset: Path, tmp_path: Path):
+def test_perfect_predictions_score_one_and_missing_boxes_lower_recall(dataset: Path, tmp_path: Path, run_main):
     gts = load_ground_truth(load_data_config(dataset), split="valid")
     assert sum(len(g["boxes"]) for g in gts.values()) > 10
     perfect = tmp_path / "perfect.json"
     perfect.write_text(json.dumps(predictions_from_ground_truth(gts)))
-    out = run_evaluate(["--predictions", str(perfect), "--config", str(dataset), "--out-dir", str(tmp_path),
-                        "--name", "p"])
+    out = run_main(evaluate_main, ["--predictions", perfect, "--config", dataset, "--out-dir", tmp_path, "--name", "p"])
     assert out.returncode == 0, out.stderr
     all_row = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("all")][0]
     assert all(float(v) == pytest.approx(1.0) for v in all_row[2:])  # AP50, AP, VOC07, VOC12
@@ -58,56 +55,69 @@ def test_perfect_predictions_score_one_and_missing_boxes_lower_recall(dataset: P
 
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps(predictions_from_ground_truth(gts, drop_every=3)))
-    out = run_evaluate(["--predictions", str(partial), "--config", str(dataset), "--out-dir", str(tmp_path),
-                        "--name", "q", "--metric", "coco"])
+    out = run_main(evaluate_main, ["--predictions", partial, "--config", dataset, "--out-dir", tmp_path, "--name", "q",
+                                   "--metric", "coco"])
     assert out.returncode == 0, out.stderr
     ap50 = float([ln.split() for ln in out.stdout.splitlines() if ln.startswith("all")][0][2])
     assert 0.4 < ap50 < 0.9
 
 
-def test_bad_predictions_file_is_one_line(dataset: Path, tmp_path: Path):
+def test_documented_module_exits_2_with_one_error_line(dataset: Path, tmp_path: Path, run_script):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    out = run_script("-m", "src.detection.evaluate", "--predictions", str(bad), "--config", str(dataset),
+                     "--out-dir", str(tmp_path), timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bad.json" in lines[0]
+    assert not any(tmp_path.glob("eval_*")), "a failed evaluation must not leave a run folder"
+
+
+def test_bad_predictions_file_is_one_line(dataset: Path, tmp_path: Path, run_main):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     for args in (["--predictions", str(bad)], ["--predictions", str(tmp_path / "missing.json")],
                  ["--model", str(tmp_path / "missing.pth")]):
-        out = run_evaluate([*args, "--config", str(dataset), "--out-dir", str(tmp_path)])
-        assert out.returncode == 2 and "Traceback" not in out.stderr
+        out = run_main(evaluate_main, [*args, "--config", str(dataset), "--out-dir", str(tmp_path)])
+        assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and args[1].split("/")[-1] in lines[0]
         assert not any(tmp_path.glob("eval_*")), "a failed evaluation must not leave a run folder"
 
 
 def test_cut_predictions_are_scored_with_a_warning(dataset: Path, tmp_path: Path):
-    from src.detection.commands.evaluate import EvalConfig, evaluate_predictions
-
     gts = load_ground_truth(load_data_config(dataset), split="valid")
     rows = predictions_from_ground_truth(gts)  # every score 0.9: what a file cut at --threshold 0.5 looks like
     old = tmp_path / "old" / "predictions.json"
     old.parent.mkdir()
     old.write_text(json.dumps(rows))
     with pytest.warns(UserWarning, match="lowest score is 0.9.*looks cut.*underestimated"):
-        evaluate_predictions(EvalConfig(config=str(dataset), predictions=str(old), out_dir=None))
+        evaluate_predictions(old, dataset)
     # a file whose writer recorded the cut
     (old.parent / "summary.json").write_text(json.dumps({"predictions": str(old), "predictions_score_floor": 0.5}))
     with pytest.warns(UserWarning, match=r"only detections scoring >= 0.5 \(cut"):
-        evaluate_predictions(EvalConfig(config=str(dataset), predictions=str(old), out_dir=None))
+        evaluate_predictions(old, dataset)
     # recorded down to the evaluation threshold: no warning, even though every score is high
     (old.parent / "summary.json").write_text(json.dumps({"predictions": str(old), "predictions_score_floor": 0.05}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = evaluate_predictions(EvalConfig(config=str(dataset), predictions=str(old), out_dir=None))
+        result = evaluate_predictions(old, dataset)
     assert result.map50 == pytest.approx(1.0)
 
 
-def test_evaluate_help_shows_defaults():
-    out = run_evaluate(["--help"])
-    text = " ".join(out.stdout.split())
-    assert out.returncode == 0 and "(default: outputs/eval)" in text and "--threshold THRESHOLD, --score-thresh" in text
+def test_evaluate_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0 and "(default: outputs/eval)" in text and "--threshold THRESHOLD, --score-thresh" in text
+    # the model-source flags every command that loads a checkpoint takes
+    for flag in ("--model-name", "--head", "--feature-extractor", "--weights", "--imgsz", "--workers", "--device"):
+        assert flag in text, flag
 
 
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+def trained_run(tmp_path_factory, one_thread) -> tuple[Path, Path]:
     """A short letterbox run at a non-square size on a tiny synthetic set (as tests/test_train.py builds them),
     validated on its own training images so that the model finds objects after a few epochs."""
     root = tmp_path_factory.mktemp("e2e")
@@ -115,46 +125,38 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     fit = data.parent / "fit.yaml"
     fit.write_text(data.read_text().replace("VALID_IMG: valid/", "VALID_IMG: train/")
                    .replace("VALID_ANNOT: valid/", "VALID_ANNOT: train/"))
-    out = subprocess.run([sys.executable, "train_detection.py", "--config", str(fit), "--model-name",
-                          "dinov3_convnext_atto", "--head", "fcos", "--fpn-channels", "64", "--imgsz", "96", "64",
-                          "--letterbox", "--augment", "none", "--batch", "4", "--workers", "0", "--lr", "2e-3",
-                          "--warmup-epochs", "0.3", "--seed", "0", "--epochs", "10", "--eval-interval", "5",
-                          "--out-dir", str(root), "--name", "run"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
+    from src.detection.commands.train import main as train_main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert train_main(["--config", str(fit), "--model-name", "dinov3_convnext_atto", "--head", "fcos",
+                           "--fpn-channels", "64", "--imgsz", "96", "64", "--letterbox", "--augment", "none",
+                           "--batch", "4", "--workers", "0", "--lr", "2e-3", "--warmup-epochs", "0.3", "--seed", "0",
+                           "--epochs", "10", "--eval-interval", "5", "--out-dir", str(root), "--name", "run"]) == 0
     return fit, root / "run"
 
 
-def best_row(run: Path) -> dict[str, float]:
-    with open(run / "results.csv") as f:
-        rows = [{k: float(v) if v else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
-    scored = [r for r in rows if not math.isnan(r["map"])]
-    return max(scored, key=lambda r: r["map"])  # first of equals, as training keeps the first best
-
-
 @pytest.mark.slow
-def test_evaluate_model_reproduces_the_best_row_and_inference_json_scores_the_same(trained_run, tmp_path: Path):
-    from src.detection.commands.evaluate import EvalConfig, evaluate_checkpoint, evaluate_predictions
+def test_evaluate_model_reproduces_the_best_row_and_inference_json_scores_the_same(trained_run, tmp_path: Path,
+                                                                                   read_results):
     from src.detection.commands.infer_image import build_image_parser, image_config_from_args, infer_images
-    from src.detection.data.annotations import split_layout
+    from src.detection.data.formats import FORMATS
 
     data, run = trained_run
-    best = best_row(run)
+    scored_rows = [r for r in read_results(run) if not math.isnan(r["map"])]
+    best = max(scored_rows, key=lambda r: r["map"])  # first of equals, as training keeps the first best
     assert best["map50"] > 0  # a model that finds something, so the comparison below means something
-    result = evaluate_checkpoint(EvalConfig(config=str(data), model=str(run / "best_model.pth"), metric="coco",
-                                            workers=0, out_dir=None))
+    result = evaluate_checkpoint(EvalConfig(config=str(data), source=ModelSource(model=str(run / "best_model.pth")),
+                                            metric="coco", runtime=RuntimeOptions(workers=0)))
     for key in ("map", "map50", "map75"):
         assert getattr(result, key) == pytest.approx(best[key], rel=0, abs=1e-12), key
 
-    images = split_layout("voc", data.parent, "train")[0]  # the validation split of the fit config
+    images = FORMATS["voc"].split_layout(data.parent, "train")[0]  # the validation split of the fit config
     infer_images(image_config_from_args(build_image_parser().parse_args(
         ["-i", str(images), "--model", str(run / "best_model.pth"), "--threshold", "0.5", "--device", "cpu",
          "--batch", "8", "--no-save", "--out-dir", str(tmp_path / "inf")])))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the file is not cut: no warning
-        scored = evaluate_predictions(EvalConfig(config=str(data), predictions=str(tmp_path / "inf" / "predictions.json"),
-                                                 metric="coco", out_dir=None))
+        scored = evaluate_predictions(tmp_path / "inf" / "predictions.json", data, metric="coco")
     for key in ("map", "map50", "map75", "map_small", "mar_100"):
         assert getattr(scored, key) == pytest.approx(getattr(result, key), rel=0, abs=1e-9, nan_ok=True), key
 
@@ -171,15 +173,13 @@ def _noise_jpeg(path: Path, w: int, h: int, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def coco_inference(tmp_path_factory) -> tuple[Path, Path]:
+def coco_inference(tmp_path_factory, make_tiny_checkpoint) -> tuple[Path, Path]:
     """A COCO dataset with category ids 3 and 7 (one valid image readable from its header but not decodable),
     a tiny random RetinaNet checkpoint recording those ids, and image inference over the valid folder."""
     import torch
 
-    from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
-    from src.detection.commands.infer_image import ImageInferConfig, infer_images
+    from src.detection.inference.images import ImageInferConfig, infer_images
     from src.detection.inference.predictor import PredictConfig
-    from src.detection.modeling.model import DetectorConfig, build_detector
 
     root = tmp_path_factory.mktemp("coco_ids")
     names = ["a.jpg", "b.jpg", "sub/c.jpg", "broken.jpg"]
@@ -205,17 +205,13 @@ def coco_inference(tmp_path_factory) -> tuple[Path, Path]:
     data_cfg = load_data_config(config)
     assert data_cfg.classes == ["__background__", "cat", "dog"] and data_cfg.category_ids == [0, 3, 7]
 
-    torch.manual_seed(0)
-    cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=3, head="retinanet", imgsz=(64, 64),
-                         fpn_channels=64, arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
-    with pytest.warns(UserWarning, match="RANDOM weights"):
-        model = build_detector(cfg, verbose=False).eval()
-    with torch.no_grad():  # scores around 0.5 instead of the 0.01 prior: plenty of detections of both classes
-        cls_logits = model.head.classification_head.cls_logits  # separable: the bias is on its pointwise conv
-        getattr(cls_logits, "pointwise", cls_logits).bias.zero_()
-    ckpt = root / "model.pth"
-    meta = model_meta(model, data_cfg.classes, category_ids=data_cfg.category_ids)
-    save_checkpoint(ckpt, build_payload(model, meta))
+    def even_odds(model) -> None:  # scores around 0.5 instead of the 0.01 prior: detections of both classes
+        with torch.no_grad():
+            cls_logits = model.head.classification_head.cls_logits  # separable: the bias is on its pointwise conv
+            getattr(cls_logits, "pointwise", cls_logits).bias.zero_()
+
+    ckpt = make_tiny_checkpoint(root / "model.pth", data_cfg.classes, category_ids=data_cfg.category_ids,
+                                prepare=even_odds)
     out = root / "inference"
     infer_images(ImageInferConfig(PredictConfig(model=str(ckpt), device="cpu", no_save=True, out_dir=str(out)),
                                   input=str(root / "valid"), recursive=True))
@@ -226,15 +222,12 @@ def test_coco_ids_round_trip_through_inference_and_evaluation(coco_inference, tm
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from src.detection.commands.evaluate import EvalConfig, evaluate_predictions
-
     config, out = coco_inference
     rows = json.loads((out / "predictions.json").read_text())
     assert {(r["category_id"], r["category_name"]) for r in rows} == {(3, "cat"), (7, "dog")}
     assert json.loads((out / "summary.json").read_text())["unreadable"] == ["broken.jpg"]
 
-    result = evaluate_predictions(EvalConfig(config=str(config), predictions=str(out / "predictions.json"),
-                                             metric="coco", out_dir=None))
+    result = evaluate_predictions(out / "predictions.json", config, metric="coco")
     # pycocotools on the user's own annotation file: image ids by file name, the unreadable image left out
     gt = COCO(str(config.parent / "valid.json"))
     ids = {im["file_name"]: im["id"] for im in gt.dataset["images"]}
@@ -249,7 +242,6 @@ def test_coco_ids_round_trip_through_inference_and_evaluation(coco_inference, tm
 
 
 def test_predictions_with_other_ids_or_classes_are_refused(coco_inference, tmp_path: Path):
-    from src.detection.commands.evaluate import EvalConfig, evaluate_predictions
     from src.detection.core.errors import UserError
 
     config, out = coco_inference
@@ -259,4 +251,4 @@ def test_predictions_with_other_ids_or_classes_are_refused(coco_inference, tmp_p
         path = tmp_path / "edited.json"
         path.write_text(json.dumps([{**r, **change} if r["category_id"] == 3 else r for r in rows]))
         with pytest.raises(UserError, match=pattern):
-            evaluate_predictions(EvalConfig(config=str(config), predictions=str(path), out_dir=None))
+            evaluate_predictions(path, config)

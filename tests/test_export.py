@@ -20,20 +20,16 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint  # noqa: E402
-from src.detection.commands.export import (  # noqa: E402
-    ExportConfig,
-    ExportGraph,
-    build_export_parser,
-    export_config_from_args,
-    export_onnx,
-    main,
-)
+from src.detection.checkpoint import build_payload, model_meta, save_checkpoint  # noqa: E402
+from src.detection.commands.export import build_export_parser, export_config_from_args, main  # noqa: E402
 from src.detection.core.errors import UserError  # noqa: E402
 from src.detection.data.transforms import resize_image  # noqa: E402
-from src.detection.inference.onnx_runtime import DetectionDecoder, OnnxPredictor, sidecar_path  # noqa: E402
+from src.detection.inference.export import ExportConfig, ExportGraph, export_onnx  # noqa: E402
+from src.detection.inference.onnx_runtime import DetectionDecoder, OnnxPredictor  # noqa: E402
 from src.detection.inference.predictor import Predictor  # noqa: E402
-from src.detection.modeling.model import DetectorConfig, build_detector  # noqa: E402
+from src.detection.inference.sidecar import sidecar_path  # noqa: E402
+from src.detection.modeling.builder import build_detector  # noqa: E402
+from src.detection.modeling.config import DetectorConfig  # noqa: E402
 
 CLASSES = ["__background__", "cat", "dog", "car"]
 IMGSZ = (320, 256)
@@ -267,6 +263,71 @@ def test_failed_export_leaves_existing_files_untouched(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     assert target.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name, "model.onnx"]
+
+
+def test_sidecar_is_the_checkpoint_card(exported):
+    """The sidecar holds the checkpoint's card (same fields as its meta, format 2) plus the export's sections."""
+    from src.detection.checkpoint import load_card, load_checkpoint
+    from src.detection.inference.sidecar import read_sidecar
+
+    ckpt, result = exported
+    side = json.loads(sidecar_path(result["onnx"]).read_text())
+    assert side["format_version"] == 2 and "detector" not in side and "imgsz" not in side
+    card = load_card(load_checkpoint(ckpt))
+    assert read_sidecar(result["onnx"]).card == card
+    assert OnnxPredictor(result["onnx"], device="cpu").meta == Predictor(ckpt, device="cpu").meta == card.to_dict()
+
+
+def test_export_prepares_the_checkpoint_once(tmp_path, monkeypatch):
+    from src.detection.checkpoint import build as ck_build
+    from src.detection.inference import export as export_module
+
+    ckpt = _checkpoint(tmp_path, "dinov3_convnext_atto", "retinanet", imgsz=(64, 64))
+    calls = {}
+    for module, name in ((ck_build, "load_checkpoint"), (ck_build, "load_card"), (export_module, "prepare_checkpoint")):
+        def counted(*a, _real=getattr(module, name), _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, name, counted)
+
+    def stop(*a, **k):  # everything up to the graph has run by now
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.onnx, "export", stop)
+    with pytest.raises(UserError, match="stop here"):
+        export_onnx(ExportConfig(model=str(ckpt), verify=False))
+    assert calls == {"load_checkpoint": 1, "load_card": 1, "prepare_checkpoint": 1}
+
+
+def test_onnx_devices_follow_the_device_rule(monkeypatch):
+    """--device for onnxruntime is checked by runtime.select_device, like every command's; auto falls back to the
+    CPU where onnxruntime has no CUDA provider."""
+    from src.detection.inference import onnx_runtime
+
+    class FakeOrt:
+        providers = ["CPUExecutionProvider"]
+
+        def get_available_providers(self):
+            return self.providers
+
+    fake = FakeOrt()
+    monkeypatch.setattr(onnx_runtime, "_onnxruntime", lambda what: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert onnx_runtime._providers("auto") == (["CPUExecutionProvider"], torch.device("cpu"))
+    assert onnx_runtime._providers("cpu") == (["CPUExecutionProvider"], torch.device("cpu"))
+    with pytest.raises(UserError, match="--device cuda: no CUDA GPU is visible"):
+        onnx_runtime._providers("cuda")
+    with pytest.raises(UserError, match="--device 'tpu' is not valid"):
+        onnx_runtime._providers("tpu")
+    monkeypatch.setattr(onnx_runtime, "select_device", lambda name: torch.device("cuda", 1)
+                        if name != "cpu" else torch.device("cpu"))
+    assert onnx_runtime._providers("auto") == (["CPUExecutionProvider"], torch.device("cpu"))
+    with pytest.raises(UserError, match="no CUDAExecutionProvider"):
+        onnx_runtime._providers("cuda:1")
+    fake.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers, device = onnx_runtime._providers("cuda:1")
+    assert providers[0] == ("CUDAExecutionProvider", {"device_id": 1}) and device == torch.device("cuda", 1)
 
 
 def test_config_validation_and_help():

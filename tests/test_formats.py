@@ -410,7 +410,7 @@ def test_evaluation_skips_an_undecodable_image_instead_of_scoring_a_substitute(t
                 out.append({"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": torch.ones(len(boxes), dtype=torch.int64)})
             return out
 
-    from src.detection.modeling.model import InputSpec
+    from src.detection.modeling.input_spec import InputSpec
 
     result = evaluate(Perfect(), build_dataloader(valid, batch_size=2), torch.device("cpu"), cfg.classes,
                       spec=InputSpec(imgsz=(32, 32)), metric="coco")
@@ -491,3 +491,45 @@ def test_config_classes_of_the_shipped_configs():
     assert load_config_classes(configs / "yolo_example.yaml") == ["__background__", "cat", "dog"]
     with pytest.raises(UserError, match=r"coco_example\.yaml: TRAIN_JSON: file .*instances_train2017\.json' not found"):
         load_config_classes(configs / "coco_example.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ registry
+@pytest.mark.parametrize("name", ["voc", "coco", "yolo"])
+def test_every_format_round_trips_through_its_registry_writer_and_reader(tmp_path, name):
+    """Records written with the format's writer (``LabelWriter``), in its layout and with its dataset config, read
+    back by its reader: same images, boxes (VOC: whole pixels; YOLO: 6 decimals), labels and difficult flags (YOLO
+    has none: such objects come back as ordinary ones and are counted)."""
+    import yaml
+
+    from src.detection.data.annotations import LabelWriter
+    from src.detection.data.datasets import read_split
+    from src.detection.data.formats import FORMATS
+
+    fmt = FORMATS[name]
+    classes = ["__background__", "cat", "dog"]
+    out = tmp_path / "out"
+    samples = {"train": [("a.jpg", (48, 64), [[3.0, 4.0, 30.0, 40.0], [10.0, 1.0, 64.0, 20.0]], [1, 2], [False, True]),
+                         ("b.jpg", (40, 50), [], [], [])],
+               "valid": [("c.jpg", (48, 64), [[0.0, 0.0, 12.0, 9.0]], [2], [False])]}
+    lost = 0
+    for split, items in samples.items():
+        img_dir, lbl_dir = fmt.split_layout(out, split)
+        with LabelWriter(name, lbl_dir, classes, json_name=f"{split}.json", classes_file=None) as writer:
+            for file, (h, w), boxes, labels, difficult in items:
+                write_image(img_dir / file, w=w, h=h)
+                writer.add(img_dir / file, (h, w), boxes, labels, difficult=difficult)
+        assert writer.skipped_boxes == 0
+        lost += writer.lost_difficult
+    assert lost == (1 if name == "yolo" else 0)
+    config = write_yaml(out / fmt.config_name, yaml.safe_dump(fmt.dataset_config(classes)))
+
+    cfg = load_data_config(config)
+    assert cfg.format == name and cfg.classes == classes
+    for split, items in samples.items():
+        records, report = read_split(cfg, split)
+        assert not report.problems()
+        assert [(r.name, r.size) for r in records] == [(file, hw) for file, hw, *_ in items]
+        for rec, (_, _, boxes, labels, difficult) in zip(records, items):
+            np.testing.assert_allclose(rec.boxes, np.asarray(boxes, np.float32).reshape(-1, 4), atol=1e-3)
+            assert rec.labels.tolist() == labels
+            assert rec.difficult.tolist() == ([False] * len(labels) if name == "yolo" else difficult)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
+from src.detection.checkpoint import build_payload, model_meta, save_checkpoint
 from src.detection.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def checkpoint(one_thread, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train a tiny RetinaNet (frozen random ConvNeXt, 1-block stages) on the scene for 40 steps; save it."""
     from src.detection.data.transforms import resize_image
-    from src.detection.modeling.model import DetectorConfig, build_detector
+    from src.detection.modeling.builder import build_detector
+    from src.detection.modeling.config import DetectorConfig
 
     torch.manual_seed(0)
     cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=len(CLASSES), head="retinanet",
@@ -218,7 +219,7 @@ def test_interrupted_run_writes_the_images_done(checkpoint: Path, tmp_path: Path
     """Ctrl-C on the 4th of 5 images (while reading it, or in the model's forward, where a real Ctrl-C lands): the
     images taken so far are finished and written, the summary says the run is incomplete, the command exits 130."""
     import infer_det_image
-    from src.detection.commands import infer_image
+    from src.detection.inference import images as infer_image
     from src.detection.inference.predictor import Predictor
 
     src = tmp_path / "in"
@@ -278,16 +279,15 @@ def test_same_checkpoint_gives_identical_boxes_across_constructions(checkpoint: 
             assert torch.equal(pa[key], pb[key]), key
 
 
-def test_compile_compiles_the_module_the_forward_runs(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_compiles_the_module_the_forward_runs(checkpoint: Path) -> None:
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
     from src.detection.inference import predictor as predictor_module
 
     counter = CompileCounter()  # a backend that counts the graphs dynamo hands it and runs them eagerly
-    monkeypatch.setattr(predictor_module, "COMPILE_BACKEND", counter)
     torch._dynamo.reset()
-    compiled = predictor_module.Predictor(checkpoint, device="cpu", score_thresh=0.05, compile=True)
+    compiled = predictor_module.Predictor(checkpoint, device="cpu", score_thresh=0.05, compile=counter)
     eager = predictor_module.Predictor(checkpoint, device="cpu", score_thresh=0.05)
     assert counter.frame_count == 0
     out, ref = compiled.predict([scene_rgb()]), eager.predict([scene_rgb()])
@@ -310,7 +310,7 @@ def test_display_available_with_and_without_a_display(monkeypatch: pytest.Monkey
 
 def test_show_draws_windows_when_a_display_is_present(checkpoint: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from src.detection.commands import infer_image
+    from src.detection.inference import images as infer_image
     from src.detection.inference.predictor import PredictConfig
 
     src = tmp_path / "in"
@@ -373,6 +373,22 @@ def test_image_help_shows_defaults_and_aliases() -> None:
                      "--save-labels, --save-xml", "--save-format {voc,coco,yolo}", "(default: voc)",
                      "--precision {auto,fp32,fp16,bf16}", "--out-dir OUT_DIR"):
         assert fragment in text, fragment
+
+
+def test_half_is_folded_into_precision_while_parsing() -> None:
+    """--half is the older spelling of --precision fp16; an explicit --precision wins wherever it is typed."""
+    import dataclasses
+
+    from src.detection.commands.infer_image import build_image_parser
+    from src.detection.inference.predictor import PredictConfig, predict_config_from_args
+
+    def precision(*flags: str) -> str:
+        args = build_image_parser().parse_args(["-i", "x.jpg", "--model", "m.pth", *flags])
+        return predict_config_from_args(args).precision
+
+    assert precision() == "auto" and precision("--half") == "fp16"
+    assert precision("--precision", "bf16", "--half") == precision("--half", "--precision", "bf16") == "bf16"
+    assert "half" not in {f.name for f in dataclasses.fields(PredictConfig)}
 
 
 def test_onnx_model_without_the_onnx_module_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

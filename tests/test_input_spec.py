@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.detection.checkpoint.format import build_payload, load_checkpoint, model_meta, save_checkpoint
+from src.detection.checkpoint import build_payload, load_checkpoint, model_meta, save_checkpoint
 from src.detection.core.errors import UserError
 from src.detection.data.transforms import PAD_VALUE, boxes_to_original, letterbox_size, resize_image
-from src.detection.modeling.backbones import NORMALIZATION
-from src.detection.modeling.model import DetectorConfig, InputSpec, build_detector
+from src.detection.modeling.builder import build_detector
+from src.detection.modeling.config import DetectorConfig
+from src.detection.modeling.entrypoints import NORMALIZATION
+from src.detection.modeling.input_spec import InputSpec
 
 CLASSES = ["__background__", "a", "b"]
 ATTO = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}
@@ -68,14 +70,14 @@ def test_spec_round_trips_through_checkpoint_metadata(tmp_path: Path):
 
 def test_checkpoint_from_before_the_input_dict_still_loads(tmp_path: Path):
     """Older metadata: imgsz / letterbox / mean / std at the top level, no ``input``."""
-    from src.detection.checkpoint.format import model_from_checkpoint
+    from src.detection.checkpoint import model_from_checkpoint
 
     model = build("dinov3_convnext_atto", ATTO, head="fcos", imgsz=(96, 64))
     payload = build_payload(model, model_meta(model, CLASSES))
     meta = payload["meta"]
     del meta["input"]
     sat_mean, sat_std = NORMALIZATION["sat493m"]
-    meta.update(letterbox=True, mean=list(sat_mean), std=list(sat_std))
+    meta.update(imgsz=[96, 64], letterbox=True, mean=list(sat_mean), std=list(sat_std))
     loaded, meta2 = model_from_checkpoint(save_checkpoint(tmp_path / "old.pth", payload), "cpu")
     spec = loaded.input_spec
     assert spec.imgsz == (96, 64) and spec.letterbox and spec.mean == sat_mean and spec.std == sat_std

@@ -318,10 +318,10 @@ def test_merge_and_state_dict_equal_single_evaluator(eval_set, result_all):
     assert merged.summary() == pytest.approx(result_all.summary())
     d = DetectionEvaluator(classes, "all")
     d.update(preds[:17], gts[:17])
-    d.merge_state(b.state_dict())  # the engine's DDP path: all_gather_object(state_dict()) then merge_state
+    d.merge(b.state_dict())  # a state dict, as all_gather_object hands it over
     assert d.compute().summary() == pytest.approx(result_all.summary())
     c = DetectionEvaluator(classes, "all")
-    c.load_state_dict(a.state_dict())
+    c.merge(a.state_dict())
     assert c.n_images == 50 and c.compute().voc07 == pytest.approx(result_all.voc07)
     c.sync()  # no process group: a no-op
     assert c.n_images == 50
@@ -331,6 +331,25 @@ def test_merge_and_state_dict_equal_single_evaluator(eval_set, result_all):
         DetectionEvaluator(CLASSES).merge(a)
     with pytest.raises(ValueError, match="metric='all' state into a metric='voc07'"):
         DetectionEvaluator(classes, "voc07").merge(a)
+
+
+def test_evaluator_interface_over_batches_and_loader_targets(eval_set, result_all):
+    """reset / process / evaluate (the interface training, ``evaluate --model`` and ``evaluate --predictions`` use):
+    batch by batch, with ground truth as dicts or as the data loader's targets (``orig_*``), the same result."""
+    from src.detection.evaluation.evaluator import DatasetEvaluator
+
+    classes, preds, gts = eval_set
+    ev = DetectionEvaluator(classes, "all")
+    assert isinstance(ev, DatasetEvaluator)
+    ev.process(preds[:3], gts[:3])
+    ev.reset()  # a new evaluation forgets the last one
+    loader_targets = [{"orig_boxes": g["boxes"], "orig_labels": g["labels"], "orig_difficult": g["difficult"],
+                       "boxes": g["boxes"] * 0.5} for g in gts]  # the resized boxes are not what is scored
+    for start in range(0, len(preds), 8):
+        batch = slice(start, start + 8)
+        ev.process(preds[batch], loader_targets[batch] if start % 16 else gts[batch])
+    result = ev.evaluate()  # no process group: this process's images
+    assert result.n_images == len(preds) and result.summary() == pytest.approx(result_all.summary())
 
 
 def test_invalid_inputs():

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from src.detection.core.errors import UserError
-from src.detection.modeling.model import DetectorConfig, build_detector, count_parameters, num_extra_levels, ssd_scales
+from src.detection.modeling.builder import build_detector
+from src.detection.modeling.config import DetectorConfig
+from src.detection.modeling.detector import count_parameters
+from src.detection.modeling.heads import HEAD_CONVS, HEAD_SEPARABLE, num_extra_levels, ssd_scales
 
 W, H = 128, 96  # non-square on purpose: (width, height) as --imgsz W H
 NUM_CLASSES = 4
@@ -106,7 +109,8 @@ def test_forward_backward_grads_only_outside_backbone(family, head, mode):
     assert not missing, f"no gradient for {missing}"
     assert any(p.grad.abs().sum() > 0 for _, p in new)
     # `last`: the backbone's own map; `multi`: P3..P7 (at 128x96 SSD needs no extra level: P7 is already 1x1)
-    assert model.backbone.strides == ([model.dino.last_stride] if mode == "last" else [8, 16, 32, 64, 128])
+    last_stride = model.dino.output_shape()["last"][0].stride
+    assert model.backbone.strides == ([last_stride] if mode == "last" else [8, 16, 32, 64, 128])
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -135,14 +139,15 @@ def test_transform_never_resizes_and_normalizes_once(family):
     torch.testing.assert_close(batch.tensors[0, :, 0, 0], (1 - mean) / std)
     # a size that is not a multiple of the stride: kept as the image size, padded (not resized) for the backbone
     odd, _ = t(images(b=1, w=100, h=75))
-    stride = model.dino.size_divisor
+    stride = model.dino.output_shape()["last"][0].stride
+    assert model.transform.size_divisible == stride
     assert odd.image_sizes == [(75, 100)]
     assert tuple(odd.tensors.shape[-2:]) == (math.ceil(75 / stride) * stride, math.ceil(100 / stride) * stride)
     assert (odd.tensors[..., 75:, :] == 0).all() and (odd.tensors[..., :, 100:] == 0).all()
     # the reference's anchors: 15 per location of the single last map, for exactly this image size
     feats = model.backbone(batch.tensors)
     anchors = model.anchor_generator(batch, list(feats.values()))
-    assert anchors[0].shape == ((H // model.dino.last_stride) * (W // model.dino.last_stride) * 15, 4)
+    assert anchors[0].shape == ((H // stride) * (W // stride) * 15, 4)
     centers = (anchors[0][:, :2] + anchors[0][:, 2:]) / 2
     assert centers[:, 0].max() < W and centers[:, 1].max() < H
 
@@ -249,7 +254,7 @@ def test_cached_features_give_identical_losses(family, head, mode, monkeypatch):
     model = build(tiny(family, head, mode)).train()
     x, tg = images(), targets()
     feats = model.backbone_features(x)
-    assert len(feats) == (1 if mode == "last" else len(model.dino.multi_channels))
+    assert [f.shape[1] for f in feats] == [s.channels for s in model.dino.output_shape()[mode]]
     assert all(not f.requires_grad for f in feats)
     reference = model(x, tg)
     sum(reference.values()).backward()
@@ -362,8 +367,6 @@ def test_head_convs_sets_both_towers_with_torchvision_names(head, n):
 def test_head_convs_defaults_and_parameter_counts():
     """`last` keeps torchvision's 4 convs (the reference's head); `multi` uses HEAD_CONVS['multi']; each conv layer
     left out takes away exactly one 3x3 conv + GroupNorm per branch."""
-    from src.detection.modeling.model import HEAD_CONVS
-
     assert HEAD_CONVS["last"] == 4
     for head in ("retinanet", "fcos"):
         assert build(tiny(head=head, mode="last")).config.head_convs == 4
@@ -378,6 +381,13 @@ def test_head_convs_defaults_and_parameter_counts():
     assert build(tiny(head="ssd")).config.head_convs is None
 
 
+def _stored_config(meta: dict) -> DetectorConfig:
+    """The config of checkpoint metadata of the oldest format (upgraded where every stored form is read)."""
+    from src.detection.checkpoint import load_card
+
+    return load_card({**meta, "classes": ["__background__"]}).detector
+
+
 def test_head_convs_config_round_trip_and_older_metadata():
     """The built depth is recorded; metadata written before the field existed means torchvision's 4 convs, so
     such checkpoints keep loading strictly."""
@@ -386,10 +396,10 @@ def test_head_convs_config_round_trip_and_older_metadata():
     assert d["head_convs"] == 1 and DetectorConfig.from_dict(d).head_convs == 1
     old = build(tiny(head="fcos", head_convs=4))
     legacy = {k: v for k, v in old.config.to_dict().items() if k != "head_convs"}
-    rebuilt = build(DetectorConfig.from_dict(legacy))
+    rebuilt = build(_stored_config(legacy))
     rebuilt.load_state_dict(old.state_dict(), strict=True)
     ssd_meta = {k: v for k, v in build(tiny(head="ssd")).config.to_dict().items() if k != "head_convs"}
-    assert DetectorConfig.from_dict(ssd_meta).head_convs is None
+    assert _stored_config(ssd_meta).head_convs is None
     with pytest.raises(UserError, match="--head-convs 5"):
         tiny(head="fcos", head_convs=5)
     with pytest.raises(UserError, match="--head-convs 2: the SSD head"):
@@ -440,19 +450,66 @@ def test_separable_head_replaces_every_dense_conv(head):
 def test_separable_head_config_round_trip_and_older_metadata():
     """The choice is recorded and rebuilt; metadata from before the field means dense convs (strict load); the
     reference's `last` head and SSD stay dense."""
-    from src.detection.modeling.model import HEAD_SEPARABLE
-
     model = build(tiny(head="retinanet", head_separable=True))
     d = model.config.to_dict()
     assert d["head_separable"] is True
     build(DetectorConfig.from_dict(d)).load_state_dict(model.state_dict(), strict=True)
     dense = build(tiny(head="fcos", head_separable=False))
     legacy = {k: v for k, v in dense.config.to_dict().items() if k != "head_separable"}
-    assert DetectorConfig.from_dict(legacy).head_separable is False
-    build(DetectorConfig.from_dict(legacy)).load_state_dict(dense.state_dict(), strict=True)
+    assert _stored_config(legacy).head_separable is False
+    build(_stored_config(legacy)).load_state_dict(dense.state_dict(), strict=True)
     assert HEAD_SEPARABLE["last"] is False
     assert build(tiny(head="retinanet", mode="last")).config.head_separable is False
     assert build(tiny(head="fcos")).config.head_separable is HEAD_SEPARABLE["multi"]
     assert build(tiny(head="ssd")).config.head_separable is None
     with pytest.raises(UserError, match="--head-separable: the SSD head"):
         tiny(head="ssd", head_separable=True)
+
+
+# ------------------------------------------------------------------------------------------------ head registry
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", HEADS)
+def test_every_registered_head_builds_exports_decodes_and_has_its_loss(name, mode):
+    """Each registry entry builds its detector for `last` and `multi`; the head returns exactly the outputs the entry
+    declares for ONNX, which ExportGraph exports and the entry's decoding turns into the model's own detections; its
+    loss function on those outputs equals what the model computes in training."""
+    from src.detection.inference.export import ExportGraph
+    from src.detection.inference.onnx_runtime import DetectionDecoder, output_names
+    from src.detection.modeling.heads import ANCHOR_OUTPUTS, HEAD_TYPES
+    from src.detection.modeling.losses import pad_targets
+
+    assert set(HEAD_TYPES) == set(HEADS)
+    kind = HEAD_TYPES[name]
+    model = build(tiny("convnext", name, mode, score_thresh=0.0))
+    assert isinstance(model, kind.detector_class) and model.config.head == name
+    assert model.input_spec.fixed_aspect == kind.fixed_aspect
+    assert (model.config.head_convs is not None) == kind.has_tower
+    assert output_names(name) == [*kind.onnx_outputs, *ANCHOR_OUTPUTS] == list(kind.output_names)
+
+    x, tg = images(), targets()
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        graph = ExportGraph(model)
+        assert graph.names == kind.onnx_outputs
+        outputs = dict(zip(kind.output_names, graph(x)))
+    decoder = DetectionDecoder(name, NUM_CLASSES, model.score_thresh, model.nms_thresh, model.detections_per_img,
+                               model.topk_candidates)
+    for w, g in zip(want, decoder(outputs, x.shape[-2:])):
+        for k in ("boxes", "scores", "labels"):
+            assert torch.equal(w[k], g[k]), k
+
+    model.train()
+    image_list, _ = model.transform(x)
+    features = list(model.backbone(image_list.tensors).values())
+    head_outputs = model.head(features)
+    assert set(head_outputs) == set(kind.onnx_outputs)
+    anchors = model.anchor_generator(image_list, features)[0]
+    per_level = [f.shape[-2] * f.shape[-1] * anchors.shape[0] // sum(g.shape[-2] * g.shape[-1] for g in features)
+                 for f in features]
+    gt_boxes, gt_labels, gt_valid = pad_targets(tg)
+    got = kind.loss(head_outputs, anchors, per_level, gt_boxes, gt_labels, gt_valid, **kind.loss_options(model))
+    expected = model(x, tg)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)

@@ -20,14 +20,15 @@ import torch
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSDHead
 
-from src.detection.checkpoint.format import (
+from src.detection.checkpoint import (
     REFERENCE_BACKBONE_PREFIX,
     REFERENCE_FORMAT,
     convert_reference_state_dict,
     load_checkpoint,
 )
 from src.detection.core.errors import UserError
-from src.detection.modeling.model import DetectorConfig, build_detector
+from src.detection.modeling.builder import build_detector
+from src.detection.modeling.config import DetectorConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["__background__", "circle", "square"]
@@ -84,11 +85,12 @@ def test_official_key_lists_map_onto_our_last_model(fixtures_dir: Path, model_na
     with torch.device("meta"):
         backbone = {k: torch.empty(shape) for k, shape in keys.items()}
         ref = reference_state_dict(backbone, reference_head(head, channels, 21))
-    from src.detection.checkpoint.format import adopt_reference_checkpoint
+    from src.detection.checkpoint import reference_card
 
-    ckpt = adopt_reference_checkpoint({"format": REFERENCE_FORMAT, "meta": None, "model": ref, "path": "ref.pth"},
-                                      model_name=hub_name, classes=["__background__"] + [f"c{i}" for i in range(20)])
-    cfg = DetectorConfig.from_dict(ckpt["meta"])
+    card = reference_card({"format": REFERENCE_FORMAT, "meta": None, "model": ref, "path": "ref.pth"},
+                          model_name=hub_name, classes=["__background__"] + [f"c{i}" for i in range(20)])
+    cfg = card.detector
+    assert card.provenance.is_reference and DetectorConfig.from_dict(card.to_dict()) == cfg
     assert cfg.head == head and cfg.feature_extractor == "last" and cfg.imgsz == (640, 640)
     with torch.device("meta"):
         model = build_detector(cfg, verbose=False)

@@ -1,8 +1,13 @@
-"""End-to-end training on a tiny synthetic set: outputs, learning, resume after a kill, errors, DDP (gloo)."""
+"""End-to-end training on a tiny synthetic set: outputs, learning, resume after a kill, errors, --eval-only.
+
+The command runs in-process through ``commands.train.main`` (``run_main``); a subprocess only where the process
+matters: the CLI wrapper's exit status and the run killed mid-epoch (with the runs it is compared with).
+"""
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import io
 import json
 import math
 import os
@@ -17,13 +22,16 @@ import pytest
 import torch
 import yaml
 
-from src.detection.commands.evaluate import EvalConfig, evaluate_checkpoint
+from src.detection.checkpoint.source import ModelSource
+from src.detection.commands.train import main as train_main
+from src.detection.commands.train import parse_train_config
+from src.detection.core.cli import RuntimeOptions
+from src.detection.engine.evaluation import EvalConfig, evaluate_checkpoint
+from src.detection.engine.training import eval_only_config
 
 REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
 
-TINY = ["--model-name", "dinov3_convnext_atto", "--head", "fcos", "--fpn-channels", "64", "--imgsz", "96",
-        "--batch", "8", "--workers", "0", "--lr", "2e-3", "--warmup-epochs", "0.3", "--seed", "0"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs: tiny models, as the subprocesses run them
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +41,25 @@ def shapes(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("shapes"), 48, 16, imgsz=96, seed=1)
 
 
-def train(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "train_detection.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+@pytest.fixture
+def train(run_main):
+    """train_detection.py's command in-process: ``train(args)`` -> CompletedProcess (exit status, stdout, stderr)."""
+    return lambda args: run_main(train_main, args)
 
 
-def rows(run: Path) -> list[dict[str, float]]:
-    with open(run / "results.csv") as f:
-        return [{k: float(v) if v else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+def evaluate_run(config: Path, model: Path, batch: int) -> object:
+    return evaluate_checkpoint(EvalConfig(config=str(config), source=ModelSource(model=str(model)),
+                                          runtime=RuntimeOptions(device="cpu", batch=batch, workers=0)))
 
 
-def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path):
+@pytest.mark.slow
+def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path, train, tiny_train_args,
+                                                 read_results):
     # Scored on its own training images: a frozen *random* backbone needs ~1,600 images to generalise (see
     # docs/DEMO.md), but fitting 48 images proves that targets, losses, optimiser and evaluation line up.
     fit = tmp_path / "fit.yaml"
     fit.write_text(shapes.read_text().replace("valid/", "train/").replace("train/", f"{shapes.parent}/train/"))
-    out = train(["--config", str(fit), *TINY, "--batch", "4", "--epochs", "16", "--eval-interval", "8",
+    out = train(["--config", str(fit), *tiny_train_args, "--batch", "4", "--epochs", "16", "--eval-interval", "8",
                  "--out-dir", str(tmp_path), "--name", "r", "--cache-features", "ram", "--augment", "none",
                  "--precision", "fp32"])
     assert out.returncode == 0, out.stderr[-2000:]
@@ -56,7 +67,7 @@ def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path):
     for name in ("best_model.pth", "last_model.pth", "results.csv", "train_loss.png", "map.png", "args.yaml",
                  "per_class_ap.csv", "per_class_ap.txt", "per_class_ap.png", "pr_curves.png"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
-    r = rows(run)
+    r = read_results(run)
     assert [int(x["epoch"]) for x in r] == list(range(1, 17))
     assert [x["epoch"] for x in r if not math.isnan(x["map"])] == [8, 16]  # --eval-interval
     assert r[-1]["train_loss"] < r[0]["train_loss"]  # epoch-mean loss goes down
@@ -64,24 +75,29 @@ def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path):
     assert "total parameters." in out.stdout and "WARNING" in out.stderr and "RANDOM" in out.stderr.upper()
     ckpt = torch.load(run / "last_model.pth", weights_only=True)
     assert ckpt["epoch"] == 16 and ckpt["meta"]["classes"][0] == "__background__"
-    assert ckpt["meta"]["imgsz"] in ([96, 96], (96, 96)) and ckpt["meta"]["head"] == "fcos"
+    assert ckpt["meta"]["input"]["imgsz"] in ([96, 96], (96, 96)) and ckpt["meta"]["head"] == "fcos"
     assert ckpt["train_config"] == yaml.safe_load((run / "args.yaml").read_text())
     assert ckpt["train_config"]["cache_features"] == "ram" and ckpt["train_config"]["epochs"] == 16
     # the run records the head it built (not "the default"), as the model metadata does
     assert ckpt["train_config"]["head_separable"] is True and ckpt["meta"]["head_separable"] is True
     assert ckpt["train_config"]["head_convs"] == ckpt["meta"]["head_convs"] == 4
     # validation ran on cached maps (fp16): the same scores as evaluating the checkpoint on the images
-    result = evaluate_checkpoint(EvalConfig(config=str(fit), model=str(run / "best_model.pth"), batch=4, workers=0,
-                                           device="cpu", out_dir=None))
+    result = evaluate_run(fit, run / "best_model.pth", batch=4)
     assert result.map == pytest.approx(r[-1]["map"], abs=5e-3) and result.map50 == pytest.approx(r[-1]["map50"], abs=5e-3)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(shapes: Path, tmp_path: Path):
-    common = ["--config", str(shapes), *TINY, "--epochs", "3", "--out-dir", str(tmp_path), "--workers", "1"]
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted_run(shapes: Path, tmp_path: Path, run_script, tiny_train_args,
+                                                     read_results):
+    # every run in its own process, as the killed one must be: the same threads and kernels for an exact comparison
+    def train(args):
+        return run_script("train_detection.py", *args)
+
+    common = ["--config", str(shapes), *tiny_train_args, "--epochs", "3", "--out-dir", str(tmp_path), "--workers", "1"]
     ref = train([*common, "--name", "ref"])
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    proc = subprocess.Popen([PY, "train_detection.py", *common, "--name", "killed"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "train_detection.py", *common, "--name", "killed"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     results = tmp_path / "killed" / "results.csv"
@@ -96,7 +112,7 @@ def test_resume_after_kill_matches_uninterrupted_run(shapes: Path, tmp_path: Pat
 
     resumed = train(["--resume", str(tmp_path / "killed" / "last_model.pth")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = rows(tmp_path / "ref"), rows(tmp_path / "killed")
+    a, b = read_results(tmp_path / "ref"), read_results(tmp_path / "killed")
     assert [int(x["epoch"]) for x in b] == [1, 2, 3]
     for x, y in zip(a, b):
         for key in ("train_loss", "map", "map50"):
@@ -109,74 +125,129 @@ def test_resume_after_kill_matches_uninterrupted_run(shapes: Path, tmp_path: Pat
     # a finished run can be extended with a larger --epochs
     more = train(["--resume", str(tmp_path / "ref" / "last_model.pth"), "--epochs", "4"])
     assert more.returncode == 0, more.stderr[-2000:]
-    assert [int(x["epoch"]) for x in rows(tmp_path / "ref")] == [1, 2, 3, 4]
+    assert [int(x["epoch"]) for x in read_results(tmp_path / "ref")] == [1, 2, 3, 4]
+
+
+def test_cli_wrapper_exits_2_with_one_error_line(run_script, tmp_path: Path):
+    out = run_script("train_detection.py", "--eval-only", "--out-dir", str(tmp_path / "runs"), timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--model" in lines[0]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content, expected", [
     (b"not a checkpoint at all", "corrupt"),
     (None, "not a checkpoint of this toolkit"),
 ])
-def test_resume_with_bad_checkpoint_is_one_clear_line(tmp_path: Path, content, expected):
+def test_resume_with_bad_checkpoint_is_one_clear_line(tmp_path: Path, run_main, content, expected):
     path = tmp_path / "bad.pth"
     if content is None:
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     else:
         path.write_bytes(content)
-    out = train(["--resume", str(path)])
+    out = run_main(train_main, ["--resume", str(path)])
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0]
-    assert "Traceback" not in out.stderr
 
 
-def test_user_mistakes_give_one_line(tmp_path: Path, shapes: Path):
+def test_user_mistakes_give_one_line(tmp_path: Path, shapes: Path, run_main, tiny_train_args):
     cases = [
         (["--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
         (["--config", str(shapes), "--model-name", "dinov3_convnext_huge"], "dinov3_convnext_tiny"),
         (["--config", str(shapes), "--weights", "nope.pth"], "nope.pth"),
-        (["--config", str(shapes), *TINY, "--augment", "ssd", "--cache-features", "ram"], "--cache-features"),
+        (["--config", str(shapes), *tiny_train_args, "--augment", "ssd", "--cache-features", "ram"], "--cache-features"),
         (["--eval-only"], "--model"),
+        (["--eval-only", "--model", str(tmp_path / "missing.pth"), "--config", str(shapes)], "missing.pth"),
     ]
     for args, needle in cases:
-        out = train([*args, "--out-dir", str(tmp_path / "runs")])
+        out = run_main(train_main, [*args, "--out-dir", str(tmp_path / "runs")])
         assert out.returncode == 2, (args, out.stderr[-1000:])
         lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], (args, out.stderr)
-        assert "Traceback" not in out.stderr
     runs = tmp_path / "runs"
     assert not runs.exists() or not any(runs.iterdir()), "a failed start must not leave run folders behind"
 
 
-def test_eval_only_scores_a_checkpoint(shapes: Path, tmp_path: Path):
-    out = train(["--config", str(shapes), *TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "e"])
+def test_eval_only_scores_a_checkpoint(shapes: Path, tmp_path: Path, run_main, tiny_train_args, read_results):
+    out = run_main(train_main, ["--config", shapes, *tiny_train_args, "--epochs", "1", "--out-dir", tmp_path,
+                                "--name", "e"])
     assert out.returncode == 0, out.stderr[-2000:]
-    ev = train(["--eval-only", "--model", str(tmp_path / "e" / "best_model.pth"), "--config", str(shapes),
-                "--workers", "0"])
+    ev = run_main(train_main, ["--eval-only", "--model", tmp_path / "e" / "best_model.pth", "--config", shapes,
+                               "--workers", "0"])
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert "AP50" in ev.stdout and "circle" in ev.stdout
-    logged = rows(tmp_path / "e")[0]["map50"]
+    logged = read_results(tmp_path / "e")[0]["map50"]
     reported = [ln for ln in ev.stdout.splitlines() if ln.startswith("all")][0].split()
     assert float(reported[2]) == pytest.approx(logged, abs=1e-3)
 
 
+def test_eval_only_hands_over_the_model_options_the_user_gave(tmp_path: Path):
+    argv = ["--eval-only", "--model", "ref.pth", "--config", "data.yaml", "--model-name", "dinov3_vits16",
+            "--imgsz", "320", "--device", "cpu", "--batch", "2", "--precision", "fp32"]
+    cfg = eval_only_config(*parse_train_config(argv))
+    src = cfg.source
+    assert (src.model, src.model_name, src.imgsz, src.head, src.feature_extractor, src.weights) == (
+        "ref.pth", "dinov3_vits16", (320, 320), None, None, None)  # untyped: the checkpoint's own
+    assert (cfg.runtime.device, cfg.runtime.batch, cfg.runtime.precision) == ("cpu", 2, "fp32")
+    assert cfg.score_thresh is None and cfg.config == "data.yaml"  # the checkpoint's evaluation threshold
+    for spelling in ("--eval-score-thresh", "--score-thresh", "--threshold"):  # older spellings still work
+        assert eval_only_config(*parse_train_config([*argv, spelling, "0.3"])).score_thresh == 0.3
+    assert eval_only_config(*parse_train_config(["--eval-only", "--model", "x.pth"])).runtime.precision == "auto"
+
+
+def test_eval_only_takes_a_reference_checkpoint_described_by_flags(shapes: Path, tmp_path: Path, run_main,
+                                                                   fixtures_dir: Path):
+    """``--eval-only --model ref.pth --model-name X``: the reference project's checkpoint, described by the same
+    flags the other commands take (architecture of the fixture-size ConvNeXt through --cfg)."""
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    from src.detection.checkpoint import REFERENCE_BACKBONE_PREFIX
+    from src.detection.data.synthetic import CLASSES
+
+    folder = fixtures_dir / "convnext_tiny_random"
+    backbone = torch.load(folder / "weights.pth", weights_only=True)
+    torch.manual_seed(1)
+    head = RetinaNetHead(64, 15, len(CLASSES))  # the torchvision head the reference put on the last map
+    state = {REFERENCE_BACKBONE_PREFIX + k: v for k, v in backbone.items()}
+    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    ref = tmp_path / "reference.pth"
+    torch.save({"epoch": 3, "model_state_dict": state}, ref)
+    arch = tmp_path / "arch.yaml"
+    arch.write_text(yaml.safe_dump({"arch_overrides": json.loads((folder / "config.json").read_text())[
+        "constructor_kwargs"]}))
+    argv = ["--eval-only", "--model", ref, "--config", shapes, "--workers", "0", "--device", "cpu", "--imgsz", "64",
+            "--out-dir", tmp_path / "runs"]
+    out = run_main(train_main, ["--cfg", arch, *argv, "--model-name", "dinov3_convnext_tiny"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "AP50" in out.stdout and "triangle" in out.stdout
+    missing = run_main(train_main, ["--cfg", arch, *argv])  # the run's default --model-name is no claim
+    assert missing.returncode == 2 and "pass --model-name" in missing.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture(scope="module")
-def partial_run(shapes: Path, tmp_path_factory) -> Path:
+def partial_run(shapes: Path, tmp_path_factory, tiny_train_args, one_thread) -> Path:
     """One epoch with the last backbone stage trained (a finished run: --epochs 1)."""
     out_dir = tmp_path_factory.mktemp("partial")
-    out = train(["--config", str(shapes), *TINY, "--epochs", "1", "--unfreeze-last", "1", "--backbone-lr", "1e-3",
-                 "--layer-decay", "0.5", "--out-dir", str(out_dir), "--name", "p"])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "backbone last 1 of 4 layers trained" in out.stdout
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert train_main(["--config", str(shapes), *tiny_train_args, "--epochs", "1", "--unfreeze-last", "1",
+                           "--backbone-lr", "1e-3", "--layer-decay", "0.5", "--out-dir", str(out_dir),
+                           "--name", "p"]) == 0
+    assert "backbone last 1 of 4 layers trained" in stdout.getvalue()
     return out_dir / "p"
 
 
 @pytest.mark.slow
-def test_resume_with_more_epochs_extends_a_partially_unfrozen_run(partial_run: Path, tmp_path: Path):
+def test_resume_with_more_epochs_extends_a_partially_unfrozen_run(partial_run: Path, tmp_path: Path, train,
+                                                                  read_results):
     run = tmp_path / "p"
     shutil.copytree(partial_run, run)
     out = train(["--resume", str(run / "last_model.pth"), "--epochs", "2", "--lr", "0.5"])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert [int(x["epoch"]) for x in rows(run)] == [1, 2]  # the typed --epochs 2 replaced the saved 1
+    assert [int(x["epoch"]) for x in read_results(run)] == [1, 2]  # the typed --epochs 2 replaced the saved 1
     note = [ln for ln in out.stdout.splitlines() if ln.startswith("note:")]
     assert len(note) == 1 and "--lr" in note[0]  # a typed flag a resume cannot change is reported, not used
     first = torch.load(partial_run / "last_model.pth", weights_only=True)
@@ -189,7 +260,7 @@ def test_resume_with_more_epochs_extends_a_partially_unfrozen_run(partial_run: P
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_checkpoint_without_neck_weights(partial_run: Path, tmp_path: Path):
+def test_resume_refuses_a_checkpoint_without_neck_weights(partial_run: Path, tmp_path: Path, train):
     run = tmp_path / "p"
     shutil.copytree(partial_run, run)
     ckpt = torch.load(run / "last_model.pth", weights_only=True)
@@ -200,12 +271,13 @@ def test_resume_refuses_a_checkpoint_without_neck_weights(partial_run: Path, tmp
     out = train(["--resume", str(run / "last_model.pth"), "--epochs", "2"])
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and neck[0] in lines[0] and "Traceback" not in out.stderr
+    assert len(lines) == 1 and neck[0] in lines[0]
 
 
 @pytest.mark.slow
-def test_ema_best_model_holds_the_weights_that_were_scored(shapes: Path, tmp_path: Path):
-    out = train(["--config", str(shapes), *TINY, "--epochs", "1", "--ema", "--ema-decay", "0.5",
+def test_ema_best_model_holds_the_weights_that_were_scored(shapes: Path, tmp_path: Path, train, tiny_train_args,
+                                                            read_results):
+    out = train(["--config", str(shapes), *tiny_train_args, "--epochs", "1", "--ema", "--ema-decay", "0.5",
                  "--precision", "fp32", "--out-dir", str(tmp_path), "--name", "ema"])
     assert out.returncode == 0, out.stderr[-2000:]
     run = tmp_path / "ema"
@@ -216,14 +288,13 @@ def test_ema_best_model_holds_the_weights_that_were_scored(shapes: Path, tmp_pat
     for k, v in shadow.items():
         torch.testing.assert_close(best["model"][k], v, rtol=0, atol=0)
     assert any(not torch.equal(shadow[k], last["model"][k]) for k in shadow)  # EMA != live weights here
-    result = evaluate_checkpoint(EvalConfig(config=str(shapes), model=str(run / "best_model.pth"), batch=8, workers=0,
-                                           device="cpu", out_dir=None))
-    logged = rows(run)[0]
+    result = evaluate_run(shapes, run / "best_model.pth", batch=8)
+    logged = read_results(run)[0]
     assert result.map == pytest.approx(logged["map"], abs=1e-6) and result.map50 == pytest.approx(logged["map50"], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_reference_command_runs_end_to_end(shapes: Path, tmp_path: Path, fixtures_dir: Path):
+def test_reference_command_runs_end_to_end(shapes: Path, tmp_path: Path, fixtures_dir: Path, train, read_results):
     """The reference's literal command (scaled down: 64 px, 1 epoch) with a fixture-size official ConvNeXt."""
     folder = fixtures_dir / "convnext_tiny_random"
     arch = json.loads((folder / "config.json").read_text())["constructor_kwargs"]
@@ -239,4 +310,4 @@ def test_reference_command_runs_end_to_end(shapes: Path, tmp_path: Path, fixture
     saved = yaml.safe_load((tmp_path / "ref" / "args.yaml").read_text())
     assert (saved["optimizer"], saved["scheduler"], saved["lr_steps"], saved["feature_extractor"]) == (
         "adamw", "multistep", [20], "last")
-    assert saved["arch_overrides"]["dims"] == arch["dims"] and len(rows(tmp_path / "ref")) == 1
+    assert saved["arch_overrides"]["dims"] == arch["dims"] and len(read_results(tmp_path / "ref")) == 1

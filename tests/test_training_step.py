@@ -1,5 +1,5 @@
-"""The batched training losses of our detectors equal torchvision's own training forward (the oracle), with the
-same gradients, and the step reads nothing back to the host."""
+"""Our detectors' batched training losses (``model(images, PaddedTargets)``) equal torchvision's own training
+forward with per-image targets (the oracle), with the same gradients, and read nothing back to the host."""
 
 import warnings
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from sync_guard import forbid_host_syncs
 
+from src.detection.modeling.builder import build_detector
+from src.detection.modeling.config import DetectorConfig
 from src.detection.modeling.losses import pad_targets
-from src.detection.modeling.model import DetectorConfig, build_detector
-from src.detection.modeling.training_step import detection_losses
 
 IMGSZ = (128, 96)
 
@@ -47,7 +47,7 @@ def test_batched_losses_equal_torchvision_training_forward(head, feature_extract
     expected_grads = _grads(model)
     model.zero_grad(set_to_none=True)
 
-    got = detection_losses(model, images, *pad_targets(targets, max_boxes=8))
+    got = model(images, pad_targets(targets, max_boxes=8))
     assert set(got) == set(expected)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-5)
@@ -63,7 +63,25 @@ def test_training_losses_make_no_host_syncs(head):
     model = _model(head, "multi")
     images, targets = _batch()
     padded = pad_targets(targets, max_boxes=8)
-    detection_losses(model, images, *padded)  # the first call computes the anchors of this shape (cached)
+    model(images, padded)  # the first call computes the anchors of this shape (cached)
     with forbid_host_syncs():
-        losses = detection_losses(model, images, *padded)
+        losses = model(images, padded)
         sum(losses.values()).backward()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["retinanet", "fcos", "ssd"])
+def test_training_forward_compiles_as_one_graph(head):
+    """Static shapes and no host reads: dynamo captures transform, backbone, neck, head, matching and losses as one
+    graph with no break (what ``--compile`` and CUDA graphs need)."""
+    import torch._dynamo
+
+    model = _model(head, "multi")
+    images, targets = _batch()
+    padded = pad_targets(targets, max_boxes=8)
+    model(images, padded)  # anchors of this shape computed once, outside the graph
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(images, padded)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_count == 1

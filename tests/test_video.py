@@ -2,16 +2,13 @@
 
 Tracking behaviour is checked on the synthetic clip's ground truth fed as detections (isolates the tracker) and
 scored with motmetrics (an independent evaluator); the pipeline (results files, odd frame sizes, interruption) runs
-with a stub predictor in process, and the command line once with a tiny random-weight checkpoint, headless.
+with a stub predictor, the command (``main(argv)``) with a tiny random-weight checkpoint, headless, all in process;
+the CLI wrapper once as a subprocess.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import cv2
@@ -19,13 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from src.detection.commands.infer_video import main as video_main
 from src.detection.core.runtime import Stopwatch
 from src.detection.data.synthetic import CLASSES
 from src.detection.data.synthetic_video import clip_frames, generate_tracking_video, write_mot_gt
 from src.detection.inference.tracking import TrackConfig, Tracker
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,8 +232,8 @@ def gt_detections(clip):
 
 @pytest.mark.parametrize("track", [False, True])
 def test_results_files_agree_with_drawn_boxes(odd_clip, tmp_path: Path, monkeypatch, track: bool) -> None:
-    from src.detection.commands import infer_video as video
     from src.detection.data.video_io import open_source
+    from src.detection.inference import video
 
     drawn: list[tuple] = []
     real_draw = video.draw_detections
@@ -292,8 +287,8 @@ def test_results_files_agree_with_drawn_boxes(odd_clip, tmp_path: Path, monkeypa
 
 def test_tracking_drops_fewer_objects_than_plain_detection(odd_clip, tmp_path: Path) -> None:
     """Objects scoring 0.3 in every other frame: plain detection at 0.5 blinks, tracking keeps them."""
-    from src.detection.commands.infer_video import process_video
     from src.detection.data.video_io import open_source
+    from src.detection.inference.video import process_video
 
     dets = [[(box, 0.9 if (f + k) % 2 == 0 else 0.3, cls) for k, (_, cls, box) in enumerate(rows)]
             for f, (_, rows) in enumerate(odd_clip)]
@@ -324,8 +319,8 @@ class InterruptedSource:
 
 
 def test_interrupted_run_leaves_playable_video_and_summary(odd_clip, tmp_path: Path, monkeypatch) -> None:
-    from src.detection.commands import infer_video as video
     from src.detection.data.video_io import open_source as real_open
+    from src.detection.inference import video
     from src.detection.inference.predictor import PredictConfig
 
     src = folder_of_frames(tmp_path / "frames", [f for f, _ in odd_clip])
@@ -340,11 +335,8 @@ def test_interrupted_run_leaves_playable_video_and_summary(odd_clip, tmp_path: P
     frames = decode(saved["output"])  # finalized container: decodes to the frames written
     assert len(frames) == saved["frames"] and frames[0].shape == (77, 101, 3)
     assert len((out / "frames.jsonl").read_text().splitlines()) == saved["frames"] == summary["frames"]
-    import infer_det_video  # the command: everything finalized, yet the exit status says the run was cut short
-
-    monkeypatch.setattr(sys, "argv", ["infer_det_video.py", "-i", str(src), "--model", "stub.pth", "--out-dir",
-                                      str(tmp_path / "cli")])
-    assert infer_det_video.main() == 130
+    # the command: everything finalized, yet the exit status says the run was cut short
+    assert video_main(["-i", str(src), "--model", "stub.pth", "--out-dir", str(tmp_path / "cli")]) == 130
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["interrupted"] is True
 
 
@@ -390,37 +382,26 @@ def test_odd_size_writer_keeps_size_with_pyav_and_opencv(tmp_path: Path) -> None
 
 # ------------------------------------------------------------------------------------------ command line
 @pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory) -> Path:
+def random_checkpoint(tmp_path_factory, make_tiny_checkpoint) -> Path:
     """A tiny random-weight RetinaNet that returns its top boxes at any score (plumbing, not accuracy)."""
-    from src.detection.checkpoint.format import build_payload, model_meta, save_checkpoint
-    from src.detection.modeling.model import DetectorConfig, build_detector
-
-    torch.manual_seed(0)
-    cfg = DetectorConfig(model_name="dinov3_convnext_atto", num_classes=len(CLASSES), head="retinanet",
-                         imgsz=(64, 64), fpn_channels=64, score_thresh=0.0, max_det=5,
-                         arch_overrides={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_detector(cfg, verbose=False).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "random.pth"
-    save_checkpoint(path, build_payload(model, model_meta(model, list(CLASSES), letterbox=False)))
-    return path
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "random.pth", CLASSES, score_thresh=0.0,
+                                max_det=5)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "infer_det_video.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture
+def run_video(run_main, monkeypatch):
+    """infer_det_video.py's command in-process, headless."""
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    return lambda *args: run_main(video_main, args)
 
 
-@pytest.mark.slow
-def test_cli_tracks_a_folder_of_odd_sized_frames(odd_clip, random_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_tracks_a_folder_of_odd_sized_frames(odd_clip, random_checkpoint: Path, tmp_path: Path, run_video) -> None:
     src = folder_of_frames(tmp_path / "seq", [f for f, _ in odd_clip[:12]])
     (src / "frame_5.png").write_bytes(b"not a png")  # an unreadable frame is named and skipped
     out = tmp_path / "out"
-    proc = run_cli("--input", str(src), "--model", str(random_checkpoint), "--device", "cpu", "--threshold", "0.0",
-                   "--fps", "12", "--track", "--save-json", "--save-mot", "--show", "--out-dir", str(out))
+    proc = run_video("--input", str(src), "--model", str(random_checkpoint), "--device", "cpu", "--threshold", "0.0",
+                     "--fps", "12", "--track", "--save-json", "--save-mot", "--show", "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr
     notes = [ln for ln in proc.stdout.splitlines() if "--show" in ln]
     assert len(notes) == 1 and "no display" in notes[0]
@@ -446,16 +427,15 @@ def test_cli_tracks_a_folder_of_odd_sized_frames(odd_clip, random_checkpoint: Pa
     assert summary["tracking"]["detections_fed_from_score"] == 0.0
 
 
-@pytest.mark.slow
-def test_video_file_keeps_fps_size_and_frame_count(random_checkpoint: Path, tmp_path: Path) -> None:
+def test_video_file_keeps_fps_size_and_frame_count(random_checkpoint: Path, tmp_path: Path, run_video) -> None:
     src = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 12.0, (96, 72))
     for f, _ in clip_frames(9, 96, 72, seed=4):
         writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     writer.release()
     out = tmp_path / "out"
-    proc = run_cli("--input", str(src), "--model", str(random_checkpoint), "--device", "cpu", "--batch", "4",
-                   "--max-frames", "7", "--out-dir", str(out))
+    proc = run_video("--input", str(src), "--model", str(random_checkpoint), "--device", "cpu", "--batch", "4",
+                     "--max-frames", "7", "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] == 7 and summary["mean_model_fps"] > 0 and summary["mean_end_to_end_fps"] > 0
@@ -467,8 +447,17 @@ def test_video_file_keeps_fps_size_and_frame_count(random_checkpoint: Path, tmp_
     assert "7 frames" in proc.stdout
 
 
-@pytest.mark.slow
-def test_bad_inputs_are_one_line_errors_and_leave_no_output(random_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_wrapper_exits_2_with_one_error_line(random_checkpoint: Path, tmp_path: Path, run_script) -> None:
+    out = tmp_path / "out"
+    proc = run_script("infer_det_video.py", "--input", str(tmp_path / "missing.mp4"), "--model",
+                      str(random_checkpoint), "--out-dir", str(out), timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "missing.mp4" in lines[0] and not out.exists()
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_no_output(random_checkpoint: Path, tmp_path: Path,
+                                                            run_video) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a real video" * 4)
     mixed = tmp_path / "mixed"
@@ -477,10 +466,10 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(random_checkpoint: P
     cv2.imwrite(str(mixed / "b.png"), np.zeros((21, 30, 3), np.uint8))
     for source, fragment in ((bad, "broken.mp4"), (mixed, "b.png is 30x21")):
         out = tmp_path / f"out_{source.name}"
-        proc = run_cli("--input", str(source), "--model", str(random_checkpoint), "--out-dir", str(out))
+        proc = run_video("--input", str(source), "--model", str(random_checkpoint), "--out-dir", str(out))
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-        assert fragment in lines[0] and "Traceback" not in proc.stderr
+        assert fragment in lines[0]
         assert not out.exists() or not any(out.iterdir())
 
 

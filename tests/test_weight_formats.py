@@ -14,7 +14,9 @@ import torch
 from src.detection.core.errors import UserError
 from src.detection.modeling import backbones as bb
 from src.detection.modeling import weight_formats as wf
-from src.detection.modeling.backbones import ENTRYPOINTS, RandomWeightsWarning, build_backbone
+from src.detection.modeling.backbones import RandomWeightsWarning, build_backbone
+from src.detection.modeling.dino import DinoBackbone
+from src.detection.modeling.entrypoints import ENTRYPOINTS, NORMALIZATION
 
 ATOL = 1e-4
 
@@ -34,13 +36,13 @@ def _hf_overrides(config: dict) -> tuple[str, dict]:
     return "dinov3_vits16", kw
 
 
-def _hf_build(folder: Path, weights=None, **kw) -> bb.DinoBackbone:
+def _hf_build(folder: Path, weights=None, **kw) -> DinoBackbone:
     config = json.loads((folder / "hf" / "config.json").read_text())
     name, overrides = _hf_overrides(config)
     return build_backbone(name, weights=str(weights or folder / "hf"), arch_overrides=overrides, **kw)
 
 
-def _tokens(b: bb.DinoBackbone, x: torch.Tensor) -> torch.Tensor:
+def _tokens(b: DinoBackbone, x: torch.Tensor) -> torch.Tensor:
     """transformers' last_hidden_state from our outputs: [cls, registers, patches] (ConvNeXt: [pooled, patches])."""
     f = b.forward_features(x)
     return torch.cat([f["x_norm_clstoken"][:, None], f["x_storage_tokens"], f["x_norm_patchtokens"]], dim=1)
@@ -172,7 +174,7 @@ def test_sat_family_from_timm_config(tmp_path):
     b = build_backbone("dinov3_vitl16", weights=str(tmp_path / "sat"),
                        arch_overrides={"embed_dim": 64, "depth": 2, "num_heads": 4})
     assert b.model_name == "dinov3_vitl16_sat493m" and b.weights_family == "sat493m"
-    assert (b.mean, b.std) == bb.NORMALIZATION["sat493m"]
+    assert (b.mean, b.std) == NORMALIZATION["sat493m"]
 
 
 # ------------------------------------------------------------------------------------------------------ hub names

@@ -29,8 +29,9 @@ import yaml
 from ..core.cli import new_parser
 from ..core.errors import UserError, run_cli
 from ..core.paths import resolve_path
-from ..data.annotations import LABEL_FORMATS, LabelWriter, dataset_config, split_layout
+from ..data.annotations import LABEL_FORMATS, LabelWriter
 from ..data.datasets import DataConfig, clamp_boxes, load_data_config, read_split
+from ..data.formats import FORMATS
 
 
 @dataclass
@@ -79,9 +80,10 @@ def _target_name(name: str, used: set[str], flat: bool) -> str:
 
 
 def _write_config(to: str, out: Path, cfg: DataConfig) -> Path:
-    path = out / ("data.yaml" if to == "yolo" else "dataset.yaml")
+    fmt = FORMATS[to]
+    path = out / fmt.config_name
     text = f"# {to.upper()} dataset converted from {cfg.path}. Paths are relative to this file.\n"
-    path.write_text(text + yaml.safe_dump(dataset_config(to, cfg.classes), sort_keys=False), encoding="utf-8")
+    path.write_text(text + yaml.safe_dump(fmt.dataset_config(cfg.classes), sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -103,8 +105,8 @@ def convert_dataset(opts: ConvertOptions) -> ConvertResult:
     counts = {"linked": 0, "copied": 0}
     images, objects, skipped, lost = {}, {}, 0, 0
     for split, (records, _) in splits.items():
-        img_dir, lbl_dir = split_layout(opts.to, out, split)
-        keep_ids = cfg.format == "coco" and len({r.image_id for r in records}) == len(records) \
+        img_dir, lbl_dir = FORMATS[opts.to].split_layout(out, split)
+        keep_ids = FORMATS[cfg.format].has_image_ids and len({r.image_id for r in records}) == len(records) \
             and all(isinstance(r.image_id, int) for r in records)
         writer = LabelWriter(opts.to, lbl_dir, cfg.classes, cfg.category_ids, json_name=f"{split}.json",
                              classes_file=None)
@@ -112,7 +114,7 @@ def convert_dataset(opts: ConvertOptions) -> ConvertResult:
         n_obj = 0
         with writer:
             for rec in records:
-                name = _target_name(rec.name, used, flat=opts.to == "voc")
+                name = _target_name(rec.name, used, flat=not FORMATS[opts.to].nested_names)
                 _place(rec.image, img_dir / name, opts.copy, counts)
                 boxes, _, keep = clamp_boxes(rec.boxes, rec.size)
                 n_obj += int(keep.sum())

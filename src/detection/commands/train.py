@@ -1,352 +1,198 @@
-"""A training run described by a ``TrainConfig``: set-up, epoch loop, checkpoints, logs, plots.
+r"""Train a detector (SSD / RetinaNet / FCOS) on a frozen DINOv3 backbone from a VOC, COCO or YOLO dataset.
 
-``run(cfg, typed)`` is the body of ``train_detection.py``; ``typed`` (the options typed on the command line) only
-matters for ``--resume``, which keeps the run's saved configuration except the ``RESUME_OVERRIDABLE`` options
-typed now.
+    python train_detection.py --weights dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth \
+        --model-name dinov3_convnext_tiny --imgsz 640 640 --lr 0.0001 --epochs 30 --workers 8 --batch 8 \
+        --config detection_configs/voc.yaml --head retinanet
+
+Re-run a run exactly: --cfg outputs/img_det/run_1/args.yaml (flags typed after it override it).
+Multi-GPU: torchrun --nproc_per_node N train_detection.py ...  See README.md for every flag.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import functools
-import math
-import os
-import time
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+import argparse
+import sys
+from collections.abc import Sequence
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader
-
-from ..checkpoint.format import (
-    build_payload,
-    describe_weights_source,
-    frozen_backbone_keys,
-    load_checkpoint,
-    model_meta,
-    save_checkpoint,
-    set_rng_state,
+from ..core.cli import OutputOptions, RuntimeOptions, new_parser
+from ..core.errors import run_cli
+from ..core.runtime import PRECISIONS
+from ..data.transforms import PRESETS
+from ..engine.config import (
+    AMP_ALIASES,
+    CACHE_MODES,
+    COMPILE_BACKENDS,
+    OPTIMIZERS,
+    RESUME_OVERRIDABLE,
+    SCHEDULERS,
+    TrainConfig,
 )
-from ..core.errors import UserError
-from ..core.io import atomic_write
-from ..core.paths import increment_path, resolve_path
-from ..core.runtime import amp_settings, seed_everything, setup_distributed, unwrap
-from ..data.datasets import build_dataloader, build_datasets, load_data_config, save_transformed_samples
-from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
-from ..engine.config import TrainConfig, legacy_config, resume_config
-from ..engine.feature_cache import CachedBatches, FeatureCache, collate_cached
-from ..engine.loop import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, train_one_epoch
-from ..evaluation.report import format_table, plot_training_curves, save_results
-from ..modeling.model import build_detector, count_parameters
-
-CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "eval_seconds", "skipped_steps"]
+from ..engine.training import run
+from ..evaluation.metrics import METRICS
+from ..modeling.config import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS
 
 
-# ----------------------------------------------------------------------------------------------- set-up helpers
-def find_resume_checkpoint(cfg: TrainConfig) -> Path:
-    if cfg.resume != "auto":
-        return resolve_path(cfg.resume)
-    parent = resolve_path(cfg.out_dir)
-    if cfg.name:
-        return parent / cfg.name / "last_model.pth"
-    runs = sorted((p for p in parent.glob("*/last_model.pth")), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise UserError(f"--resume: no last_model.pth found under {parent}; pass the checkpoint path, "
-                        f"e.g. --resume outputs/img_det/run_1/last_model.pth")
-    return runs[-1]
+def _lower(value: str) -> str:
+    return value.lower()
 
 
-def saved_config(ckpt: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig a training checkpoint was written with (older checkpoints: their argparse ``args``)."""
-    if isinstance(ckpt.get("train_config"), dict):
-        stored = ckpt["train_config"]
-    elif isinstance(ckpt.get("args"), dict):
-        stored = legacy_config(ckpt["args"])
-    else:
-        raise UserError(f"--resume: {ckpt['path']} holds no training state (written by inference tools?); "
-                        f"resume from a last_model.pth of a training run")
-    if "head_separable" not in stored:  # written before the option existed: those heads were dense
-        stored = {**stored, "head_separable": False}
-    return TrainConfig.from_dict(stored, source=ckpt["path"])
+def _amp(value: str) -> str:
+    return AMP_ALIASES.get(value, value)
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(CSV_FIELDS) + sorted({k for r in rows for k in r if k not in CSV_FIELDS})
-    with atomic_write(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()} for row in csv.DictReader(f)]
+def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
+    """``train_detection.py``'s parser. Option dests are TrainConfig's option names (plus ``cfg``).
 
-
-def _build_datasets(cfg: TrainConfig, data_cfg, imgsz, verbose: bool):
-    return build_datasets(data_cfg, imgsz=imgsz, augment=cfg.augment, letterbox=cfg.letterbox,
-                          include_difficult=cfg.include_difficult,
-                          ignore_unknown_classes=cfg.ignore_unknown_classes or None,
-                          skip_bad_samples=cfg.skip_bad_samples or None, verbose=verbose)
-
-
-def data_loaders(cfg: TrainConfig, data_cfg, imgsz, rank: int, world: int):
-    """Training loader (epoch-seeded, padded shards) and validation loader (sharded, no padding)."""
-    train_ds, valid_ds = _build_datasets(cfg, data_cfg, imgsz, verbose=rank == 0)
-    train_sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=rank, world_size=world)
-    train_loader = build_dataloader(EpochSeededDataset(train_ds, cfg.seed), cfg.batch, cfg.workers,
-                                    sampler=train_sampler)
-    valid_loader = build_dataloader(valid_ds, cfg.batch, cfg.workers, sampler=ShardSampler(len(valid_ds), rank, world))
-    return train_ds, valid_ds, train_loader, train_sampler, valid_loader
-
-
-def eval_only(cfg: TrainConfig) -> None:
-    """``--eval-only --model ckpt``: score a checkpoint on the validation split of ``--config``."""
-    from .evaluate import EvalConfig, evaluate_checkpoint
-
-    if not cfg.model:
-        raise UserError("--eval-only needs --model <checkpoint.pth>")
-    evaluate_checkpoint(EvalConfig(config=cfg.config, model=cfg.model, metric=cfg.metric, batch=cfg.batch,
-                                   workers=cfg.workers, device=cfg.device, threshold=cfg.score_thresh, out_dir=None))
-
-
-def compile_for_training(model: nn.Module, backend: str) -> nn.Module:
-    """``torch.compile`` of the module the training step calls (the DDP wrapper under DDP). The returned module
-    must be the one called: compiling a copy or assigning a compiled forward elsewhere compiles nothing."""
-    return torch.compile(model, backend=backend)
-
-
-def configure_trainable(model: nn.Module, cfg: TrainConfig, verbose: bool) -> None:
-    """Apply ``--unfreeze-last`` and report what trains."""
-    dino = unwrap(model).dino
-    if cfg.unfreeze_last:
-        dino.set_trainable(cfg.unfreeze_last)
-    if verbose:
-        trained = sum(p.numel() for p in dino.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in dino.parameters() if not p.requires_grad)
-        total, trainable = count_parameters(model)
-        what = ("frozen" if not trained else "fully trained" if not frozen
-                else f"last {cfg.unfreeze_last} of {dino.num_layers} layers trained")
-        print(f"backbone {what} ({describe_weights_source(dino.weights_source)}): {trained:,} trainable / "
-              f"{frozen:,} frozen parameters; {trainable - trained:,} trainable in neck + head")
-
-
-# ----------------------------------------------------------------------------------------------- main entry
-def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Path | None:
-    """Train (or ``--eval-only``) as ``cfg`` describes; ``typed``: the options typed on the command line (resume).
-
-    Returns the run folder on rank 0.
+    No abbreviations (``new_parser``): the reference's ``--weight`` must not be taken as an abbreviation of anything,
+    and only spelled-out aliases are accepted.
     """
-    if cfg.eval_only:
-        eval_only(cfg)
-        return None
-    main = int(os.environ.get("RANK", "0")) == 0
-    resume_ckpt = None
-    run_dir: Path | None = None
-    if cfg.resume:
-        ckpt_path = find_resume_checkpoint(cfg)
-        resume_ckpt = load_checkpoint(ckpt_path)
-        cfg, ignored = resume_config(saved_config(resume_ckpt), cfg, None if typed is None else frozenset(typed))
-        if ignored and main:
-            print(f"note: --resume keeps the run's {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
-                  f"it may change only --epochs, --workers, --device, --eval-interval, --precision, --compile, "
-                  f"--max-nonfinite")
-        run_dir = ckpt_path.parent
-    if cfg.repo_dir:  # the reference's --repo-dir: where --backbone-impl hub finds the official code
-        os.environ["DINOv3_REPO"] = str(resolve_path(cfg.repo_dir))
+    p = new_parser(description)
+    d = TrainConfig()
+    m = d.detector
+    p.add_argument("--cfg", default=None, metavar="YAML",
+                   help="start from a saved configuration (a run's args.yaml); flags typed now override it")
 
-    device, rank, world = setup_distributed(cfg.device)
-    main = rank == 0
-    imgsz = cfg.imgsz
-    seed_everything(cfg.seed)
-    data_cfg = load_data_config(cfg.config)
-    classes = data_cfg.classes
+    g = p.add_argument_group("model (the reference project's flags keep working)")
+    g.add_argument("--model-name", default=m.model_name, help="DINOv3 entry point, e.g. dinov3_vits16")
+    g.add_argument("--weights", "--weight", dest="weights", default=d.weights,
+                   help="backbone weights: Meta .pth, a transformers folder/safetensors, a timm file, hf-hub:ORG/REPO or "
+                        "timm:NAME; a bare file name is looked up in weights/ and $DINOv3_WEIGHTS; omitted = random "
+                        "init (warning)")
+    g.add_argument("--head", default=m.head, choices=HEADS, help="detection head")
+    g.add_argument("--feature-extractor", "--feautre-extractor", dest="feature_extractor",
+                   default=m.feature_extractor, choices=FEATURE_EXTRACTORS,
+                   help="multi: feature pyramid (recommended); last: the reference's single last map")
+    g.add_argument("--backbone-impl", default=m.backbone_impl, choices=BACKBONE_IMPLS,
+                   help="timm, or the official code via torch.hub (needs --repo-dir or DINOv3_REPO)")
+    g.add_argument("--repo-dir", default=d.repo_dir,
+                   help="official DINOv3 clone for --backbone-impl hub (what DINOv3_REPO in .env sets)")
+    g.add_argument("--fine-tune", action="store_true", help="train the whole backbone too (off: frozen)")
+    g.add_argument("--unfreeze-last", type=int, default=d.unfreeze_last, metavar="N",
+                   help="train only the last N backbone layers (ConvNeXt stages / ViT blocks); 0 = frozen")
+    g.add_argument("--backbone-lr", type=float, default=d.backbone_lr,
+                   help="LR of the deepest trained backbone layer (None: --lr)")
+    g.add_argument("--layer-decay", type=float, default=d.layer_decay, metavar="R",
+                   help="each earlier trained backbone layer gets R x the LR of the layer after it")
+    g.add_argument("--head-convs", type=int, default=m.head_convs, metavar="N",
+                   help="conv layers per RetinaNet/FCOS head branch, 0-4 (default: torchvision's 4; fewer = cheaper "
+                        "steps but slower learning, docs/DEMO.md)")
+    g.add_argument("--head-separable", action=argparse.BooleanOptionalAction, default=m.head_separable,
+                   help="depthwise-separable head convs (EfficientDet-style, ~4.6x fewer neck+head FLOPs): the "
+                        "CPU option (cached CPU steps ~2.3x faster); a GPU runs torchvision's dense head (the "
+                        "default) faster")
+    g.add_argument("--fpn-channels", type=int, default=m.fpn_channels,
+                   help="width of the FPN / pyramid and the head convs (256 = torchvision RetinaNet; 128 trains "
+                        "~1.7x faster)")
+    g.add_argument("--imgsz", type=int, nargs="+", default=list(m.imgsz), metavar="N", help="W H, or one size")
+    g.add_argument("--letterbox", action="store_true", help="keep aspect ratio and pad instead of stretching")
+    g.add_argument("--nms", type=float, default=m.nms, help="NMS IoU threshold")
+    g.add_argument("--eval-score-thresh", dest="score_thresh", type=float, default=m.score_thresh,
+                   help="lowest score a detection needs to be evaluated (keep it low for mAP; the checkpoint records "
+                        "it as the model's score threshold); older spellings --score-thresh and --threshold")
+    # Older spellings; hidden, because in the inference commands --threshold is the drawing threshold.
+    g.add_argument("--score-thresh", "--threshold", dest="score_thresh", type=float, default=m.score_thresh,
+                   help=argparse.SUPPRESS)
+    g.add_argument("--max-det", type=int, default=m.max_det, help="detections kept per image")
 
-    torch.manual_seed(cfg.seed)  # identical head initialisation on every rank and every (re)start
-    model = build_detector(cfg.detector_config(len(classes)), weights=cfg.weights, verbose=main).to(device)
-    # the run records the head it built, not "the default", so a later change of defaults cannot break its resume
-    cfg = replace(cfg, head_convs=model.config.head_convs, head_separable=model.config.head_separable)
-    configure_trainable(model, cfg, verbose=main)
-    meta = model_meta(model, classes, cfg.letterbox, weights=cfg.weights, category_ids=data_cfg.category_ids)
-    meta["augment"] = cfg.augment
+    g = p.add_argument_group("data")
+    g.add_argument("--config", default=d.config, help="dataset YAML (see detection_configs/)")
+    g.add_argument("--augment", default=d.augment, choices=PRESETS,
+                   help="augmentation preset (flip trained best on the synthetic set, docs/DEMO.md)")
+    g.add_argument("--include-difficult", action="store_true", help="train on 'difficult' objects too")
+    g.add_argument("--ignore-unknown-classes", action="store_true",
+                   help="skip objects whose class is not in CLASSES")
+    g.add_argument("--skip-bad-samples", action="store_true", help="skip unreadable images / malformed XML")
+    g.add_argument("--cache-features", nargs="?", const="ram", default=d.cache_features, choices=CACHE_MODES,
+                   help="compute frozen backbone features once, for training and validation images (augment "
+                        "none/flip; not with a trained backbone)")
 
-    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(cfg, data_cfg, imgsz, rank, world)
-    if run_dir is None:  # created only once model and data are known to be fine: no empty folders on errors
-        if main:
-            run_dir = increment_path(cfg.out_dir, cfg.name, "run", exist_ok=cfg.exist_ok)
-        if world > 1:  # every rank needs the folder name (for the disk cache)
-            holder = [str(run_dir) if main else None]
-            dist.broadcast_object_list(holder)
-            run_dir = Path(holder[0])
-    assert run_dir is not None
+    g = p.add_argument_group("runtime")
+    RuntimeOptions.add_to(g, precision_help="autocast: auto = bf16 where the GPU/CPU runs it natively, fp16 + "
+                                            "GradScaler on older GPUs (T4, V100), else fp32",
+                          batch=d.runtime.batch, batch_help="images per step (per GPU under DDP)",
+                          workers=d.runtime.workers, workers_help="data loader worker processes")
+    g.add_argument("--amp", dest="precision", nargs="?", const="auto", type=_amp, default=d.runtime.precision,
+                   choices=PRECISIONS, metavar="{auto,none,fp16,bf16}",
+                   help="older spelling of --precision (auto/none/fp16/bf16; none = fp32)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=d.compile, choices=COMPILE_BACKENDS,
+                   help="torch.compile the training forward (backend; eager/aot_eager are for debugging)")
 
-    if main:
-        print(f"data: {len(train_ds)} training / {len(valid_ds)} validation images, {len(classes) - 1} classes "
-              f"({', '.join(classes[1:])})")
-        if data_cfg.visualize_transformed_images:
-            paths = save_transformed_samples(train_ds, run_dir / "transformed_samples")
-            print(f"wrote {len(paths)} augmented samples to {run_dir / 'transformed_samples'}")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs")
+    g.add_argument("--lr", type=float, default=d.lr, help="base learning rate")
+    g.add_argument("--optimizer", type=_lower, default=d.optimizer, choices=OPTIMIZERS,
+                   help="adamw or sgd (any case: AdamW, SGD)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (not on norms/biases)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--scheduler", nargs="?", const="multistep", default=d.scheduler, choices=SCHEDULERS,
+                   help="per-iteration LR schedule after warm-up; a bare --scheduler is the reference's switch: "
+                        "multistep at --scheduler-epochs, gamma 0.1")
+    g.add_argument("--lr-steps", "--scheduler-epochs", dest="lr_steps", type=int, nargs="*", default=d.lr_steps,
+                   metavar="EPOCH", help="milestone epochs of step/multistep decay (x0.1 each)")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear LR warm-up length")
+    g.add_argument("--warmup-iters", type=int, default=d.warmup_iters, help="warm-up in iterations (overrides "
+                   "--warmup-epochs)")
+    g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0 = off)")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the trainable weights (evaluated, and "
+                   "saved as best_model.pth)")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, augmentation, init)")
+    g.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite,
+                   help="stop after this many NaN/inf losses in a row")
 
-    amp_dtype, scaler = amp_settings(cfg.precision, device)
-    if cfg.cache_features:  # the image loaders are replaced by ones over cached backbone maps
-        train_loader, train_sampler, valid_loader = prepare_feature_cache(
-            cfg, model, train_ds, valid_ds, device, run_dir, rank, world, main, amp_dtype)
-
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = compile_for_training(train_model, cfg.compile)
-
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.backbone_lr,
-                                layer_decay=cfg.layer_decay)
-    iters_per_epoch = len(train_loader)
-    scheduler = build_scheduler(optimizer, schedule=cfg.scheduler, epochs=cfg.epochs, iters_per_epoch=iters_per_epoch,
-                                warmup_epochs=cfg.warmup_epochs, warmup_iters=cfg.warmup_iters, steps=cfg.lr_steps)
-    ema = ModelEMA(model, decay=cfg.ema_decay) if cfg.ema else None
-
-    start_epoch, best_map = 1, -1.0
-    rows = read_csv(run_dir / "results.csv") if resume_ckpt else []
-    if resume_ckpt is not None:
-        start_epoch, best_map = restore_training_state(resume_ckpt, model, optimizer, scheduler, scaler, ema)
-        rows = [r for r in rows if r.get("epoch", 0) < start_epoch]
-        if main:
-            print(f"resuming {run_dir.name} at epoch {start_epoch}/{cfg.epochs} (best mAP {best_map:.4f})")
-    if main:
-        cfg.save_yaml(run_dir / "args.yaml")
-
-    guard = NonFiniteGuard(cfg.max_nonfinite)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        train_sampler.set_epoch(epoch)
-        losses = train_one_epoch(train_model, train_loader, optimizer, scheduler, device, epoch, scaler=scaler,
-                                 amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, ema=ema, guard=guard,
-                                 total=iters_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}")
-        train_seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"],
-                               "seconds": train_seconds, "map": math.nan, "map50": math.nan, "map75": math.nan}
-        result = None
-        if epoch % cfg.eval_interval == 0 or epoch == cfg.epochs:
-            with ema.swapped_in(model) if ema else contextlib.nullcontext():
-                result = evaluate(model, valid_loader, device, classes, imgsz=imgsz, letterbox=cfg.letterbox,
-                                  metric=cfg.metric, amp_dtype=amp_dtype)
-            if main:
-                row.update({k: v for k, v in result.summary().items()
-                            if k in ("map", "map50", "map75") or not math.isnan(v)}, eval_seconds=result.seconds)
-        if main:
-            rows.append(row)
-            improved = result is not None and result.primary > best_map  # NaN never improves
-            if improved:
-                best_map = result.primary
-            save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, cfg, improved,
-                       result)
-            write_csv(run_dir / "results.csv", rows)
-            plot_training_curves(rows, run_dir)
-            print(epoch_summary(row, losses, cfg.epochs))
-        if world > 1:
-            dist.barrier()
-    if main:
-        print(f"done: best mAP@.5:.95 {best_map:.4f}; outputs in {run_dir}")
-    if world > 1:
-        dist.destroy_process_group()
-    return run_dir if main else None
+    g = p.add_argument_group("evaluation and outputs")
+    g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="evaluate every N epochs (and at "
+                   "the end)")
+    g.add_argument("--metric", default=d.metric, choices=METRICS, help="metric that picks best_model.pth")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --model on the validation split of --config and exit (--model-name, --head, "
+                        "--imgsz, ... describe a reference-project checkpoint)")
+    g.add_argument("--model", default=d.model, help="checkpoint for --eval-only")
+    g.add_argument("--resume", nargs="?", const="auto", default=d.resume,
+                   help="continue a run from its last_model.pth (bare: that of --name or the newest run); "
+                        f"only {', '.join(_flag(k) for k in sorted(RESUME_OVERRIDABLE))} may change")
+    OutputOptions.add_to(g, out_dir=d.output.out_dir, out_dir_help="parent folder of run folders",
+                         name_help="run folder name (default: run_N, auto-increment)",
+                         exist_ok_help="reuse an existing --name folder")
+    g.add_argument("--no-save-backbone", action="store_true",
+                   help="leave frozen backbone weights out of checkpoints (smaller; inference then needs --weights)")
+    return p
 
 
-def epoch_summary(row: dict[str, Any], losses: dict[str, float], epochs: int) -> str:
-    parts = [f"epoch {int(row['epoch'])}/{epochs}", f"loss {losses.get('train_loss', math.nan):.4f}"]
-    parts += [f"{k[5:]} {v:.4f}" for k, v in losses.items() if k.startswith("loss_")]
-    if not math.isnan(row["map"]):
-        parts += [f"mAP {row['map']:.4f}", f"mAP50 {row['map50']:.4f}"]
-    parts.append(f"{row['seconds']:.1f}s")
-    if losses.get("skipped_steps"):
-        parts.append(f"skipped {int(losses['skipped_steps'])} non-finite steps")
-    return " | ".join(parts)
+def typed_options(argv: Sequence[str], description: str | None = None) -> frozenset[str]:
+    """Dests of the options present in ``argv`` - whatever their value, defaults included.
 
-
-def save_epoch(run_dir: Path, model, meta, optimizer, scheduler, scaler, ema, epoch: int, best_map: float,
-               cfg: TrainConfig, improved: bool, result) -> None:
-    payload = build_payload(model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            ema=ema.state_dict() if ema else None, epoch=epoch, best_metric=best_map,
-                            include_backbone=not cfg.no_save_backbone)
-    payload["train_config"] = cfg.to_dict()
-    save_checkpoint(run_dir / "last_model.pth", payload)
-    if improved:
-        if ema is not None:  # best_model.pth is for inference: the averaged weights it was scored with
-            payload = {**payload, "model": ema.averaged(payload["model"])}
-        save_checkpoint(run_dir / "best_model.pth", payload)
-        (run_dir / "per_class_ap.txt").write_text(f"epoch {epoch}\n{format_table(result)}\n")
-        save_results(result, run_dir)
-
-
-def restore_training_state(ckpt: dict[str, Any], model, optimizer, scheduler, scaler, ema) -> tuple[int, float]:
-    """Load weights and optimiser/scheduler/scaler/EMA/RNG state; returns (next epoch, best mAP).
-
-    Only the frozen backbone may be absent (a ``--no-save-backbone`` checkpoint; it comes from ``--weights``),
-    checked by tensor identity: a missing neck or head tensor is a broken checkpoint.
+    A second parse with every default suppressed leaves exactly the typed options in the namespace.
     """
-    m = unwrap(model)
-    result = m.load_state_dict(ckpt["model"], strict=False)
-    allowed = set() if ckpt["meta"].get("includes_backbone", True) else frozen_backbone_keys(m)
-    missing = [k for k in result.missing_keys if k not in allowed]
-    if missing or result.unexpected_keys:
-        raise UserError(f"--resume: {ckpt['path']} does not match this model: missing {len(missing)} "
-                        f"(e.g. {missing[:2]}), unexpected {len(result.unexpected_keys)} "
-                        f"(e.g. {list(result.unexpected_keys)[:2]}); resume with the run's own last_model.pth")
-    if ckpt.get("optimizer"):
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as exc:
-            raise UserError(f"--resume: {ckpt['path']}: the optimizer state does not fit this model "
-                            f"({str(exc).splitlines()[0]})") from None
-    if ckpt.get("scheduler"):
-        # A larger --epochs changes the schedule's length; the lambda is rebuilt from the config, only the step
-        # count is restored.
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema"):
-        ema.load_state_dict(ckpt["ema"])
-    if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
-    best = ckpt.get("best_metric")
-    return int(ckpt["epoch"]) + 1, -1.0 if best is None else float(best)
+    parser = build_parser(description)
+    for action in parser._actions:  # not set_defaults: argparse would run the SUPPRESS string through type=int
+        action.default = argparse.SUPPRESS
+    ns = parser.parse_args(list(argv))
+    return frozenset(k for k, v in vars(ns).items() if v != argparse.SUPPRESS)
 
 
-def prepare_feature_cache(cfg: TrainConfig, model, train_ds, valid_ds, device: torch.device, run_dir: Path,
-                          rank: int, world: int, main: bool, amp_dtype: torch.dtype | None = None):
-    """Cache this rank's training shard (padded: equal steps on every rank) and validation shard.
+def parse_train_config(argv: Sequence[str] | None = None, description: str | None = __doc__
+                       ) -> tuple[TrainConfig, frozenset[str]]:
+    """``(TrainConfig, typed option dests)`` for a ``train_detection.py`` command line (``--cfg`` applied)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = vars(build_parser(description).parse_args(argv))
+    typed = typed_options(argv, description)
+    cfg_file = ns.pop("cfg")
+    if cfg_file:
+        base = TrainConfig.from_yaml(cfg_file).to_dict()
+        ns = {**base, **{k: v for k, v in ns.items() if k in typed}}
+    return TrainConfig.from_dict(ns), typed - {"cfg"}
 
-    Returns ``(train loader, its sampler, validation loader)`` replacing the image loaders.
-    """
-    shard = padded_shard(len(train_ds), rank, world)  # under DDP each rank caches and trains on a fixed shard
-    common = dict(device=device, batch_size=cfg.batch, workers=cfg.workers, amp_dtype=amp_dtype)
-    t0 = time.perf_counter()
-    cache = FeatureCache(cfg.cache_features, flip=cfg.augment == "flip", seed=cfg.seed,
-                         cache_dir=run_dir / f"feature_cache_rank{rank}")
-    cache.build(unwrap(model), train_ds, shard, show=main, **common)
-    valid_shard = list(ShardSampler(len(valid_ds), rank, world))
-    valid_cache = FeatureCache(cfg.cache_features, flip=False, seed=cfg.seed,
-                               cache_dir=run_dir / f"feature_cache_valid_rank{rank}")
-    valid_cache.build(unwrap(model), valid_ds, valid_shard, show=main, **common)
-    if main:
-        print(f"feature cache ({cfg.cache_features}): {len(cache)} training images x {1 + cache.flip} variants + "
-              f"{len(valid_cache)} validation images, {(cache.nbytes + valid_cache.nbytes) / 2**20:.0f} MiB, "
-              f"built in {time.perf_counter() - t0:.1f}s")
-    sampler = EpochSampler(len(shard), seed=cfg.seed, shuffle=True, indices=shard)
-    pin = device.type == "cuda"
-    if cfg.cache_features == "ram":
-        return (CachedBatches(cache, sampler, cfg.batch, cfg.imgsz, pin_memory=pin), sampler,
-                CachedBatches(valid_cache, valid_shard, cfg.batch, cfg.imgsz, pin_memory=pin))
-    collate = functools.partial(collate_cached, imgsz=cfg.imgsz)
-    loader = DataLoader(cache, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
-                        pin_memory=pin)
-    valid_loader = DataLoader(valid_cache, batch_size=cfg.batch, sampler=valid_shard, num_workers=cfg.workers,
-                              collate_fn=collate, pin_memory=pin)
-    return loader, sampler, valid_loader
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, typed = parse_train_config(argv)
+    run(cfg, typed=typed)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -4,7 +4,7 @@ Every path on a command line (inputs and output folders alike) resolves the same
 relative one against the working directory when it exists there (as every shell tool does), else against the
 repository when it exists there (bundled configs such as ``detection_configs/voc.yaml``, the default ``outputs/``),
 else against the working directory. Paths *inside* a dataset config are relative to that config file instead
-(``resolve_in_config``), falling back to the repository for configs written for the reference project.
+(``config_relative_candidates``), falling back to the repository for configs written for the reference project.
 """
 
 from __future__ import annotations

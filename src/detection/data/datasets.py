@@ -28,25 +28,22 @@ from torchvision import tv_tensors
 from ..core.errors import ToolkitWarning, UserError
 from ..core.io import read_yaml
 from ..core.paths import resolve_path
-from .formats import coco, voc, yolo
+from .formats import FORMATS, yolo
 from .formats.common import (  # re-exported: the reader's building blocks are part of this module's API
     BadSample,
     DataReport,
     ReadPolicy,
     Record,
     SplitSource,
-    check_classes,
     clamp_boxes,
 )
-from .formats.voc import list_samples, parse_voc_xml
+from .formats.voc import parse_voc_xml
 from .image_io import image_size, read_image
 from .transforms import DEFAULT_AUGMENT, build_transform
 
-FORMATS = ("voc", "coco", "yolo")
-
 __all__ = [
-    "FORMATS", "BadSample", "DataConfig", "DataReport", "DetectionDataset", "Record", "SplitSource", "VOCDataset",
-    "build_dataloader", "build_datasets", "clamp_boxes", "collate_fn", "image_size", "list_samples",
+    "FORMATS", "BadSample", "DataConfig", "DataReport", "DetectionDataset", "ReadPolicy", "Record", "SplitSource",
+    "build_dataloader", "build_datasets", "clamp_boxes", "collate_fn", "image_size",
     "load_config_classes", "load_data_config", "load_ground_truth", "parse_voc_xml", "read_image", "read_split",
     "save_transformed_samples",
 ]
@@ -95,18 +92,12 @@ def _bool_key(cfg_path: Path, raw: dict, key: str, default: bool) -> bool:
     return value
 
 
-def _classes_key(cfg_path: Path, raw: dict) -> list[str]:
-    if raw.get("CLASSES") is None:
-        raise UserError(f"{cfg_path}: missing key CLASSES (a list starting with __background__)")
-    return check_classes(str(cfg_path), raw["CLASSES"])
-
-
 def _read_config(path: str | os.PathLike) -> tuple[Path, dict, str]:
-    """(resolved path, raw mapping, kind): kind is ``ultralytics`` for a data.yaml, else the FORMAT (voc default)."""
+    """(resolved path, raw mapping, format): the FORMAT key (voc by default); an Ultralytics data.yaml is yolo."""
     cfg_path = resolve_path(path)
     raw = read_yaml(path, "--config", "pass a dataset YAML such as detection_configs/voc.yaml")
     if yolo.is_ultralytics(raw):
-        return cfg_path, raw, "ultralytics"
+        return cfg_path, raw, "yolo"
     fmt = raw.get("FORMAT", "voc")
     if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
         raise UserError(f"{cfg_path}: FORMAT {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -116,18 +107,8 @@ def _read_config(path: str | os.PathLike) -> tuple[Path, dict, str]:
 def load_data_config(path: str | os.PathLike) -> DataConfig:
     """Load and validate a dataset YAML: ``FORMAT: voc`` (default; folder pairs or VOCdevkit), ``coco`` or ``yolo``,
     or an Ultralytics data.yaml as it is (see detection_configs/README.md)."""
-    cfg_path, raw, kind = _read_config(path)
-    category_ids = None
-    if kind == "ultralytics":
-        train, valid, classes = yolo.sources_from_ultralytics(cfg_path, raw)
-    elif kind == "coco":
-        train, valid, classes, category_ids = coco.sources_from_config(cfg_path, raw)
-    elif kind == "yolo":
-        classes = _classes_key(cfg_path, raw)
-        train, valid = yolo.sources_from_config(cfg_path, raw)
-    else:
-        classes = _classes_key(cfg_path, raw)
-        train, valid = voc.sources_from_config(cfg_path, raw)
+    cfg_path, raw, fmt = _read_config(path)
+    train, valid, classes, category_ids = FORMATS[fmt].sources(cfg_path, raw)
     return DataConfig(
         path=cfg_path.resolve(),
         classes=list(classes),
@@ -136,7 +117,7 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
         visualize_transformed_images=_bool_key(cfg_path, raw, "VISUALIZE_TRANSFORMED_IMAGES", False),
         ignore_unknown_classes=_bool_key(cfg_path, raw, "IGNORE_UNKNOWN_CLASSES", False),
         skip_bad_samples=_bool_key(cfg_path, raw, "SKIP_BAD_SAMPLES", False),
-        format="yolo" if kind == "ultralytics" else kind,
+        format=fmt,
         category_ids=category_ids,
     )
 
@@ -145,12 +126,8 @@ def load_config_classes(path: str | os.PathLike) -> list[str]:
     """The classes (``__background__`` first, as ``load_data_config`` gives them and checkpoints record them) of any
     dataset YAML ``load_data_config`` takes, without needing its image or label folders: for inference and export.
     A COCO config without ``CLASSES`` still needs its TRAIN_JSON file, whose categories name the classes."""
-    cfg_path, raw, kind = _read_config(path)
-    if kind == "ultralytics":
-        return yolo.class_names(cfg_path, raw)
-    if kind == "coco":
-        return coco.classes_from_config(cfg_path, raw)
-    return _classes_key(cfg_path, raw)
+    cfg_path, raw, fmt = _read_config(path)
+    return FORMATS[fmt].classes(cfg_path, raw)
 
 
 def read_split(data_cfg: DataConfig, split: str, ignore_unknown_classes: bool | None = None,
@@ -164,13 +141,7 @@ def read_split(data_cfg: DataConfig, split: str, ignore_unknown_classes: bool | 
         data_cfg.skip_bad_samples if skip_bad_samples is None else skip_bad_samples,
     )
     sources = data_cfg.train if split == "train" else data_cfg.valid
-    if data_cfg.format == "coco":
-        records = coco.read_coco(sources, policy)
-    elif data_cfg.format == "yolo":
-        records = yolo.read_yolo(sources, policy)
-    else:
-        records = voc.read_voc(list_samples(sources), policy)
-    return records, policy.report
+    return FORMATS[data_cfg.format].read(sources, policy), policy.report
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -271,27 +242,6 @@ class DetectionDataset(Dataset):
         return image, target
 
 
-class VOCDataset(DetectionDataset):
-    """A :class:`DetectionDataset` read from ``list_samples`` (image, XML) pairs - the VOC reader in one call."""
-
-    def __init__(
-        self,
-        samples: Sequence[voc.SampleSpec],
-        classes: Sequence[str],
-        transform: Any = None,
-        include_difficult: bool = False,
-        ignore_unknown_classes: bool = False,
-        skip_bad_samples: bool = False,
-        name: str = "dataset",
-        verbose: bool = True,
-        drop_bad_images: bool = False,
-    ) -> None:
-        policy = ReadPolicy(list(classes), ignore_unknown_classes, skip_bad_samples)
-        records = voc.read_voc(samples, policy)
-        super().__init__(records, classes, transform, include_difficult, skip_bad_samples, drop_bad_images,
-                         policy.report, name, verbose)
-
-
 # ------------------------------------------------------------------------------------------- building
 def build_datasets(
     data_cfg: DataConfig,
@@ -343,7 +293,7 @@ def load_ground_truth(
     """
     if key not in ("file_name", "image_id"):
         raise ValueError(f"key {key!r}: use file_name or image_id")
-    if key == "image_id" and data_cfg.format != "coco":
+    if key == "image_id" and not FORMATS[data_cfg.format].has_image_ids:
         raise UserError(f"{data_cfg.path}: only COCO datasets have image ids; match predictions by file_name")
     records, report = read_split(data_cfg, split, ignore_unknown_classes, skip_bad_samples)
     ds = DetectionDataset(records, data_cfg.classes, report=report, name=f"{data_cfg.path.name} {split}")

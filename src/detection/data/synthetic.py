@@ -3,7 +3,7 @@
     python -m src.detection.synthetic --out-dir input/shapes --train 400 --valid 100 [--format voc|coco|yolo]
         [--imgsz 256] [--seed 0] [--video N]
 
-writes JPEG images and labels in ``annotations.split_layout``'s layout for the format (voc:
+writes JPEG images and labels in the format's layout (``DataFormat.split_layout``; voc:
 ``<out>/{train,valid}/{images,labels}``) and ``<out>/shapes.yaml`` whose paths are relative to the YAML itself
 (for yolo an Ultralytics data.yaml; YOLO cannot mark difficult objects, so faint ones are ordinary objects there). Images: coloured circles, squares and triangles (random colours) on smooth
 noisy textures; sizes from ~8 px to half the image; overlaps allowed up to IoU 0.3 (later shapes occlude
@@ -24,7 +24,8 @@ import numpy as np
 import yaml
 
 from ..core.errors import UserError
-from .annotations import LABEL_FORMATS, LabelWriter, dataset_config, split_layout
+from .annotations import LabelWriter
+from .formats import FORMATS
 
 CLASSES = ["__background__", "circle", "square", "triangle"]
 EMPTY_FRACTION = 0.08
@@ -119,11 +120,12 @@ def generate_dataset(
         raise UserError(f"--train {n_train} / --valid {n_valid}: both must be at least 1")
     if imgsz < 64:
         raise UserError(f"--imgsz {imgsz}: use at least 64 pixels")
-    if format not in LABEL_FORMATS:
-        raise UserError(f"--format {format}: use one of {', '.join(LABEL_FORMATS)}")
+    if format not in FORMATS:
+        raise UserError(f"--format {format}: use one of {', '.join(FORMATS)}")
+    fmt = FORMATS[format]
     out = Path(out)
     for split_id, (split, n) in enumerate((("train", n_train), ("valid", n_valid))):
-        img_dir, lbl_dir = split_layout(format, out, split)
+        img_dir, lbl_dir = fmt.split_layout(out, split)
         img_dir.mkdir(parents=True, exist_ok=True)
         with LabelWriter(format, lbl_dir, CLASSES, json_name=f"{split}.json", classes_file=None) as writer:
             for i in range(n):
@@ -133,8 +135,8 @@ def generate_dataset(
                 cv2.imwrite(str(img_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
                 writer.add(img_dir / name, img.shape[:2], [o[1] for o in objects],
                            [CLASSES.index(o[0]) for o in objects], difficult=[o[2] for o in objects], name=name)
-    cfg = dataset_config(format, CLASSES)
-    if format != "yolo":
+    cfg = fmt.dataset_config(CLASSES)
+    if fmt.toolkit_keys:
         cfg["VISUALIZE_TRANSFORMED_IMAGES"] = False
     cfg_path = out / "shapes.yaml"
     header = (f"# Synthetic shapes ({format}): {n_train} train / {n_valid} valid, {imgsz}px, seed {seed}. "

@@ -15,7 +15,9 @@ from tqdm import tqdm
 
 from ..core.errors import UserError
 from ..core.runtime import autocast_context, is_distributed, is_main_process, unwrap, world_size
+from ..evaluation.evaluator import DatasetEvaluator
 from ..evaluation.metrics import DetectionEvaluator
+from ..modeling.losses import PaddedTargets, pad_targets
 
 
 # ----------------------------------------------------------------------------------------------- optimisation
@@ -57,10 +59,24 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         param_groups.append({"params": params, "lr": group_lr, "weight_decay": 0.0 if no_decay else weight_decay,
                              "name": f"{part}{'-no-decay' if no_decay else ''}"})
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=_fusable(param_groups))
     if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True,
+                               fused=_fusable(param_groups))
     raise UserError(f"--optimizer {name!r} is not supported; use adamw or sgd")
+
+
+def _fusable(param_groups: list[dict[str, Any]]) -> bool | None:
+    """Fused AdamW / SGD (one kernel per step, and a step that a device-side flag can skip, so a non-finite loss
+    needs no host sync) where every parameter is a float tensor on a CPU or CUDA device; else torch's default."""
+    params = [p for g in param_groups for p in g["params"]]
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``optimizer.step`` honours a device-side ``found_inf`` flag (torch's fused Adam(W) / SGD)."""
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def lr_factor(it: int, *, total_iters: int, iters_per_epoch: int, warmup_iters: int, schedule: str,
@@ -113,11 +129,18 @@ class ModelEMA:
         return out
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
+        """One averaging step; ``applied`` (a 0/1 device tensor) turns it into a no-op for a skipped optimizer step
+        without reading the flag on the host."""
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.warmup))  # small decay early: YOLO-style ramp
+        if applied is None:
+            for n, t in self._tensors(model).items():
+                self.shadow[n].mul_(d).add_(t.detach(), alpha=1 - d)
+            return
+        keep = d + (1 - d) * (1 - applied)  # d for an applied step, 1 (shadow unchanged) for a skipped one
         for n, t in self._tensors(model).items():
-            self.shadow[n].mul_(d).add_(t.detach(), alpha=1 - d)
+            self.shadow[n].mul_(keep).add_(t.detach() * (1 - keep))
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
@@ -149,17 +172,36 @@ class ModelEMA:
 
 
 # ----------------------------------------------------------------------------------------------- loops
+LOG_INTERVAL = 20  # steps between the (only) host reads of a training epoch: progress bar and the non-finite check
+BOX_BUCKET = 16  # ground truth is padded to a multiple of this many boxes, so step shapes rarely change
+
+
 def targets_to_device(targets: list[dict], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Only what the detection losses need, as plain tensors."""
+    """Only what torchvision's per-image losses need, as plain tensors (benchmarks of torchvision's own path)."""
     return [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device, torch.float32),
              "labels": t["labels"].to(device)} for t in targets]
 
 
+def padded_targets(targets: list[dict], device: torch.device) -> PaddedTargets:
+    """A batch's ground truth padded on the host (``losses.pad_targets``) to a multiple of ``BOX_BUCKET`` boxes and
+    copied to ``device`` without blocking (from pinned memory on CUDA)."""
+    most = max((int(t["boxes"].shape[0]) for t in targets), default=0)
+    padded = pad_targets([{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets],
+                         device="cpu", max_boxes=max(BOX_BUCKET, -(-most // BOX_BUCKET) * BOX_BUCKET))
+    if device.type == "cuda":
+        padded = padded.pin_memory()
+    return padded.to(device, non_blocking=True)
+
+
 class NonFiniteGuard:
-    """Skip steps with a NaN/inf loss; stop with a clear message after ``limit`` in a row."""
+    """Skip steps with a NaN/inf loss; stop with a clear message after ``limit`` in a row.
+
+    ``check`` decides on the host (optimizers without a device-side skip); ``observe`` counts on the device and
+    ``read`` checks those counts when the loop reads back anyway (every ``LOG_INTERVAL`` steps)."""
 
     def __init__(self, limit: int):
         self.limit, self.in_row, self.total = limit, 0, 0
+        self._device_counts: torch.Tensor | None = None  # [current run, longest run, skipped] since the last read
 
     def check(self, finite: bool, epoch: int) -> bool:
         if finite:
@@ -167,47 +209,90 @@ class NonFiniteGuard:
             return True
         self.in_row += 1
         self.total += 1
-        if self.in_row >= self.limit:
-            raise UserError(f"training diverged: {self.in_row} non-finite losses in a row in epoch {epoch}; "
-                            f"lower --lr, add --clip-grad, or drop --amp fp16")
+        self._raise_if_diverged(self.in_row, epoch)
         return False
+
+    def observe(self, finite: torch.Tensor) -> None:
+        bad = 1 - finite
+        if self._device_counts is None:  # filled on the device: a host-to-device copy would synchronise
+            run = finite.new_full((), float(self.in_row))
+            self._device_counts = torch.stack([run, run, finite.new_zeros(())])
+        run = (self._device_counts[0] + 1) * bad
+        self._device_counts = torch.stack([run, torch.maximum(self._device_counts[1], run),
+                                           self._device_counts[2] + bad])
+
+    def counts(self) -> torch.Tensor | None:
+        """The device counters to read back with the loss sums (one transfer for both)."""
+        return self._device_counts
+
+    def read(self, counts: list[float], epoch: int) -> None:
+        run, longest, skipped = (int(c) for c in counts)
+        self.in_row, self.total, self._device_counts = run, self.total + skipped, None
+        self._raise_if_diverged(longest, epoch)
+
+    def _raise_if_diverged(self, in_row: int, epoch: int) -> None:
+        if in_row >= self.limit:
+            raise UserError(f"training diverged: {in_row} non-finite losses in a row in epoch {epoch}; "
+                            f"lower --lr, add --clip-grad, or drop --amp fp16")
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device, epoch: int, *,
                     scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
                     clip_grad: float = 0.0, ema: ModelEMA | None = None, guard: NonFiniteGuard | None = None,
-                    total: int | None = None, desc: str = "train") -> dict[str, float]:
+                    total: int | None = None, desc: str = "train", log_interval: int = LOG_INTERVAL
+                    ) -> dict[str, float]:
     """One pass over ``batches`` of ``(images, targets)`` or ``(images, targets, cached_features)``.
+
+    The step never waits for the device: ground truth goes in padded (``PaddedTargets``: the model computes its
+    losses for the whole batch), losses are summed on the device and read back every ``log_interval`` steps (the
+    progress bar, the non-finite check) and at the end, and a step with a non-finite loss is skipped by the fused
+    optimizer itself (``found_inf``). Optimizers without that ability fall back to a host check per step.
 
     Returns epoch-mean losses per component (``loss_*``) and their sum ``train_loss``, plus ``skipped_steps``.
     """
     model.train()
     guard = guard or NonFiniteGuard(10)
-    sums: dict[str, float] = {}
-    n_steps, skipped = 0, 0
+    on_device = skips_on_device(optimizer)
+    keys: list[str] = []
+    sums: torch.Tensor | None = None  # per component, then the total, then the count of applied steps
+    read: list[float] = []
+    skipped_host = 0
+    skipped_before = guard.total
     bar = tqdm(batches, total=total, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False)
-    for batch in bar:
+
+    def read_back() -> None:
+        nonlocal read
+        counts = guard.counts()
+        vec = sums if counts is None else torch.cat([sums, counts.to(sums.dtype)])
+        values = vec.tolist()
+        read = values[:len(keys) + 2]
+        if counts is not None:
+            guard.read(values[len(keys) + 2:], epoch)
+        if read[-1]:
+            bar.set_postfix(loss=f"{read[-2] / read[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+
+    for i, batch in enumerate(bar):
         images = batch[0].to(device, non_blocking=True)
-        targets = targets_to_device(batch[1], device)
+        targets = padded_targets(batch[1], device)
         cache_ctx = contextlib.nullcontext()
         if len(batch) > 2:  # feature cache: fp16 maps, cast once by the model to its input dtype
             cache_ctx = unwrap(model).cached_features([f.to(device, non_blocking=True) for f in batch[2]])
         with cache_ctx, autocast_context(device, amp_dtype):
             loss_dict = model(images, targets)
+        keys = keys or list(loss_dict)
         loss = sum(loss_dict.values())
         # All ranks must agree on skipping, otherwise DDP deadlocks in the next all-reduce.
-        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        finite = torch.isfinite(loss.detach()).all().to(torch.float32)
         if is_distributed():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not guard.check(finite.item() == 1.0, epoch):
-            optimizer.zero_grad(set_to_none=True)
-            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        if not on_device and not guard.check(finite.item() == 1.0, epoch):
+            skipped_host += 1
             if scheduler is not None:
                 scheduler.step()
             continue
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
+        if scaler is not None:  # GradScaler skips non-finite steps itself (without a sync for fused optimizers)
             scaler.scale(loss).backward()
             if clip_grad > 0:
                 scaler.unscale_(optimizer)
@@ -218,47 +303,50 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             loss.backward()
             if clip_grad > 0:
                 nn.utils.clip_grad_norm_(trainable_parameters(model), clip_grad)
+            if on_device:
+                optimizer.found_inf = 1 - finite
             optimizer.step()
+            if on_device:
+                del optimizer.found_inf
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update(model)
-        n_steps += 1
-        for k, v in loss_dict.items():  # torchvision names differ per head; prefix them for results.csv
-            key = k if k.startswith("loss_") else f"loss_{k}"
-            sums[key] = sums.get(key, 0.0) + float(v.detach())
-        sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
-        bar.set_postfix(loss=f"{sums['train_loss'] / n_steps:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            ema.update(model, finite if on_device else None)
+        if on_device:
+            guard.observe(finite)
+        step = torch.stack([loss_dict[k].detach().float().sum() for k in keys] + [loss.detach().float().sum()])
+        step = torch.cat([torch.nan_to_num(step) * finite, finite.reshape(1)])
+        sums = step if sums is None else sums + step
+        if (i + 1) % log_interval == 0:
+            read_back()
+    if sums is not None and (i + 1) % log_interval:
+        read_back()
     bar.close()
-    means = {k: v / max(1, n_steps) for k, v in sums.items()}
+    n_steps = read[-1] if read else 0.0
+    # torchvision names differ per head; prefix them for results.csv
+    means = {(k if k.startswith("loss_") else f"loss_{k}"): v / max(1.0, n_steps) for k, v in zip(keys, read)}
+    if read:
+        means["train_loss"] = read[len(keys)] / max(1.0, n_steps)
     if is_distributed():  # average the epoch means over ranks so rank 0 logs the global numbers
-        keys = sorted(means)
-        vec = torch.tensor([means[k] for k in keys], dtype=torch.float64)
+        names = sorted(means)
+        vec = torch.tensor([means[k] for k in names], dtype=torch.float64, device=device)
         dist.all_reduce(vec)
-        means = dict(zip(keys, (vec / world_size()).tolist()))
-    means["skipped_steps"] = float(skipped)
+        means = dict(zip(names, (vec / world_size()).tolist()))
+    means["skipped_steps"] = float(skipped_host + guard.total - skipped_before) if on_device else float(skipped_host)
     return means
-
-
-def _eval_spec(model: nn.Module, spec: Any, imgsz: tuple[int, int] | None, letterbox: bool | None):
-    """The input spec evaluation maps boxes back with: ``spec``, else the model's with ``imgsz``/``letterbox``."""
-    if spec is not None:
-        return spec
-    return unwrap(model).input_spec.replace(imgsz=imgsz, letterbox=letterbox)
 
 
 @torch.inference_mode()
 def predict_batches(model: nn.Module, loader: Iterable, device: torch.device, *, spec: Any = None,
-                    imgsz: tuple[int, int] | None = None, letterbox: bool | None = None,
                     amp_dtype: torch.dtype | str | None = None, desc: str = "eval"):
     """Yield ``(predictions, targets)`` per batch, predictions mapped to ORIGINAL image coordinates (CPU).
 
-    The loader's images were resized by ``spec`` (``InputSpec``; default: the model's, with ``imgsz``/``letterbox``
-    if given) and boxes go back through ``spec.boxes_to_original`` - the same functions inference uses. Batches of
-    ``(images, targets, cached_features)`` run the model on the cached backbone maps.
+    The loader's images were resized by ``spec`` (``InputSpec``; default: the model's) and boxes go back through
+    ``spec.boxes_to_original`` - the same functions inference uses. Batches of ``(images, targets,
+    cached_features)`` run the model on the cached backbone maps.
     """
     model.eval()
-    spec = _eval_spec(model, spec, imgsz, letterbox)
+    spec = spec if spec is not None else unwrap(model).input_spec
     for batch in tqdm(loader, desc=desc, disable=not is_main_process(), dynamic_ncols=True, leave=False):
         images, targets = batch[0], batch[1]
         images = images.to(device, non_blocking=True)
@@ -275,27 +363,20 @@ def predict_batches(model: nn.Module, loader: Iterable, device: torch.device, *,
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, classes: list[str], *, spec: Any = None,
-             imgsz: tuple[int, int] | None = None, letterbox: bool | None = None, metric: str = "coco",
-             amp_dtype: torch.dtype | str | None = None):
+             metric: str = "coco", amp_dtype: torch.dtype | str | None = None,
+             evaluator: DatasetEvaluator | None = None):
     """Run the model over ``loader`` and score it in original image coordinates (``predict_batches``).
 
-    Only boxes are kept (streaming). Under DDP each rank scores its shard and rank 0 merges them.
-    Returns the metrics result on rank 0 and ``None`` elsewhere.
+    ``evaluator`` (default: a ``DetectionEvaluator`` for ``classes`` and ``metric``) is reset, fed every batch and
+    asked for the result; under DDP each rank processes its shard and rank 0 gets the merged result.
+    Returns the result on rank 0 and ``None`` elsewhere.
     """
-    evaluator = DetectionEvaluator(classes, metric=metric)
+    evaluator = evaluator or DetectionEvaluator(classes, metric=metric)
+    evaluator.reset()
     start = time.perf_counter()
-    for preds, targets in predict_batches(model, loader, device, spec=spec, imgsz=imgsz, letterbox=letterbox,
-                                          amp_dtype=amp_dtype):
-        gts = [{"boxes": t["orig_boxes"], "labels": t["orig_labels"], "difficult": t["orig_difficult"]} for t in targets]
-        evaluator.update(preds, gts)
-    if is_distributed():
-        gathered: list[Any] = [None] * world_size()
-        dist.all_gather_object(gathered, evaluator.state_dict())
-        if not is_main_process():
-            return None
-        evaluator = DetectionEvaluator(classes, metric=metric)
-        for state in gathered:
-            evaluator.merge_state(state)
-    result = evaluator.compute()
-    result.seconds = time.perf_counter() - start
+    for preds, targets in predict_batches(model, loader, device, spec=spec, amp_dtype=amp_dtype):
+        evaluator.process(preds, targets)
+    result = evaluator.evaluate()
+    if result is not None:
+        result.seconds = time.perf_counter() - start
     return result

@@ -1,6 +1,6 @@
 """Detection metrics: COCO-style mAP (faster-coco-eval) and Pascal VOC AP@.5, per class, streaming.
 
-Conventions (see docs/ARCHITECTURE.md, metrics.py section):
+Conventions (see docs/ARCHITECTURE.md, Conventions):
 
 * Everything is in ORIGINAL image coordinates, ``xyxy`` pixels, labels are indices into ``classes`` with
   ``classes[0] == "__background__"`` (real classes 1..K-1; the COCO ``category_id`` is the same index).
@@ -41,6 +41,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..core.errors import UserError
+from .evaluator import DatasetEvaluator
 
 METRICS = ("coco", "voc07", "voc12", "all")
 VOC_IOU = 0.5
@@ -148,14 +149,14 @@ def voc_match(
     return tp, ignored
 
 
-class DetectionEvaluator:
+class DetectionEvaluator(DatasetEvaluator):
     """Accumulates per-image predictions and ground truth; ``compute()`` gives COCO and/or VOC metrics.
 
     >>> ev = DetectionEvaluator(["__background__", "cat", "dog"], metric="all")
-    >>> ev.update(preds, gts)      # lists of per-image dicts, original image coordinates
-    >>> result = ev.compute()
-    For DDP: ``ev.sync()`` (all ranks) gathers every rank's state into each evaluator, or use
-    ``state_dict()`` / ``load_state_dict()`` / ``merge()`` by hand.
+    >>> ev.process(preds, targets)  # per batch: lists of per-image dicts, original image coordinates
+    >>> result = ev.evaluate()      # all ranks' images under DDP; the result on rank 0, None elsewhere
+    ``update`` / ``compute`` are the same on this process's images only; ``state_dict()`` / ``merge()`` move
+    state by hand.
     """
 
     def __init__(self, classes: Sequence[str], metric: str = "coco") -> None:
@@ -191,20 +192,9 @@ class DetectionEvaluator:
         return {"classes": self.classes, "metric": self.metric, "n_gt": self._n_gt.copy(),
                 "state": {k: list(v) for k, v in self._state.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace this evaluator's state with ``state`` (from :meth:`state_dict`)."""
-        self.reset()
-        self._add_state(state)
-
     def merge(self, other: DetectionEvaluator | dict[str, Any]) -> None:
-        """Append another evaluator's images (or a ``state_dict``) to this one."""
-        self._add_state(other.state_dict() if isinstance(other, DetectionEvaluator) else other)
-
-    def merge_state(self, state: dict[str, Any]) -> None:
-        """Append the images of a :meth:`state_dict` (e.g. one rank's, after ``all_gather_object``)."""
-        self._add_state(state)
-
-    def _add_state(self, state: dict[str, Any]) -> None:
+        """Append another evaluator's images (or a ``state_dict``, e.g. another rank's) to this one."""
+        state = other.state_dict() if isinstance(other, DetectionEvaluator) else other
         if list(state["classes"]) != self.classes:
             raise ValueError("cannot merge evaluators with different class lists")
         if (state["metric"] in ("coco", "all")) != self.use_coco:  # one side kept no boxes
@@ -224,7 +214,7 @@ class DetectionEvaluator:
         torch.distributed.all_gather_object(gathered, self.state_dict())
         self.reset()
         for state in gathered:
-            self._add_state(state)
+            self.merge(state)
 
     # ----------------------------------------------------------------- update
     def update(self, preds: Sequence[dict[str, Any]], gts: Sequence[dict[str, Any]]) -> None:
@@ -258,6 +248,18 @@ class DetectionEvaluator:
                 s["gt_labels"].append(gl)
                 s["gt_difficult"].append(gd)
             self._n_gt += np.bincount(gl[~gd], minlength=k)
+
+    def process(self, predictions: Sequence[dict[str, Any]], targets: Sequence[dict[str, Any]]) -> None:
+        """:meth:`update` with ``targets`` as ground-truth dicts or as the data loader's targets, whose original
+        image annotations are ``orig_boxes`` / ``orig_labels`` / ``orig_difficult``."""
+        self.update(predictions, [_ground_truth(t) for t in targets])
+
+    def evaluate(self) -> EvalResult | None:
+        """Every rank's images gathered (:meth:`sync`), then scored: the result on rank 0, None on the others."""
+        self.sync()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return None
+        return self.compute()
 
     # ---------------------------------------------------------------- compute
     def compute(self) -> EvalResult:
@@ -323,6 +325,13 @@ class DetectionEvaluator:
                 rows[int(cat)]["ap"] = float(p[p > -1].mean())
                 p50 = p[i50]
                 rows[int(cat)]["ap50"] = float(p50[p50 > -1].mean())
+
+
+def _ground_truth(target: dict[str, Any]) -> dict[str, Any]:
+    if "orig_boxes" in target:
+        return {"boxes": target["orig_boxes"], "labels": target["orig_labels"],
+                "difficult": target.get("orig_difficult")}
+    return target
 
 
 @contextlib.contextmanager
@@ -465,8 +474,8 @@ def score_predictions_json(
             "scores": np.asarray([s for _, s, _ in dets], dtype=np.float32),
             "labels": np.asarray([c for _, _, c in dets], dtype=np.int64),
         })
-    ev.update(pred_dicts, [gts_by_file[by_key[k]] for k in keys])
-    return ev.compute()
+    ev.process(pred_dicts, [gts_by_file[by_key[k]] for k in keys])
+    return ev.evaluate()
 
 
 __all__ = [

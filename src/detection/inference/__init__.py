@@ -1,1 +1,2 @@
-"""Inference: predictors (PyTorch, ONNX), the threaded pipeline, video IO, tracking and drawing."""
+"""Inference: predictors (PyTorch, ONNX), the threaded pipeline, the image and video command bodies (``images``,
+``video``), tracking and drawing."""

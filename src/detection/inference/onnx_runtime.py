@@ -9,87 +9,58 @@ backbone, neck and head. It returns the raw head outputs per anchor plus the anc
 * ``level_sizes`` [L] int64: feature-map locations (h_l * w_l) per pyramid level.
 
 Box decoding, score threshold, per-class NMS and top-k (``DetectionDecoder``) run after the graph in PyTorch,
-through torchvision's own ``postprocess_detections`` of the detector class - the very code the ``.pth`` path
+through the ``postprocess_detections`` of the detector class - the very code the ``.pth`` path
 runs - so thresholds stay runtime settings (``--threshold``, ``--nms``, ``--max-det``) and the two paths differ
-only by the float rounding of the head outputs. ``OnnxPredictor`` shares ``predictor.PredictorBase`` with the PyTorch
+only by the float rounding of the head outputs. ``OnnxPredictor`` shares ``base.PredictorBase`` with the PyTorch
 ``Predictor``: the same resize, box mapping and batching (same ``InputSpec``).
 
-The sidecar ``<model>.onnx.json`` (also stored in the ONNX file's metadata) describes the model: classes, input
-spec, thresholds, head, model name, toolkit version and the graph's shapes.
+The sidecar ``<model>.onnx.json`` (``sidecar.py``; also stored in the ONNX file's metadata) is the checkpoint's model
+card plus the graph's shapes and the decoding thresholds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..checkpoint.format import prepare_checkpoint
 from ..core.cli import parse_imgsz
 from ..core.errors import UserError
 from ..core.paths import resolve_path
-from ..core.runtime import Stopwatch
-from .predictor import PredictorBase
+from ..core.runtime import Stopwatch, select_device
+from ..modeling.heads import ANCHOR_OUTPUTS, HEAD_TYPES
+from .base import PredictorBase, score_floor
+from .sidecar import OnnxDescription, read_sidecar
 
-SIDECAR_FORMAT = "dinov3-detection-onnx"
-SIDECAR_VERSION = 1
-METADATA_KEY = "dinov3_detection"  # the sidecar's JSON, also stored in the ONNX file's metadata_props
 INPUT_NAME = "images"
-HEAD_OUTPUTS = {"retinanet": ("cls_logits", "bbox_regression"), "ssd": ("cls_logits", "bbox_regression"),
-                "fcos": ("cls_logits", "bbox_regression", "bbox_ctrness")}
-EXTRA_OUTPUTS = ("anchors", "level_sizes")
+# per head, the raw outputs per anchor its registry entry declares; every graph then returns EXTRA_OUTPUTS
+HEAD_OUTPUTS = {name: kind.onnx_outputs for name, kind in HEAD_TYPES.items()}
+EXTRA_OUTPUTS = ANCHOR_OUTPUTS
 
 
 def output_names(head: str) -> list[str]:
     """The graph's output names for a head, in order."""
-    return [*HEAD_OUTPUTS[head], *EXTRA_OUTPUTS]
-
-
-def sidecar_path(onnx_path: str | os.PathLike) -> Path:
-    """``best_model.onnx`` -> ``best_model.onnx.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
+    return list(HEAD_TYPES[head].output_names)
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-class _NoModule(nn.Module):
-    """Stand-in backbone/head: the decoding-only detector below never runs them."""
-
-    out_channels = 0
-
-
 class DetectionDecoder:
-    """Raw head outputs + anchors -> detections in input coordinates, by torchvision's ``postprocess_detections``.
-
-    The detector class of the head (``model.DinoRetinaNet`` / ``DinoSSD`` / ``DinoFCOS``, which also mask the
-    background class) is built around stand-in modules, so its decoding, thresholding, NMS and top-k are exactly
-    those of the PyTorch model with the same settings; it holds no weights.
+    """Raw head outputs + anchors -> detections in input coordinates: the head's registry entry decodes them
+    (``HeadType.decode``) with the ``postprocess_detections`` of its detector class, so decoding,
+    thresholding, NMS and top-k are exactly those of the PyTorch model with the same settings; it holds no weights.
     """
 
     def __init__(self, head: str, num_classes: int, score_thresh: float, nms: float, max_det: int,
                  topk_candidates: int) -> None:
-        from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
-
-        from ..modeling.model import DinoFCOS, DinoRetinaNet, DinoSSD
-
-        if head not in HEAD_OUTPUTS:
-            raise UserError(f"head {head!r} is not one of {', '.join(HEAD_OUTPUTS)}; re-export the model")
+        if head not in HEAD_TYPES:
+            raise UserError(f"head {head!r} is not one of {', '.join(HEAD_TYPES)}; re-export the model")
         self.head = head
-        common = dict(score_thresh=float(score_thresh), nms_thresh=float(nms), detections_per_img=int(max_det),
-                      topk_candidates=int(topk_candidates), head=_NoModule())
-        if head == "retinanet":
-            self.detector = DinoRetinaNet(_NoModule(), num_classes, **common)
-        elif head == "fcos":
-            self.detector = DinoFCOS(_NoModule(), num_classes, **common)
-        else:  # SSD's default-box generator is only a constructor argument here: the anchors come from the graph
-            self.detector = DinoSSD(_NoModule(), DefaultBoxGenerator([[2]]), (32, 32), num_classes, **common)
-        self.detector.eval()
+        self.kind = HEAD_TYPES[head]
+        self.detector = self.kind.decoder(num_classes, score_thresh, nms, max_det, topk_candidates)
 
     @property
     def score_thresh(self) -> float:
@@ -98,51 +69,7 @@ class DetectionDecoder:
     def __call__(self, outputs: dict[str, Tensor], image_size: Sequence[int]) -> list[dict[str, Tensor]]:
         """``outputs``: the graph's outputs by name (float32 CPU or GPU tensors); ``image_size`` (h, w): the
         unpadded input size every image of the batch has (boxes are clipped to it)."""
-        head_outputs = {k: outputs[k].float() for k in HEAD_OUTPUTS[self.head]}
-        anchors = outputs["anchors"].float()
-        n = head_outputs["cls_logits"].shape[0]
-        sizes = [(int(image_size[0]), int(image_size[1]))] * n
-        with torch.inference_mode():
-            if self.head == "ssd":
-                return self.detector.postprocess_detections(head_outputs, [anchors] * n, sizes)
-            # the per-level split RetinaNet.forward / FCOS.forward do before their postprocess_detections
-            hw = [int(v) for v in outputs["level_sizes"].tolist()]
-            per_location = head_outputs["cls_logits"].shape[1] // sum(hw)
-            per_level = [v * per_location for v in hw]
-            split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
-            return self.detector.postprocess_detections(split, [list(anchors.split(per_level))] * n, sizes)
-
-
-# ------------------------------------------------------------------------------------------------ sidecar
-def read_sidecar(onnx_path: str | os.PathLike) -> dict[str, Any]:
-    """The export's description: ``<model>.onnx.json``, else the copy in the ONNX file's metadata."""
-    path = Path(onnx_path)
-    side = sidecar_path(path)
-    if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{side}: not valid JSON ({exc.__class__.__name__}); re-export the model with "
-                            f"python -m src.detection.export") from None
-    else:
-        import onnx
-
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a broken file
-            raise UserError(f"--model {path}: not a readable ONNX file ({type(exc).__name__}); re-export it") from None
-        props = {p.key: p.value for p in model.metadata_props}
-        if METADATA_KEY not in props:
-            raise UserError(f"--model {path}: no {side.name} beside it and no description inside; export the "
-                            f"model with python -m src.detection.export (it writes both)")
-        meta = json.loads(props[METADATA_KEY])
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        raise UserError(f"{side}: not a description written by python -m src.detection.export; re-export the model")
-    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > SIDECAR_VERSION:
-        raise UserError(f"{side}: format_version {meta.get('format_version')!r}, this toolkit reads "
-                        f"1..{SIDECAR_VERSION}; use the toolkit version that exported it "
-                        f"({meta.get('toolkit_version', '?')})")
-    return meta
+        return self.kind.decode(self.detector, outputs, image_size)
 
 
 # ------------------------------------------------------------------------------------------------ predictor
@@ -156,36 +83,37 @@ def _onnxruntime(what: str):
 
 
 def _providers(device: str) -> tuple[list[Any], torch.device]:
-    """onnxruntime execution providers for ``--device`` (auto: CUDA when onnxruntime has it, else CPU)."""
+    """onnxruntime execution providers for ``--device``, chosen by the device rule every command uses
+    (``runtime.select_device``); ``auto`` falls back to the CPU when this onnxruntime has no CUDA provider."""
     ort = _onnxruntime(f"--device {device}")
-    name = (device or "auto").lower()
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if name == "cpu" or (name == "auto" and not has_cuda):
-        return ["CPUExecutionProvider"], torch.device("cpu")
-    if name == "auto" or name.startswith("cuda"):
-        if not has_cuda:
-            raise UserError(f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
-                            f"(pip install onnxruntime-gpu); use --device cpu")
-        index = int(name.split(":")[1]) if ":" in name else 0
+    dev = select_device(device)
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if dev.type == "cuda" and not has_cuda:
+        if (device or "auto").lower() == "auto":
+            return ["CPUExecutionProvider"], torch.device("cpu")
+        raise UserError(f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
+                        f"(pip install onnxruntime-gpu); use --device cpu")
+    if dev.type == "cuda":
+        index = dev.index or 0
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], torch.device("cuda", index)
-    raise UserError(f"--device {device!r} is not valid; use auto, cpu, cuda or cuda:N")
+    return ["CPUExecutionProvider"], torch.device("cpu")
 
 
 class OnnxPredictor(PredictorBase):
     """``Predictor`` for an exported ``.onnx`` model: same interface, same pre/post-processing, onnxruntime forward.
 
     ``imgsz``/``keep_aspect`` other than the export's need a ``--dynamic`` export (a static graph has one input
-    size); ``score_thresh``, ``nms``, ``max_det`` override the exported defaults at run time.
+    size); ``score_thresh``, ``nms``, ``max_det`` override the exported defaults at run time. ``description``: the
+    sidecar already read (``sidecar.read_sidecar``), else it is read here; ``expect``: the command line's claims,
+    checked against its card as for a checkpoint.
     Tensors given to and returned by the steps live on the CPU (``device``); onnxruntime copies to its provider.
     """
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", imgsz: Sequence[int] | int | None = None,
                  letterbox: bool | None = None, score_thresh: float | None = None, nms: float | None = None,
                  max_det: int | None = None, batch_size: int | None = None, keep_aspect: bool = False,
-                 precision: str | None = None, threads: int | None = None) -> None:
-        from ..modeling.model import InputSpec
-
+                 precision: str | None = None, threads: int | None = None, expect: dict[str, Any] | None = None,
+                 description: OnnxDescription | None = None) -> None:
         ort = _onnxruntime(f"--model {model}")
 
         path = resolve_path(model)
@@ -193,11 +121,12 @@ class OnnxPredictor(PredictorBase):
             raise UserError(f"--model {model}: file not found; export one with python -m src.detection.export "
                             f"--model best_model.pth")
         self.model_path = path
-        meta = read_sidecar(path)
-        graph = meta["graph"]
+        desc = description or read_sidecar(path)
+        desc.card.check_matches(expect or {}, str(path))
+        graph = desc.graph
         self.dynamic_hw = bool(graph.get("dynamic_hw"))
         self.static_batch: int | None = graph.get("batch")
-        spec = InputSpec.from_dict(meta["input"])
+        spec = desc.card.input
         if imgsz is not None and parse_imgsz(imgsz) != spec.imgsz and not self.dynamic_hw:
             raise UserError(f"--imgsz {' '.join(map(str, parse_imgsz(imgsz)))}: {path.name} was exported for "
                             f"{spec.imgsz[0]}x{spec.imgsz[1]} only; drop --imgsz or re-export with --imgsz "
@@ -226,37 +155,33 @@ class OnnxPredictor(PredictorBase):
         self.output_names = [o.name for o in self.session.get_outputs()]
         # steps' tensors stay on the CPU: onnxruntime takes and returns host arrays
         self.device = torch.device("cpu")
-        th = meta["thresholds"]
-        self.decoder = DetectionDecoder(meta["head"], int(meta["num_classes"]),
+        th = desc.thresholds
+        self.decoder = DetectionDecoder(desc.card.detector.head, desc.card.detector.num_classes,
                                         th["score_thresh"] if score_thresh is None else score_thresh,
                                         th["nms"] if nms is None else nms,
                                         th["max_det"] if max_det is None else max_det, th["topk_candidates"])
-        self.classes: list[str] = list(meta["classes"])
-        self.meta = dict(meta)
-        self.meta["imgsz"] = self.input_spec.imgsz
-        self.meta["input"] = self.input_spec.to_dict()
+        self.card = desc.card.with_input(self.input_spec)
+        self.classes: list[str] = self.card.classes
         default_batch = 8 if self.device_for_session.type == "cuda" else 1
         self.batch_size = max(1, int(self.static_batch or batch_size or default_batch))
         self.model_timer = Stopwatch(self.device)
 
     @classmethod
     def from_config(cls, cfg: Any, keep_low_scores: bool = False) -> OnnxPredictor:
-        """From the commands' ``PredictConfig`` (see ``predictor.build_predictor``)."""
+        """From the commands' ``PredictConfig`` (see ``predictor.build_predictor``); the sidecar is read once."""
         path = resolve_path(cfg.model)
-        meta = read_sidecar(path) if path.is_file() else None
-        if meta is not None:  # --model-name / --head / the classes of --config are checked as for a checkpoint
-            prepare_checkpoint({"format": SIDECAR_FORMAT, "meta": meta, "path": str(path)}, cfg.expect())
+        desc = read_sidecar(path) if path.is_file() else None  # a missing file is reported by the constructor
+        if desc is not None:  # --model-name / --head / the classes of --config are checked as for a checkpoint
+            desc.card.check_matches(cfg.expect(), str(path))
         if cfg.weights:
             print(f"note: --weights {cfg.weights} ignored: the ONNX model contains the backbone")
         if cfg.compile:
             print("note: --compile ignored: onnxruntime optimizes the graph itself")
-        if cfg.half and (meta or {}).get("graph", {}).get("precision") != "fp16":
-            print("note: --half ignored: this ONNX model was exported in fp32 (export with --half for fp16)")
-        eval_thresh = float((meta or {}).get("thresholds", {}).get("score_thresh", cfg.threshold))
-        score_thresh = min(cfg.threshold, eval_thresh) if keep_low_scores else cfg.threshold
-        return cls(cfg.model, device=cfg.device, imgsz=cfg.imgsz, letterbox=cfg.letterbox, score_thresh=score_thresh,
-                   nms=cfg.nms, max_det=cfg.max_det, batch_size=cfg.batch, keep_aspect=cfg.keep_aspect,
-                   precision=cfg.precision)
+        eval_thresh = desc.thresholds.get("score_thresh", cfg.threshold) if desc is not None else cfg.threshold
+        return cls(cfg.model, device=cfg.device, imgsz=cfg.imgsz, letterbox=cfg.letterbox,
+                   score_thresh=score_floor(cfg.threshold, eval_thresh, keep_low_scores), nms=cfg.nms,
+                   max_det=cfg.max_det, batch_size=cfg.batch, keep_aspect=cfg.keep_aspect, precision=cfg.precision,
+                   description=desc)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -290,11 +215,9 @@ class OnnxPredictor(PredictorBase):
         return dets
 
     def describe(self) -> str:
-        m, spec = self.meta, self.input_spec
-        mode = "letterbox scale, aspect-preserving input" if self.keep_aspect else (
-            "letterbox" if spec.letterbox else "stretch")
+        d, spec = self.card.detector, self.input_spec
         shape = "dynamic size" if self.dynamic_hw else f"batch {self.static_batch}" if self.static_batch else ""
-        return (f"{m.get('model_name')} + {m.get('head')} ({m.get('feature_extractor')}), "
-                f"{len(self.classes) - 1} classes, imgsz {spec.imgsz[0]}x{spec.imgsz[1]} {mode}, "
+        return (f"{d.model_name} + {d.head} ({d.feature_extractor}), "
+                f"{len(self.classes) - 1} classes, imgsz {spec.imgsz[0]}x{spec.imgsz[1]} {self._mode()}, "
                 f"ONNX {self.model_path.name} ({shape or 'dynamic batch'}) on onnxruntime {self.provider} "
                 f"{self.precision}")

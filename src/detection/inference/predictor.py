@@ -1,11 +1,9 @@
-"""The shared Predictor (checkpoint -> preprocess -> batched forward -> boxes in original coordinates), the typed
-configuration both inference commands share (``PredictConfig``, ``add_predictor_args``, ``build_predictor``) and
-the checkpoint-describing flags export shares too (``add_checkpoint_args``, ``checkpoint_claims``).
+"""The PyTorch ``Predictor`` (checkpoint -> preprocess -> batched forward -> boxes in original coordinates), the
+typed configuration both inference commands share (``PredictConfig``, ``add_predictor_args``, ``build_predictor``)
+and the checkpoint-describing flags export shares too (``add_checkpoint_args``, ``checkpoint_claims``).
 
-Public Predictor interface (``OnnxPredictor`` in onnx_runtime.py offers the same): ``classes``, ``meta``,
-``input_spec``, ``keep_aspect``, ``score_thresh``, ``batch_size``, ``device``, ``precision``, ``model_timer``,
-``input_size(orig_hw)``, ``preprocess(image)``, ``forward(batch)``, ``postprocess(raw, orig_sizes)``,
-``predict(images)``, ``describe()``.
+``build_predictor`` returns a ``Predictor`` for a ``.pth`` and an ``onnx_runtime.OnnxPredictor`` for a ``.onnx``;
+both follow ``base.PredictorBase``'s interface.
 """
 
 from __future__ import annotations
@@ -15,125 +13,60 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..checkpoint.format import (
-    REFERENCE_FORMAT,
-    describe_weights_source,
-    load_checkpoint,
-    model_from_checkpoint,
-    prepare_checkpoint,
-)
-from ..core.cli import config_from_args, parse_imgsz
+from ..checkpoint.build import PreparedCheckpoint, build_model, prepare_checkpoint
+from ..checkpoint.card import describe_weights_source
+from ..checkpoint.source import ModelSource
+from ..core.cli import RuntimeOptions, config_from_args, parse_imgsz
 from ..core.errors import UserError
 from ..core.paths import resolve_path
 from ..core.runtime import PRECISIONS, Stopwatch, autocast_context, inference_precision, select_device
-
-if TYPE_CHECKING:
-    from ..modeling.model import InputSpec
-
-# torch.compile backend for ``compile=True`` (tests swap in a counting backend).
-COMPILE_BACKEND: Any = "inductor"
-
-
-class PredictorBase:
-    """What every predictor shares: resize through the input spec, map boxes back, batch by input size.
-
-    Subclasses set ``input_spec``, ``keep_aspect``, ``device``, ``batch_size``, ``classes``, ``meta``,
-    ``model_timer`` and implement ``forward`` (resized uint8 batch -> detections in input coordinates) and
-    ``score_thresh``; PyTorch checkpoints and ONNX exports then preprocess and post-process identically.
-    """
-
-    input_spec: InputSpec
-    keep_aspect: bool
-    device: torch.device
-    batch_size: int
-
-    @property
-    def imgsz(self) -> tuple[int, int]:
-        return self.input_spec.imgsz
-
-    @property
-    def letterbox(self) -> bool:
-        return self.input_spec.letterbox
-
-    def forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ steps
-    def input_size(self, orig_hw: Sequence[int]) -> tuple[int, int]:
-        """Model input size (W, H) for an image of original size (H, W)."""
-        return self.input_spec.input_size(orig_hw, self.keep_aspect)
-
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        """Original uint8 [3,H,W] -> resized uint8 model input on the device (resized on the GPU when there)."""
-        return self.input_spec.preprocess(image.to(self.device, non_blocking=True), self.keep_aspect)
-
-    def postprocess(self, raw: list[dict[str, torch.Tensor]], orig_sizes: Sequence[Sequence[int]]
-                    ) -> list[dict[str, torch.Tensor]]:
-        """Boxes back to original (H, W) coordinates as float32 CPU tensors."""
-        preds = []
-        for det, hw in zip(raw, orig_sizes):
-            boxes = self.input_spec.boxes_to_original(det["boxes"].float(), hw, self.keep_aspect)
-            preds.append({"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(),
-                          "labels": det["labels"].to(torch.int64).cpu()})
-        return preds
-
-    def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Detections for original uint8 [3,H,W] images, in their own coordinates (batched by input size)."""
-        results: list[dict[str, torch.Tensor] | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(self.input_size(img.shape[-2:]), []).append(i)
-        for idx in groups.values():
-            for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s:s + self.batch_size]
-                batch = torch.stack([self.preprocess(images[i]) for i in chunk])
-                preds = self.postprocess(self.forward(batch), [images[i].shape[-2:] for i in chunk])
-                for i, p in zip(chunk, preds):
-                    results[i] = p
-        return results  # type: ignore[return-value]
+from .base import PredictorBase, score_floor
 
 
 class Predictor(PredictorBase):
     """Load a checkpoint once, then ``predict(images)`` -> boxes in the images' original coordinates.
 
+    ``checkpoint``: a path, a payload (``checkpoint.load_checkpoint``) or a ``checkpoint.PreparedCheckpoint``, which
+    is used as it is (``expect`` and ``imgsz`` were applied when it was prepared); a path or payload is prepared
+    here, once. ``expect`` holds what the user claimed on the command line (model_name, head, feature_extractor,
+    classes): a contradiction with the checkpoint is a UserError; for a reference-project checkpoint, which
+    records nothing, they describe the model (see ``checkpoint.reference_card``).
+
     The checkpoint's input spec (``model.input_spec``: size, letterbox, size multiple, mean/std) drives
     preprocessing and the mapping back, through the same functions the validation loader and ``engine.evaluate``
     use, so the checkpoint alone is enough. ``imgsz``/``letterbox`` override the spec's size/resize mode,
     ``score_thresh``, ``nms``, ``max_det`` the detection settings (None = the checkpoint's, i.e. the evaluation
-    ones). ``expect`` holds what the user claimed on the command line (model_name, head, feature_extractor,
-    classes): a contradiction with the checkpoint is a UserError; for a reference-project checkpoint, which
-    records nothing, they describe the model (see ``checkpoint.adopt_reference_checkpoint``).
-    ``keep_aspect``: feed each image at the letterbox scale with padding only up to the model's size multiple
-    (faster; not for SSD, whose default boxes need the training aspect ratio).
+    ones). ``keep_aspect``: feed each image at the letterbox scale with padding only up to the model's size multiple
+    (faster; not for SSD, whose default boxes need the training aspect ratio). ``compile``: torch.compile the
+    backbone + neck, True with the inductor backend, else with ``compile`` as the backend (a name or callable).
     """
 
-    def __init__(self, checkpoint: str | os.PathLike | dict, device: str | torch.device = "auto", half: bool = False,
+    def __init__(self, checkpoint: str | os.PathLike | dict | PreparedCheckpoint, device: str | torch.device = "auto",
                  imgsz: Sequence[int] | int | None = None, letterbox: bool | None = None,
                  score_thresh: float | None = None, nms: float | None = None, max_det: int | None = None,
                  batch_size: int = 8, precision: str | None = None, keep_aspect: bool | None = None,
                  channels_last: bool | None = None, weights: str | None = None, expect: dict[str, Any] | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool | str | Any = False) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(str(device))
-        ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-        ckpt = prepare_checkpoint(ckpt, expect or {}, imgsz)
+        ckpt = (checkpoint if isinstance(checkpoint, PreparedCheckpoint)
+                else prepare_checkpoint(checkpoint, expect, imgsz))
         # imgsz is not a model override: the detectors are fully convolutional, and SSD's number of levels is
         # fixed by the training imgsz (part of the weights). A different --imgsz only changes the input resize.
         overrides = {"score_thresh": score_thresh, "nms": nms, "max_det": max_det}
-        self.model, self.meta = model_from_checkpoint(ckpt, self.device, overrides, weights=weights)
-        self.classes: list[str] = list(self.meta["classes"])
+        self.model = build_model(ckpt, self.device, overrides, weights=weights)
         self.input_spec = self.model.input_spec.with_imgsz(imgsz).replace(letterbox=letterbox)
         self.keep_aspect = bool(keep_aspect)
         if self.keep_aspect:
             self.input_spec.check_keep_aspect()
-        self.meta["imgsz"] = self.input_spec.imgsz
-        self.meta["input"] = self.input_spec.to_dict()
+        self.card = ckpt.card.with_input(self.input_spec)
+        self.classes: list[str] = self.card.classes
         self.batch_size = max(1, int(batch_size))
         backbone_params = sum(t.numel() for t in self.model.dino.parameters())
-        self.precision = inference_precision(precision, self.device, backbone_params, half)
+        self.precision = inference_precision(precision, self.device, backbone_params)
         # channels_last made the CPU forward slower here (0.3-0.9x, oneDNN reorders); it is the fast layout on CUDA.
         self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
         if self.channels_last:
@@ -141,7 +74,7 @@ class Predictor(PredictorBase):
         if compile:
             # The module forward actually calls: torchvision's detector runs self.backbone (DINOv3 + neck); the
             # box decoding / NMS after it is data-dependent Python that compiles to nothing useful.
-            self.model.backbone.compile(backend=COMPILE_BACKEND, dynamic=False)
+            self.model.backbone.compile(backend="inductor" if compile is True else compile, dynamic=False)
         self.model_timer = Stopwatch(self.device)
 
     # ------------------------------------------------------------------ settings
@@ -164,14 +97,13 @@ class Predictor(PredictorBase):
         return out
 
     def describe(self) -> str:
-        m, spec = self.meta, self.input_spec
-        mode = "letterbox scale, aspect-preserving input" if self.keep_aspect else (
-            "letterbox" if spec.letterbox else "stretch")
-        source = ", reference-project checkpoint" if m.get("source") == REFERENCE_FORMAT else ""
-        if "weights_source" in m:  # reference-project checkpoints record none
-            source += f", backbone from {describe_weights_source(m['weights_source'])}"
-        return (f"{m.get('model_name')} + {m.get('head')} ({m.get('feature_extractor')}{source}), "
-                f"{len(self.classes) - 1} classes, imgsz {spec.imgsz[0]}x{spec.imgsz[1]} {mode}, "
+        d, spec, prov = self.card.detector, self.input_spec, self.card.provenance
+        if prov.is_reference:  # a reference checkpoint records no backbone source
+            source = ", reference-project checkpoint"
+        else:
+            source = f", backbone from {describe_weights_source(prov.weights_source)}"
+        return (f"{d.model_name} + {d.head} ({d.feature_extractor}{source}), "
+                f"{len(self.classes) - 1} classes, imgsz {spec.imgsz[0]}x{spec.imgsz[1]} {self._mode()}, "
                 f"mean {tuple(round(v, 3) for v in spec.mean)}, {self.device} {self.precision}")
 
 
@@ -184,7 +116,11 @@ def filter_detections(pred: dict[str, torch.Tensor], threshold: float) -> dict[s
 # ---------------------------------------------------------------------------------------------------- config
 @dataclass
 class PredictConfig:
-    """Options shared by the image and video commands (``add_predictor_args`` defines the flags)."""
+    """Options shared by the image and video commands (``add_predictor_args`` defines the flags).
+
+    ``threshold``: the score a detection needs to be drawn, written to label files and counted; the model itself
+    returns detections down to the checkpoint's evaluation threshold for predictions.json (``build_predictor``).
+    """
 
     model: str
     threshold: float = 0.5
@@ -196,7 +132,6 @@ class PredictConfig:
     weights: str | None = None
     device: str = "auto"
     precision: str = "auto"
-    half: bool = False
     batch: int | None = None
     letterbox: bool | None = None
     keep_aspect: bool = False
@@ -230,16 +165,28 @@ def predict_config_from_args(args: argparse.Namespace) -> PredictConfig:
     return config_from_args(PredictConfig, args)
 
 
+class HalfAction(argparse.Action):
+    """``--half``: the older spelling of ``--precision fp16``, folded into ``precision`` while parsing (an explicit
+    ``--precision`` wins, typed before or after it), so nothing below the parser knows it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, "auto") == "auto":
+            setattr(namespace, self.dest, "fp16")
+
+
 def add_predictor_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by infer_det_image.py and infer_det_video.py (the reference's names first)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True,
-                   help="detector checkpoint (.pth from train_detection.py or the reference project; .onnx export)")
+    ModelSource.add_to(g, model_help="detector checkpoint (.pth from train_detection.py or the reference project; "
+                                     ".onnx export)")
     g.add_argument("--threshold", "--score-thresh", dest="threshold", type=float, default=0.5,
-                   help="minimum score of a drawn detection (and of saved label files)")
-    g.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N",
-                   help="model input size W [H]; default: the checkpoint's (reference checkpoints: 640)")
-    add_checkpoint_args(g)
+                   help="score a detection needs to be drawn, written to label files and counted (video: to start "
+                        "a track); predictions.json keeps detections down to the checkpoint's evaluation threshold")
     g.add_argument("--nms", type=float, default=None, help="NMS IoU threshold (default: the checkpoint's)")
     g.add_argument("--max-det", type=int, default=None, help="max detections per image (default: the checkpoint's)")
     g.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
@@ -247,12 +194,10 @@ def add_predictor_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-aspect", action="store_true",
                    help="faster: letterbox scale with padding only to the model's size multiple (not for SSD)")
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="autocast precision; auto = fp32 on CUDA (fp16 with --half), bf16 on CPUs with native "
-                        "bf16 for backbones >= 20M parameters, else fp32")
-    g.add_argument("--half", action="store_true", help="fp16 autocast on CUDA (same as --precision fp16)")
-    g.add_argument("--batch", type=int, default=None, help="images per forward (default: 8 on CUDA, 1 on CPU)")
+    RuntimeOptions.add_to(g, precision_help="autocast precision; auto = a fixed rule per device (README: image "
+                                            "inference), so a checkpoint gives the same boxes on the same machine",
+                          batch=None, batch_help="images per forward (default: 8 on CUDA, 1 on CPU)")
+    g.add_argument("--half", dest="precision", action=HalfAction, help="older spelling of --precision fp16 (CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone + neck (slow first batch)")
     g = parser.add_argument_group("output")
     g.add_argument("--out-dir", default=None,
@@ -266,18 +211,7 @@ def add_checkpoint_args(group: Any) -> None:
     model (inference, export): the same flags with the same meaning everywhere. They are checked against our
     checkpoints and describe reference-project ones, which record nothing; ``checkpoint_claims`` turns the parsed
     values into ``prepare_checkpoint``'s ``expect``."""
-    from ..modeling.model import FEATURE_EXTRACTORS, HEADS
-
-    group.add_argument("--model-name", default=None,
-                       help="backbone name; checked against the checkpoint, required for reference-project ones")
-    group.add_argument("--config", default=None,
-                       help="dataset YAML (any form train_detection.py takes; its image folders need not exist): its "
-                            "classes are checked against the checkpoint; required for reference-project ones")
-    group.add_argument("--head", default=None, help=f"{' | '.join(HEADS)}; checked against the checkpoint")
-    group.add_argument("--feature-extractor", default=None,
-                       help=f"{' | '.join(FEATURE_EXTRACTORS)}; checked against the checkpoint")
-    group.add_argument("--weights", default=None,
-                       help="backbone weights; only needed for checkpoints saved without the backbone")
+    ModelSource.add_claims_to(group)
 
 
 def checkpoint_claims(cfg: Any) -> dict[str, Any]:
@@ -317,17 +251,14 @@ def build_predictor(cfg: PredictConfig, keep_low_scores: bool = False, verbose: 
 
 def _build_torch_predictor(cfg: PredictConfig, keep_low_scores: bool) -> Predictor:
     device = select_device(cfg.device)
-    if cfg.half and device.type != "cuda" and cfg.precision == "auto":
-        print("note: --half is for CUDA; on CPU it means bf16 autocast where the CPU supports it")
     batch = cfg.batch or (8 if device.type == "cuda" else 1)
-    ckpt = prepare_checkpoint(load_checkpoint(resolve_path(cfg.model)), cfg.expect(), cfg.imgsz)
+    ckpt = prepare_checkpoint(resolve_path(cfg.model), cfg.expect(), cfg.imgsz)
     weights = cfg.weights
-    if weights and ckpt["meta"].get("includes_backbone", True):
+    if weights and ckpt.card.provenance.includes_backbone:
         print(f"note: --weights {weights} ignored: the checkpoint already contains the backbone weights")
         weights = None
-    eval_thresh = float(ckpt["meta"].get("score_thresh", cfg.threshold))
-    score_thresh = min(cfg.threshold, eval_thresh) if keep_low_scores else cfg.threshold
-    return Predictor(ckpt, device=device, half=cfg.half, imgsz=cfg.imgsz, letterbox=cfg.letterbox,
+    score_thresh = score_floor(cfg.threshold, ckpt.card.detector.score_thresh, keep_low_scores)
+    return Predictor(ckpt, device=device, imgsz=cfg.imgsz, letterbox=cfg.letterbox,
                      score_thresh=score_thresh, nms=cfg.nms, max_det=cfg.max_det, batch_size=batch,
                      precision=cfg.precision, keep_aspect=cfg.keep_aspect, weights=weights, compile=cfg.compile)
 

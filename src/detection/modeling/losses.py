@@ -14,6 +14,7 @@ is float32 whatever the head outputs' dtype.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ BETWEEN_THRESHOLDS = -2
 __all__ = [
     "BELOW_LOW_THRESHOLD",
     "BETWEEN_THRESHOLDS",
+    "PaddedTargets",
     "batched_box_iou",
     "fcos_loss",
     "fcos_matches",
@@ -38,8 +40,23 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ targets
+class PaddedTargets(NamedTuple):
+    """A batch's ground truth padded to ``M`` boxes per image: ``boxes [B, M, 4]`` xyxy float32, ``labels [B, M]``
+    int64, ``valid [B, M]`` bool (False for padding)."""
+
+    boxes: Tensor
+    labels: Tensor
+    valid: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PaddedTargets":
+        return PaddedTargets(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> "PaddedTargets":
+        return PaddedTargets(*(t.pin_memory() for t in self))
+
+
 def pad_targets(targets: Sequence[dict[str, Tensor]], device: torch.device | str | None = None,
-                max_boxes: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                max_boxes: int | None = None) -> PaddedTargets:
     """torchvision-style target dicts (``boxes [k, 4]`` xyxy, ``labels [k]``) -> padded ``(boxes, labels, valid)``.
 
     ``boxes [B, M, 4]`` float32, ``labels [B, M]`` int64, ``valid [B, M]`` bool; each image's boxes come first, in
@@ -61,7 +78,7 @@ def pad_targets(targets: Sequence[dict[str, Tensor]], device: torch.device | str
             boxes[i, :k] = t["boxes"].reshape(k, 4).to(device=device, dtype=torch.float32)
             labels[i, :k] = t["labels"].reshape(k).to(device=device, dtype=torch.int64)
             valid[i, :k] = True
-    return boxes, labels, valid
+    return PaddedTargets(boxes, labels, valid)
 
 
 def _prepare(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, gt_labels: Tensor | None = None

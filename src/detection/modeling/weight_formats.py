@@ -13,7 +13,7 @@
   (timm's pretrained tag, e.g. ``timm:convnext_tiny.dinov3_lvd1689m``), resolved from the Hugging Face cache
   (``$HF_HOME``/``$HF_HUB_CACHE``) first, downloaded when the network allows.
 
-Every layout is converted to the official key names here, so ``backbones.py`` has one strict official->timm mapping.
+Every layout is converted to the official key names here, so ``official_keys.py`` has one strict official->timm mapping.
 Input statistics (``weights_family``): SAT-493M and LVD-1689M weights share their architecture, so the family is read
 from what comes with the tensors - transformers ``preprocessor_config.json`` ``image_mean``/``image_std``, timm
 ``config.json`` ``pretrained_cfg`` (``mean``/``std``, ``tag``), the ``timm:`` tag - and, where the content says

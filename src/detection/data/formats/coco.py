@@ -1,4 +1,5 @@
-"""COCO JSON (``images``, ``annotations`` with ``bbox`` [x, y, w, h], ``categories``): config keys and reading.
+"""COCO JSON (``images``, ``annotations`` with ``bbox`` [x, y, w, h], ``categories``): config keys, reading and
+writing (``CocoFormat``).
 
 The reader is our own (``json`` + checks) rather than pycocotools' ``COCO()``: that one silently keeps the last
 of duplicate image ids, raises a bare KeyError on an annotation without ``image_id``, does not check boxes and
@@ -20,6 +21,8 @@ from typing import Any
 from ...core.errors import UserError
 from .common import (
     BadSample,
+    DataFormat,
+    FormatWriter,
     ReadPolicy,
     Record,
     SplitSource,
@@ -199,3 +202,66 @@ def read_coco(sources: Sequence[SplitSource], policy: ReadPolicy) -> list[Record
             policy.add(records, make_record(image, im["file_name"], boxes, labels, difficult, size, path,
                                             image_id=iid), annotated)
     return records
+
+
+# ----------------------------------------------------------------------------------------------- writing
+class CocoWriter(FormatWriter):
+    """One JSON for the stream (``json_path``, written by ``close``): float boxes, ``iscrowd`` for difficult,
+    ``score`` when given; ``file_name`` is the image's ``name``, ``category_id`` the label's ``category_ids`` entry."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._images: list[dict[str, Any]] = []
+        self._annotations: list[dict[str, Any]] = []
+
+    def add(self, image_path, name, hw, boxes, labels, scores, difficult, image_id):
+        h, w = hw
+        iid = int(image_id) if image_id is not None else len(self._images) + 1
+        self._images.append({"id": iid, "file_name": Path(name).as_posix(), "width": w, "height": h})
+        for k, (box, label, d) in enumerate(zip(boxes.tolist(), labels.tolist(), difficult.tolist())):
+            x1, y1, x2, y2 = box
+            ann = {"id": len(self._annotations) + 1, "image_id": iid, "category_id": self.category_ids[label],
+                   "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                   "area": round((x2 - x1) * (y2 - y1), 3), "iscrowd": int(d)}
+            if scores is not None:
+                ann["score"] = round(float(scores[k]), 5)
+            self._annotations.append(ann)
+        return None
+
+    def close(self, written):
+        data = {"images": self._images, "annotations": self._annotations,
+                "categories": [{"id": self.category_ids[i], "name": c, "supercategory": ""}
+                               for i, c in enumerate(self.classes) if i > 0]}
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(json.dumps(data), encoding="utf-8")
+        return [self.json_path]
+
+
+class CocoFormat(DataFormat):
+    """``FORMAT: coco``: TRAIN_JSON / TRAIN_IMG / VALID_JSON / VALID_IMG; the classes come from the categories."""
+
+    name = "coco"
+    has_image_ids = True
+    writer = CocoWriter
+
+    @classmethod
+    def sources(cls, cfg_path: Path, raw: dict) -> tuple[list[SplitSource], list[SplitSource], list[str], list[int]]:
+        return sources_from_config(cfg_path, raw)
+
+    @classmethod
+    def classes(cls, cfg_path: Path, raw: dict) -> list[str]:
+        return classes_from_config(cfg_path, raw)
+
+    @classmethod
+    def read(cls, sources: Sequence[SplitSource], policy: ReadPolicy) -> list[Record]:
+        return read_coco(sources, policy)
+
+    @classmethod
+    def split_layout(cls, out: Path, split: str) -> tuple[Path, Path]:
+        return out / split / "images", out / "annotations"
+
+    @classmethod
+    def dataset_config(cls, classes: Sequence[str]) -> dict[str, Any]:
+        # the classes come from the JSON categories
+        return {"FORMAT": "coco", "TRAIN_JSON": "annotations/train.json", "TRAIN_IMG": "train/images",
+                "VALID_JSON": "annotations/valid.json", "VALID_IMG": "valid/images"}

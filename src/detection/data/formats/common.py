@@ -1,5 +1,6 @@
-"""What every annotation reader shares: the in-memory record, the problem report, the bad-sample / unknown-class
-policy, box clamping and config path resolution.
+"""What every annotation format shares: the in-memory record, the problem report, the bad-sample / unknown-class
+policy, box clamping, config path resolution, and the interface each format implements (``DataFormat`` with its
+``FormatWriter``; the registry is ``formats.FORMATS``).
 
 Readers parse annotations once (no pixel decoding) into :class:`Record` objects with raw absolute
 ``xmin, ymin, xmax, ymax`` boxes; :meth:`ReadPolicy.add` clamps them against the image header size and counts what
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ...core.errors import UserError
-from ...core.paths import REPO_ROOT
+from ...core.paths import config_relative_candidates
 from ..image_io import UnreadableImage, image_size
 
 SKIP_HINT = "skip bad samples (--skip-bad-samples / SKIP_BAD_SAMPLES: true)"
@@ -54,14 +56,20 @@ def resolve_config_path(cfg_path: Path, key: str, value: Any, kind: str = "folde
     """Relative paths: ``base`` (default: the config file's folder) first, then the repository root."""
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise UserError(f"{cfg_path}: {key} must be a path string, got {value!r}")
-    p = Path(str(value)).expanduser()
-    candidates = [p] if p.is_absolute() else [(base or cfg_path.parent) / p, REPO_ROOT / p]
+    candidates = config_relative_candidates(base or cfg_path.parent, str(value))
     checks = {"folder": Path.is_dir, "file": Path.is_file, "path": Path.exists}
     for c in candidates:
         if checks[kind](c):
             return c.resolve()
     looked = " or ".join(str(c) for c in candidates)
     raise UserError(f"{cfg_path}: {key}: {kind} {value!r} not found (looked in {looked}); {fix}")
+
+
+def classes_key(cfg_path: Path, raw: dict) -> list[str]:
+    """The ``CLASSES`` key of a config (VOC, ``FORMAT: yolo``), checked."""
+    if raw.get("CLASSES") is None:
+        raise UserError(f"{cfg_path}: missing key CLASSES (a list starting with __background__)")
+    return check_classes(str(cfg_path), raw["CLASSES"])
 
 
 def check_classes(where: str, classes: Any, key: str = "CLASSES") -> list[str]:
@@ -196,3 +204,66 @@ def make_record(image: Path, name: str, boxes: list, labels: list, difficult: li
                 annotation: Path | None = None, image_id: int | str | None = None) -> Record:
     return Record(Path(image), name, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
                   np.asarray(difficult, bool), size, annotation, image_id)
+
+
+# ------------------------------------------------------------------------------------------------ formats
+class FormatWriter:
+    """One format's label files for a stream of images, driven by ``annotations.LabelWriter`` (which clamps the
+    boxes and drops empty ones first): ``add`` writes or collects one image's labels, ``close`` writes what is
+    written at the end. ``lost_difficult``: difficult objects the format cannot mark (written as ordinary ones)."""
+
+    whole_pixels = False  # boxes are rounded to whole pixels before empty ones are dropped
+
+    def __init__(self, out_dir: Path, classes: Sequence[str], category_ids: Sequence[int], json_name: str,
+                 classes_file: str | None) -> None:
+        self.out_dir, self.classes, self.category_ids = Path(out_dir), list(classes), list(category_ids)
+        self.json_path = self.out_dir / json_name
+        self.classes_file = classes_file
+        self.lost_difficult = 0
+
+    def add(self, image_path: Path, name: str, hw: tuple[int, int], boxes: np.ndarray, labels: np.ndarray,
+            scores: np.ndarray | None, difficult: np.ndarray, image_id: int | None) -> Path | None:
+        """One image's kept objects (``boxes`` [N,4] xyxy pixels, ``labels`` 1..K); the file written, if any."""
+        raise NotImplementedError
+
+    def close(self, written: Sequence[Path]) -> list[Path]:
+        """Files written at the end (``written``: those written so far)."""
+        return []
+
+
+class DataFormat:
+    """An annotation format: its reader (config keys -> sources -> records) and its writer, plus the dataset layout
+    and config the toolkit writes in it (``convert``, ``synthetic``)."""
+
+    name = ""
+    config_name = "dataset.yaml"  # the file a written dataset's config goes to
+    has_image_ids = False  # records carry the file's image ids (``Record.image_id``)
+    toolkit_keys = True  # a written config may carry the toolkit's own keys (VISUALIZE_TRANSFORMED_IMAGES, ...)
+    nested_names = True  # images may sit in sub-folders of a split's image folder
+    writer: type[FormatWriter] = FormatWriter
+
+    @classmethod
+    def sources(cls, cfg_path: Path, raw: dict) -> tuple[list[SplitSource], list[SplitSource], list[str],
+                                                          list[int] | None]:
+        """(train sources, valid sources, classes, category ids or None) of a dataset config in this format."""
+        raise NotImplementedError
+
+    @classmethod
+    def classes(cls, cfg_path: Path, raw: dict) -> list[str]:
+        """The config's classes without needing its image or label folders (inference, export)."""
+        return classes_key(cfg_path, raw)
+
+    @classmethod
+    def read(cls, sources: Sequence[SplitSource], policy: ReadPolicy) -> list[Record]:
+        """Records of every sample of ``sources``; problems follow ``policy``."""
+        raise NotImplementedError
+
+    @classmethod
+    def split_layout(cls, out: Path, split: str) -> tuple[Path, Path]:
+        """Where a written dataset keeps a split ("train"/"valid"): (images folder, labels folder or JSON folder)."""
+        return out / split / "images", out / split / "labels"
+
+    @classmethod
+    def dataset_config(cls, classes: Sequence[str]) -> dict[str, Any]:
+        """The dataset YAML for ``split_layout`` (paths relative to the YAML in ``out``) that ``--config`` accepts."""
+        raise NotImplementedError

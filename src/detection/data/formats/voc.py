@@ -1,4 +1,4 @@
-"""Pascal VOC XML: config keys (folder pairs or VOCdevkit), listing, parsing.
+"""Pascal VOC XML: config keys (folder pairs or VOCdevkit), listing, parsing, writing (``VocFormat``).
 
 Box convention: XML coordinates are taken as absolute pixel coordinates ``xmin, ymin, xmax, ymax`` (as the
 reference did - no VOC "-1" shift), reordered if reversed and clamped to the *decoded* image size.
@@ -10,10 +10,21 @@ import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ...core.errors import UserError
 from ..image_io import IMAGE_EXTS
-from .common import BadSample, ReadPolicy, Record, SplitSource, make_record, resolve_config_path
+from .common import (
+    BadSample,
+    DataFormat,
+    FormatWriter,
+    ReadPolicy,
+    Record,
+    SplitSource,
+    classes_key,
+    make_record,
+    resolve_config_path,
+)
 
 FOLDER_KEYS = ("TRAIN_IMG", "TRAIN_ANNOT", "VALID_IMG", "VALID_ANNOT")
 
@@ -168,3 +179,66 @@ def read_voc(samples: Sequence[SampleSpec], policy: ReadPolicy) -> list[Record]:
             continue
         policy.add(records, rec, xml_size)
     return records
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def voc_tree(image_name: str, folder: str, hw: Sequence[int], objects: Sequence[tuple[str, Sequence[int], bool]]
+             ) -> ET.Element:
+    """The annotation of one image: ``objects`` as (class name, integer xyxy box, difficult)."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = folder
+    ET.SubElement(root, "filename").text = image_name
+    size = ET.SubElement(root, "size")
+    ET.SubElement(size, "width").text = str(int(hw[1]))
+    ET.SubElement(size, "height").text = str(int(hw[0]))
+    ET.SubElement(size, "depth").text = "3"
+    ET.SubElement(root, "segmented").text = "0"
+    for name, box, difficult in objects:
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = name
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = "0"
+        ET.SubElement(obj, "difficult").text = "1" if difficult else "0"
+        bb = ET.SubElement(obj, "bndbox")
+        for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box):
+            ET.SubElement(bb, k).text = str(int(v))
+    ET.indent(root)
+    return root
+
+
+class VocWriter(FormatWriter):
+    """One XML per image, ``out_dir/<name>.xml``; integer pixel boxes, as LabelImg/CVAT write them."""
+
+    whole_pixels = True
+
+    def add(self, image_path, name, hw, boxes, labels, scores, difficult, image_id):
+        path = self.out_dir / Path(name).with_suffix(".xml")
+        objects = [(self.classes[k], box, bool(d))
+                   for box, k, d in zip(boxes.tolist(), labels.tolist(), difficult.tolist())]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tree = voc_tree(image_path.name, image_path.parent.name, hw, objects)
+        ET.ElementTree(tree).write(path, encoding="utf-8", xml_declaration=False)
+        return path
+
+
+class VocFormat(DataFormat):
+    """Pascal VOC: folder pairs (``TRAIN_IMG``/``TRAIN_ANNOT``/...) or a VOCdevkit, ``CLASSES`` in the config."""
+
+    name = "voc"
+    nested_names = False  # images and XML are matched by stem within one folder
+    writer = VocWriter
+
+    @classmethod
+    def sources(cls, cfg_path: Path, raw: dict) -> tuple[list[SplitSource], list[SplitSource], list[str], None]:
+        classes = classes_key(cfg_path, raw)
+        train, valid = sources_from_config(cfg_path, raw)
+        return train, valid, classes, None
+
+    @classmethod
+    def read(cls, sources: Sequence[SplitSource], policy: ReadPolicy) -> list[Record]:
+        return read_voc(list_samples(sources), policy)
+
+    @classmethod
+    def dataset_config(cls, classes: Sequence[str]) -> dict[str, Any]:
+        return {"TRAIN_IMG": "train/images", "TRAIN_ANNOT": "train/labels", "VALID_IMG": "valid/images",
+                "VALID_ANNOT": "valid/labels", "CLASSES": list(classes)}

@@ -1,5 +1,5 @@
 """YOLO text labels (one ``class cx cy w h`` line per object, normalized to [0, 1]): config keys, the Ultralytics
-``data.yaml`` form, listing and parsing.
+``data.yaml`` form, listing, parsing and writing (``YoloFormat``).
 
 Label files are found by the Ultralytics rule (the last ``images`` folder in an image's path becomes ``labels``,
 the extension ``.txt``; no ``images`` folder: the label lies beside the image) unless the config names a labels
@@ -15,14 +15,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ...core.errors import UserError
 from ..image_io import IMAGE_EXTS
-from .common import BadSample, ReadPolicy, Record, SplitSource, check_classes, make_record, resolve_config_path
+from .common import (
+    BadSample,
+    DataFormat,
+    FormatWriter,
+    ReadPolicy,
+    Record,
+    SplitSource,
+    check_classes,
+    classes_key,
+    make_record,
+    resolve_config_path,
+)
 
 KEYS = ("TRAIN_IMG", "VALID_IMG")
 # YOLO exporters write 6 significant digits; a value that much past the image border is a rounding artefact
 TOLERANCE = 1e-4
 NOT_LABEL_FILES = {"classes.txt"}  # LabelImg writes the class names beside the labels
+DECIMALS = 6  # Ultralytics writes 6 significant digits; 6 decimals keep boxes within 0.001 px at 1000 px
 
 
 def is_ultralytics(raw: dict) -> bool:
@@ -192,3 +206,70 @@ def read_yolo(sources: Sequence[SplitSource], policy: ReadPolicy) -> list[Record
                 if txt.name not in NOT_LABEL_FILES and txt.resolve() not in used:
                     policy.report.unmatched_annotations.append(f"label file {txt} has no image")
     return records
+
+
+# ----------------------------------------------------------------------------------------------- writing
+class YoloWriter(FormatWriter):
+    """One text file per image, ``out_dir/<name>.txt`` (normalized floats, no difficult flag, no score), and
+    ``classes_file`` (the class names one per line, as LabelImg writes them; None: none) at the end."""
+
+    def add(self, image_path, name, hw, boxes, labels, scores, difficult, image_id):
+        h, w = hw
+        b = boxes
+        path = self.out_dir / Path(name).with_suffix(".txt")
+        self.lost_difficult += int(difficult.sum())
+        cx, cy = (b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h
+        bw, bh = (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h
+        f = f"{{:.{DECIMALS}f}}"
+        lines = [f"{k - 1} " + " ".join(f.format(v) for v in row)
+                 for k, row in zip(labels.tolist(), np.stack([cx, cy, bw, bh], 1).tolist())]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+        return path
+
+    def close(self, written):
+        if not self.classes_file:
+            return []
+        path = self.out_dir / self.classes_file
+        if path in written:  # an image named like the class list: its labels win
+            return []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(c + "\n" for c in self.classes[1:]), encoding="utf-8")
+        return [path]
+
+
+class YoloFormat(DataFormat):
+    """``FORMAT: yolo`` (TRAIN_IMG / VALID_IMG, optional TRAIN_LABELS / VALID_LABELS, ``CLASSES``) or an Ultralytics
+    ``data.yaml`` as it is; written in the Ultralytics layout with a ``data.yaml``."""
+
+    name = "yolo"
+    config_name = "data.yaml"
+    toolkit_keys = False  # a plain Ultralytics data.yaml
+    writer = YoloWriter
+
+    @classmethod
+    def sources(cls, cfg_path: Path, raw: dict) -> tuple[list[SplitSource], list[SplitSource], list[str], None]:
+        if is_ultralytics(raw):
+            return (*sources_from_ultralytics(cfg_path, raw), None)
+        classes = classes_key(cfg_path, raw)
+        train, valid = sources_from_config(cfg_path, raw)
+        return train, valid, classes, None
+
+    @classmethod
+    def classes(cls, cfg_path: Path, raw: dict) -> list[str]:
+        return class_names(cfg_path, raw) if is_ultralytics(raw) else classes_key(cfg_path, raw)
+
+    @classmethod
+    def read(cls, sources: Sequence[SplitSource], policy: ReadPolicy) -> list[Record]:
+        return read_yolo(sources, policy)
+
+    @classmethod
+    def split_layout(cls, out: Path, split: str) -> tuple[Path, Path]:
+        sub = "train" if split == "train" else "val"
+        return out / "images" / sub, out / "labels" / sub
+
+    @classmethod
+    def dataset_config(cls, classes: Sequence[str]) -> dict[str, Any]:
+        # an Ultralytics data.yaml without `path`: Ultralytics then resolves train/val against the file's folder
+        names = list(classes[1:])
+        return {"train": "images/train", "val": "images/val", "nc": len(names), "names": names}

@@ -1,0 +1,368 @@
+"""A training run described by a ``TrainConfig``: set-up, epoch loop, checkpoints, logs, plots; and ``--eval-only``.
+
+``run(cfg, typed)`` is the body of ``train_detection.py``; ``typed`` (the options typed on the command line)
+matters for ``--resume``, which keeps the run's saved configuration except the ``RESUME_OVERRIDABLE`` options
+typed now, and for ``--eval-only``, which hands the model options the user gave to the evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..checkpoint import (
+    build_payload,
+    check_state_dict,
+    describe_weights_source,
+    frozen_backbone_keys,
+    load_checkpoint,
+    model_meta,
+    save_checkpoint,
+    set_rng_state,
+    training_options,
+)
+from ..checkpoint.source import ModelSource
+from ..core.errors import UserError
+from ..core.io import atomic_write
+from ..core.paths import resolve_path
+from ..core.runtime import amp_settings, seed_everything, setup_distributed, unwrap
+from ..data.datasets import build_dataloader, build_datasets, load_data_config, save_transformed_samples
+from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
+from ..evaluation.metrics import DetectionEvaluator, EvalResult
+from ..evaluation.report import format_table, plot_training_curves, save_results
+from ..modeling.builder import build_detector
+from ..modeling.detector import count_parameters
+from .config import TrainConfig, resume_config
+from .evaluation import EvalConfig, evaluate_checkpoint
+from .feature_cache import CachedBatches, FeatureCache, collate_cached
+from .loop import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, train_one_epoch
+
+CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "eval_seconds", "skipped_steps"]
+
+
+# ----------------------------------------------------------------------------------------------- set-up helpers
+def find_resume_checkpoint(cfg: TrainConfig) -> Path:
+    if cfg.resume != "auto":
+        return resolve_path(cfg.resume)
+    parent = cfg.output.parent()
+    if cfg.output.name:
+        return parent / cfg.output.name / "last_model.pth"
+    runs = sorted((p for p in parent.glob("*/last_model.pth")), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError(f"--resume: no last_model.pth found under {parent}; pass the checkpoint path, "
+                        f"e.g. --resume outputs/img_det/run_1/last_model.pth")
+    return runs[-1]
+
+
+def saved_config(ckpt: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a training checkpoint was written with (older formats: ``checkpoint.training_options``)."""
+    stored = training_options(ckpt, known=TrainConfig().to_dict().keys())
+    if not stored:
+        raise UserError(f"--resume: {ckpt['path']} holds no training state (written by inference tools?); "
+                        f"resume from a last_model.pth of a training run")
+    return TrainConfig.from_dict(stored, source=ckpt["path"])
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(CSV_FIELDS) + sorted({k for r in rows for k in r if k not in CSV_FIELDS})
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int):
+    """Training loader (epoch-seeded, padded shards) and validation loader (sharded, no padding), both resizing
+    as input spec ``spec`` (the model's ``input_spec``) says."""
+    batch, workers = cfg.runtime.batch, cfg.runtime.workers
+    train_ds, valid_ds = build_datasets(data_cfg, imgsz=spec.imgsz, augment=cfg.augment, letterbox=spec.letterbox,
+                                        include_difficult=cfg.include_difficult,
+                                        ignore_unknown_classes=cfg.ignore_unknown_classes or None,
+                                        skip_bad_samples=cfg.skip_bad_samples or None, verbose=rank == 0)
+    train_sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=rank, world_size=world)
+    train_loader = build_dataloader(EpochSeededDataset(train_ds, cfg.seed), batch, workers, sampler=train_sampler)
+    valid_loader = build_dataloader(valid_ds, batch, workers, sampler=ShardSampler(len(valid_ds), rank, world))
+    return train_ds, valid_ds, train_loader, train_sampler, valid_loader
+
+
+def _given_options(cfg: TrainConfig, typed: frozenset[str] | set[str] | None) -> set[str]:
+    """The options the user gave: typed on the command line, or set to other than the default (by ``--cfg`` or an
+    API caller)."""
+    default = TrainConfig()
+    return set(typed or ()) | {k for k, v in cfg.options().items() if v != default.get(k)}
+
+
+def eval_only_config(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> EvalConfig:
+    """What ``--eval-only --model ckpt`` evaluates: the model-source options the user gave (the rest is the
+    checkpoint's own) with the run's runtime options; the evaluation score threshold only when given."""
+    if not cfg.model:
+        raise UserError("--eval-only needs --model <checkpoint.pth>")
+    given = _given_options(cfg, typed)
+    claims = {k: cfg.get(k) for k in ("model_name", "head", "feature_extractor", "weights", "imgsz", "backbone_impl",
+                                      "arch_overrides") if k in given}
+    return EvalConfig(config=cfg.config, source=ModelSource(model=cfg.model, **claims), metric=cfg.metric,
+                      runtime=cfg.runtime, score_thresh=cfg.get("score_thresh") if "score_thresh" in given else None)
+
+
+def eval_only(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> EvalResult:
+    """``--eval-only --model ckpt``: score a checkpoint on the validation split of ``--config`` and print it."""
+    result = evaluate_checkpoint(eval_only_config(cfg, typed))
+    print(format_table(result))
+    return result
+
+
+def compile_for_training(model: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile`` of the module the training step calls (the DDP wrapper under DDP). The returned module
+    must be the one called: compiling a copy or assigning a compiled forward elsewhere compiles nothing."""
+    return torch.compile(model, backend=backend)
+
+
+def configure_trainable(model: nn.Module, cfg: TrainConfig, verbose: bool) -> None:
+    """Apply ``--unfreeze-last`` and report what trains."""
+    dino = unwrap(model).dino
+    if cfg.unfreeze_last:
+        dino.set_trainable(cfg.unfreeze_last)
+    if verbose:
+        trained = sum(p.numel() for p in dino.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in dino.parameters() if not p.requires_grad)
+        total, trainable = count_parameters(model)
+        what = ("frozen" if not trained else "fully trained" if not frozen
+                else f"last {cfg.unfreeze_last} of {dino.num_layers} layers trained")
+        print(f"backbone {what} ({describe_weights_source(dino.weights_source)}): {trained:,} trainable / "
+              f"{frozen:,} frozen parameters; {trainable - trained:,} trainable in neck + head")
+
+
+# ----------------------------------------------------------------------------------------------- main entry
+def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Path | None:
+    """Train (or ``--eval-only``) as ``cfg`` describes; ``typed``: the options typed on the command line (resume).
+
+    Returns the run folder on rank 0.
+    """
+    if cfg.eval_only:
+        eval_only(cfg, typed)
+        return None
+    main = int(os.environ.get("RANK", "0")) == 0
+    resume_ckpt = None
+    run_dir: Path | None = None
+    if cfg.resume:
+        ckpt_path = find_resume_checkpoint(cfg)
+        resume_ckpt = load_checkpoint(ckpt_path)
+        cfg, ignored = resume_config(saved_config(resume_ckpt), cfg, None if typed is None else frozenset(typed))
+        if ignored and main:
+            print(f"note: --resume keeps the run's {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
+                  f"it may change only --epochs, --workers, --device, --eval-interval, --precision, --compile, "
+                  f"--max-nonfinite")
+        run_dir = ckpt_path.parent
+
+    device, rank, world = setup_distributed(cfg.runtime.device)
+    main = rank == 0
+    seed_everything(cfg.seed)
+    data_cfg = load_data_config(cfg.config)
+    classes = data_cfg.classes
+
+    torch.manual_seed(cfg.seed)  # identical head initialisation on every rank and every (re)start
+    model = build_detector(cfg.detector_config(len(classes)), weights=cfg.weights, verbose=main,
+                           repo_dir=cfg.repo_dir).to(device)
+    # the run records the head it built, not "the default", so a later change of defaults cannot break its resume
+    cfg = cfg.replace(head_convs=model.config.head_convs, head_separable=model.config.head_separable)
+    configure_trainable(model, cfg, verbose=main)
+    spec = model.input_spec
+    meta = model_meta(model, classes, spec.letterbox, weights=cfg.weights, category_ids=data_cfg.category_ids)
+    meta["augment"] = cfg.augment
+
+    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(cfg, data_cfg, spec, rank, world)
+    if run_dir is None:  # created only once model and data are known to be fine: no empty folders on errors
+        if main:
+            run_dir = cfg.output.run_dir("run")
+        if world > 1:  # every rank needs the folder name (for the disk cache)
+            holder = [str(run_dir) if main else None]
+            dist.broadcast_object_list(holder)
+            run_dir = Path(holder[0])
+    assert run_dir is not None
+
+    if main:
+        print(f"data: {len(train_ds)} training / {len(valid_ds)} validation images, {len(classes) - 1} classes "
+              f"({', '.join(classes[1:])})")
+        if data_cfg.visualize_transformed_images:
+            paths = save_transformed_samples(train_ds, run_dir / "transformed_samples")
+            print(f"wrote {len(paths)} augmented samples to {run_dir / 'transformed_samples'}")
+
+    amp_dtype, scaler = amp_settings(cfg.runtime.precision, device)
+    if cfg.cache_features:  # the image loaders are replaced by ones over cached backbone maps
+        train_loader, train_sampler, valid_loader = prepare_feature_cache(
+            cfg, model, train_ds, valid_ds, device, run_dir, rank, world, main, amp_dtype)
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = compile_for_training(train_model, cfg.compile)
+
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.backbone_lr,
+                                layer_decay=cfg.layer_decay)
+    iters_per_epoch = len(train_loader)
+    scheduler = build_scheduler(optimizer, schedule=cfg.scheduler, epochs=cfg.epochs, iters_per_epoch=iters_per_epoch,
+                                warmup_epochs=cfg.warmup_epochs, warmup_iters=cfg.warmup_iters, steps=cfg.lr_steps)
+    ema = ModelEMA(model, decay=cfg.ema_decay) if cfg.ema else None
+    evaluator = DetectionEvaluator(classes, metric=cfg.metric)
+
+    start_epoch, best_map = 1, -1.0
+    rows = read_csv(run_dir / "results.csv") if resume_ckpt else []
+    if resume_ckpt is not None:
+        start_epoch, best_map = restore_training_state(resume_ckpt, model, optimizer, scheduler, scaler, ema)
+        rows = [r for r in rows if r.get("epoch", 0) < start_epoch]
+        if main:
+            print(f"resuming {run_dir.name} at epoch {start_epoch}/{cfg.epochs} (best mAP {best_map:.4f})")
+    if main:
+        cfg.save_yaml(run_dir / "args.yaml")
+
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train_sampler.set_epoch(epoch)
+        losses = train_one_epoch(train_model, train_loader, optimizer, scheduler, device, epoch, scaler=scaler,
+                                 amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, ema=ema, guard=guard,
+                                 total=iters_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}")
+        train_seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"],
+                               "seconds": train_seconds, "map": math.nan, "map50": math.nan, "map75": math.nan}
+        result = None
+        if epoch % cfg.eval_interval == 0 or epoch == cfg.epochs:
+            with ema.swapped_in(model) if ema else contextlib.nullcontext():
+                result = evaluate(model, valid_loader, device, classes, spec=spec, evaluator=evaluator,
+                                  amp_dtype=amp_dtype)
+            if main:
+                row.update({k: v for k, v in result.summary().items()
+                            if k in ("map", "map50", "map75") or not math.isnan(v)}, eval_seconds=result.seconds)
+        if main:
+            rows.append(row)
+            improved = result is not None and result.primary > best_map  # NaN never improves
+            if improved:
+                best_map = result.primary
+            save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, cfg, improved,
+                       result)
+            write_csv(run_dir / "results.csv", rows)
+            plot_training_curves(rows, run_dir)
+            print(epoch_summary(row, losses, cfg.epochs))
+        if world > 1:
+            dist.barrier()
+    if main:
+        print(f"done: best mAP@.5:.95 {best_map:.4f}; outputs in {run_dir}")
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir if main else None
+
+
+def epoch_summary(row: dict[str, Any], losses: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(row['epoch'])}/{epochs}", f"loss {losses.get('train_loss', math.nan):.4f}"]
+    parts += [f"{k[5:]} {v:.4f}" for k, v in losses.items() if k.startswith("loss_")]
+    if not math.isnan(row["map"]):
+        parts += [f"mAP {row['map']:.4f}", f"mAP50 {row['map50']:.4f}"]
+    parts.append(f"{row['seconds']:.1f}s")
+    if losses.get("skipped_steps"):
+        parts.append(f"skipped {int(losses['skipped_steps'])} non-finite steps")
+    return " | ".join(parts)
+
+
+def save_epoch(run_dir: Path, model, meta, optimizer, scheduler, scaler, ema, epoch: int, best_map: float,
+               cfg: TrainConfig, improved: bool, result) -> None:
+    payload = build_payload(model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            ema=ema.state_dict() if ema else None, epoch=epoch, best_metric=best_map,
+                            include_backbone=not cfg.no_save_backbone)
+    payload["train_config"] = cfg.to_dict()
+    save_checkpoint(run_dir / "last_model.pth", payload)
+    if improved:
+        if ema is not None:  # best_model.pth is for inference: the averaged weights it was scored with
+            payload = {**payload, "model": ema.averaged(payload["model"])}
+        save_checkpoint(run_dir / "best_model.pth", payload)
+        (run_dir / "per_class_ap.txt").write_text(f"epoch {epoch}\n{format_table(result)}\n")
+        save_results(result, run_dir)
+
+
+def restore_training_state(ckpt: dict[str, Any], model, optimizer, scheduler, scaler, ema) -> tuple[int, float]:
+    """Load weights and optimiser/scheduler/scaler/EMA/RNG state; returns (next epoch, best mAP).
+
+    Only the frozen backbone may be absent (a ``--no-save-backbone`` checkpoint; it comes from ``--weights``),
+    checked by tensor identity: a missing neck or head tensor is a broken checkpoint.
+    """
+    m = unwrap(model)
+    allowed = set() if ckpt["meta"].get("includes_backbone", True) else frozen_backbone_keys(m)
+    check_state_dict(m, ckpt["model"], ckpt["path"], "model this run builds (--resume)",
+                     "resume with the run's own last_model.pth", allowed)
+    m.load_state_dict(ckpt["model"], strict=False)
+    if ckpt.get("optimizer"):
+        # load_state_dict also takes the saved groups' fused/foreach; how a step runs is this build's choice (a
+        # checkpoint of a non-fused optimizer would otherwise meet the fused loop's device-side skip flag)
+        implementation = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:
+            raise UserError(f"--resume: {ckpt['path']}: the optimizer state does not fit this model "
+                            f"({str(exc).splitlines()[0]})") from None
+        for group in optimizer.param_groups:
+            group.update(implementation)
+    if ckpt.get("scheduler"):
+        # A larger --epochs changes the schedule's length; the lambda is rebuilt from the config, only the step
+        # count is restored.
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema"):
+        ema.load_state_dict(ckpt["ema"])
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    best = ckpt.get("best_metric")
+    return int(ckpt["epoch"]) + 1, -1.0 if best is None else float(best)
+
+
+def prepare_feature_cache(cfg: TrainConfig, model, train_ds, valid_ds, device: torch.device, run_dir: Path,
+                          rank: int, world: int, main: bool, amp_dtype: torch.dtype | None = None):
+    """Cache this rank's training shard (padded: equal steps on every rank) and validation shard.
+
+    Returns ``(train loader, its sampler, validation loader)`` replacing the image loaders.
+    """
+    shard = padded_shard(len(train_ds), rank, world)  # under DDP each rank caches and trains on a fixed shard
+    batch, workers, imgsz = cfg.runtime.batch, cfg.runtime.workers, unwrap(model).input_spec.imgsz
+    common = dict(device=device, batch_size=batch, workers=workers, amp_dtype=amp_dtype)
+    t0 = time.perf_counter()
+    cache = FeatureCache(cfg.cache_features, flip=cfg.augment == "flip", seed=cfg.seed,
+                         cache_dir=run_dir / f"feature_cache_rank{rank}")
+    cache.build(unwrap(model), train_ds, shard, show=main, **common)
+    valid_shard = list(ShardSampler(len(valid_ds), rank, world))
+    valid_cache = FeatureCache(cfg.cache_features, flip=False, seed=cfg.seed,
+                               cache_dir=run_dir / f"feature_cache_valid_rank{rank}")
+    valid_cache.build(unwrap(model), valid_ds, valid_shard, show=main, **common)
+    if main:
+        print(f"feature cache ({cfg.cache_features}): {len(cache)} training images x {1 + cache.flip} variants + "
+              f"{len(valid_cache)} validation images, {(cache.nbytes + valid_cache.nbytes) / 2**20:.0f} MiB, "
+              f"built in {time.perf_counter() - t0:.1f}s")
+    sampler = EpochSampler(len(shard), seed=cfg.seed, shuffle=True, indices=shard)
+    pin = device.type == "cuda"
+    if cfg.cache_features == "ram":
+        return (CachedBatches(cache, sampler, batch, imgsz, pin_memory=pin), sampler,
+                CachedBatches(valid_cache, valid_shard, batch, imgsz, pin_memory=pin))
+    collate = functools.partial(collate_cached, imgsz=imgsz)
+    loader = DataLoader(cache, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin)
+    valid_loader = DataLoader(valid_cache, batch_size=batch, sampler=valid_shard, num_workers=workers,
+                              collate_fn=collate, pin_memory=pin)
+    return loader, sampler, valid_loader

@@ -1,0 +1,272 @@
+"""Video inference (the body of ``infer_det_video.py``): frames (thread) -> batched Predictor forward -> track,
+draw, encode and write per-frame results (thread), with bounded queues.
+
+The detector returns detections down to the checkpoint's evaluation score threshold. Without ``--track`` those
+scoring at least ``--threshold`` are drawn; with ``--track`` all of them feed ByteTrack (low scores help it keep
+tracks through dips) and the tracked objects are drawn with their IDs (``tracking.py``). The output keeps the
+source's fps and exact frame size (``video_io.open_writer``); Ctrl-C or a source that ends early still leaves a
+finalized, playable video and a ``summary.json`` with the number of frames written. A bad source fails before
+any output file exists.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import cv2
+import numpy as np
+
+from ..core.errors import UserError
+from ..core.paths import increment_path
+from ..data.video_io import CODEC_CHOICES, DEFAULT_FPS, FrameSource, Writer, open_source, open_writer
+from .draw import bgr_to_tensor, draw_detections, draw_text
+from .pipeline import Item, run_pipeline
+from .predictor import PredictConfig, build_predictor, display_available, filter_detections
+from .tracking import TrackConfig, Tracked, Tracker
+
+
+@dataclass
+class VideoInferConfig:
+    """Options of ``infer_det_video.py``: the shared ``PredictConfig`` plus the video command's own."""
+
+    predict: PredictConfig
+    input: str
+    max_frames: int | None = None
+    fps: float | None = None
+    track: bool = False
+    track_buffer: int = 30
+    track_hold: int = 2
+    save_json: bool = False
+    save_mot: bool = False
+    codec: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_frames is not None and self.max_frames < 1:
+            raise UserError(f"--max-frames {self.max_frames}: must be at least 1")
+        if self.track_buffer < 0 or self.track_hold < 0:
+            raise UserError(f"--track-buffer {self.track_buffer} / --track-hold {self.track_hold}: use 0 or more")
+        if self.codec not in CODEC_CHOICES:
+            raise UserError(f"--codec {self.codec!r}: choose from {', '.join(CODEC_CHOICES)}")
+
+
+class RateMeter:
+    """Frames per second over a sliding window of the last ``window`` frames."""
+
+    def __init__(self, window: int = 30) -> None:
+        self.times: deque[float] = deque(maxlen=window + 1)
+
+    def tick(self) -> float:
+        self.times.append(time.perf_counter())
+        if len(self.times) < 2:
+            return 0.0
+        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+
+
+def probe_video(path: str | Path) -> dict[str, Any]:
+    """What a written file really holds, read back by OpenCV: width, height, frame count (container metadata)."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return {"width": int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), "height": int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                "frames": int(cap.get(cv2.CAP_PROP_FRAME_COUNT))}
+    finally:
+        cap.release()
+
+
+def frame_records(index: int, timestamp: float, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                  classes: list[str], ids: np.ndarray | None = None, held: np.ndarray | None = None
+                  ) -> tuple[str, list[str]]:
+    """One JSON Lines record (frame index from 0, timestamp in seconds, boxes xyxy in source pixels) and the
+    MOTChallenge rows ``frame,id,x,y,w,h,score,-1,-1,-1`` (frames from 1; id -1 without tracking) of a frame."""
+    dets, mot = [], []
+    for k, (box, score, label) in enumerate(zip(boxes.tolist(), scores.tolist(), labels.tolist())):
+        x1, y1, x2, y2 = (round(v, 2) for v in box)
+        det: dict[str, Any] = {"box": [x1, y1, x2, y2], "score": round(score, 4), "label": int(label),
+                               "class": classes[label] if 0 <= label < len(classes) else str(label)}
+        tid = -1
+        if ids is not None:
+            tid = int(ids[k])
+            det["track_id"] = tid
+            det["predicted"] = bool(held[k]) if held is not None else False
+        dets.append(det)
+        mot.append(f"{index + 1},{tid},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{score:.4f},-1,-1,-1")
+    record = json.dumps({"frame": index, "time": round(timestamp, 4), "detections": dets})
+    return record, mot
+
+
+def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, max_frames: int | None = None,
+                  show: bool = False, progress: bool = True, overlay: bool = True, threshold: float | None = None,
+                  track: TrackConfig | None = None, json_path: Path | None = None, mot_path: Path | None = None,
+                  codec: str = "auto") -> dict[str, Any]:
+    """Run the detector over ``source``; write the annotated video to ``out_stem``.<ext> (None: don't write),
+    per-frame JSON Lines to ``json_path`` and MOTChallenge rows to ``mot_path`` (None: don't).
+
+    ``threshold``: draw detections scoring at least this (None: all the predictor returns); ``track``: link them
+    into tracks instead. Returns the summary; a KeyboardInterrupt ends the run early with everything finalized.
+    """
+    from tqdm import tqdm
+
+    tracker = Tracker(track, (source.width, source.height)) if track is not None else None
+    writer: Writer | None = None
+    if out_stem is not None:
+        writer = open_writer(out_stem, source.fps, (source.width, source.height), codec=codec)
+    files: list[IO[str]] = []
+    json_file = mot_file = None
+    if json_path is not None:
+        json_file = open(json_path, "w", encoding="utf-8")
+        files.append(json_file)
+    if mot_path is not None:
+        mot_file = open(mot_path, "w", encoding="utf-8")
+        files.append(mot_file)
+    total = source.total if max_frames is None else min(source.total or max_frames, max_frames)
+    bar = tqdm(total=total, unit="frame", desc="video", disable=not progress)
+    e2e = RateMeter()
+    stop = threading.Event()
+    done = {"frames": 0, "detections": 0, "track_seconds": 0.0}
+    interrupted = False
+    classes = list(predictor.classes)
+
+    def prepare(indexed: tuple[int, float, np.ndarray]) -> Item:
+        index, timestamp, frame = indexed
+        return Item(data=(index, timestamp, frame), input=predictor.preprocess(bgr_to_tensor(frame)),
+                    orig_hw=frame.shape[:2])
+
+    def sink(item: Item) -> None:
+        index, timestamp, frame = item.data
+        pred = item.pred
+        ids = held = None
+        if tracker is not None:
+            t0 = time.perf_counter()
+            tracked: Tracked = tracker.update(pred["boxes"].numpy(), pred["scores"].numpy(), pred["labels"].numpy())
+            done["track_seconds"] += time.perf_counter() - t0
+            boxes, scores, labels, ids, held = tracked.boxes, tracked.scores, tracked.labels, tracked.ids, tracked.held
+        else:
+            if threshold is not None:
+                pred = filter_detections(pred, threshold)
+            boxes, scores, labels = pred["boxes"].numpy(), pred["scores"].numpy(), pred["labels"].numpy()
+        done["detections"] += len(boxes)
+        if json_file is not None or mot_file is not None:
+            record, mot = frame_records(index, timestamp, boxes, scores, labels, classes, ids, held)
+            if json_file is not None:
+                json_file.write(record + "\n")
+            if mot_file is not None and mot:
+                mot_file.write("\n".join(mot) + "\n")
+        if writer is not None or show:
+            draw_detections(frame, boxes, labels, scores, classes, ids=ids)
+            fps = e2e.tick()
+            if overlay:
+                draw_text(frame, [f"model {item.model_fps:.1f} FPS", f"end-to-end {fps:.1f} FPS"])
+            if writer is not None:
+                writer.write(frame)
+            if show:
+                cv2.imshow("detections", frame)
+                if cv2.waitKey(1) & 0xFF == ord("q"):
+                    stop.set()
+        done["frames"] += 1
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        try:
+            run_pipeline(predictor, (prepare(f) for f in source.frames(max_frames, stop)), sink)
+        except KeyboardInterrupt:  # Ctrl-C (or a source that raises it): keep and finalize what was written
+            interrupted = True
+        ok = done["frames"] > 0
+    finally:
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        stop.set()
+        source.close()
+        for f in files:
+            f.close()
+        if writer is not None:
+            writer.close()
+            if not ok:
+                writer.path.unlink(missing_ok=True)
+        if show:
+            cv2.destroyAllWindows()
+    model_fps = predictor.model_timer.rate
+    frames = done["frames"]
+    e2e_fps = frames / elapsed if elapsed > 0 else 0.0
+    summary: dict[str, Any] = {
+        "source": source.name, "frames": frames, "width": source.width, "height": source.height,
+        "fps": source.fps, "fps_from_source": source.fps_known, "interrupted": interrupted,
+        "skipped_unreadable_frames": list(source.skipped),
+        "mean_model_fps": round(model_fps, 3), "mean_end_to_end_fps": round(e2e_fps, 3),
+        "end_to_end_over_model": round(e2e_fps / model_fps, 3) if model_fps else 0.0,
+        "seconds": round(elapsed, 3), "threshold": threshold, "detections_drawn": done["detections"],
+        "output": str(writer.path) if writer is not None and ok else None,
+        "video": None, "json": str(json_path) if json_path else None, "mot": str(mot_path) if mot_path else None,
+        "device": str(getattr(predictor, "device", "")), "precision": getattr(predictor, "precision", None),
+        "batch": predictor.batch_size}
+    if writer is not None and ok:
+        summary["video"] = {**writer.info(), "written": probe_video(writer.path)}
+    if tracker is not None:
+        per_label = tracker.unique_ids_per_label()
+        summary["tracking"] = {
+            "tracker": "ByteTrack (trackers) + alpha-beta box / EMA score smoothing",
+            "detections_fed_from_score": getattr(predictor, "score_thresh", None),
+            "threshold": track.threshold, "buffer_frames": track.buffer, "hold_frames": track.hold,
+            "min_hits": track.min_hits, "unique_track_ids": sum(per_label.values()),
+            "unique_track_ids_per_class": {classes[k] if 0 <= k < len(classes) else str(k): v
+                                           for k, v in sorted(per_label.items())},
+            "ms_per_frame": round(1000 * done["track_seconds"] / max(frames, 1), 3)}
+    return summary
+
+
+def infer_video(cfg: VideoInferConfig) -> dict[str, Any]:
+    """The body of infer_det_video.py."""
+    pc = cfg.predict
+    source = open_source(cfg.input, cfg.fps)  # fail on a bad input before loading the model or creating folders
+    try:
+        predictor = build_predictor(pc, keep_low_scores=True)
+        if not source.fps_known:
+            print(f"note: {cfg.input} reports no frame rate; writing at {DEFAULT_FPS:g} fps (set --fps)")
+        show = False
+        if pc.show:
+            show, why = display_available()
+            if not show:
+                print(f"note: --show ignored: {why}")
+        out_dir = pc.resolved_out_dir() or increment_path("outputs/inference", None, "video")
+        stem = None if pc.no_save else out_dir / source.name
+        if stem is not None and getattr(source, "files", None) is None:
+            src_path = Path(cfg.input).resolve()
+            if src_path.parent == out_dir.resolve() and src_path.stem == source.name:
+                raise UserError(f"--out-dir {pc.out_dir}: the annotated video would overwrite the input "
+                                f"{cfg.input}; pick another --out-dir")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        track = None
+        if cfg.track:
+            track = TrackConfig(threshold=pc.threshold, fps=source.fps, buffer=cfg.track_buffer,
+                                hold=cfg.track_hold)
+            print(f"tracking: ByteTrack over detections >= {predictor.score_thresh:g}; tracks start at "
+                  f">= {pc.threshold:g} (--threshold)")
+        summary = process_video(
+            predictor, source, stem, max_frames=cfg.max_frames, show=show, threshold=pc.threshold, track=track,
+            json_path=out_dir / f"{source.name}.jsonl" if cfg.save_json else None,
+            mot_path=out_dir / f"{source.name}.mot.txt" if cfg.save_mot else None, codec=cfg.codec)
+    finally:
+        source.close()
+    summary["summary"] = str(out_dir / "summary.json")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if summary["video"]:
+        v = summary["video"]
+        print(f"video: {v['codec']} {v['pixel_format']} {v['written']['width']}x{v['written']['height']} "
+              f"via {v['backend']} -> {v['path']}")
+    tracks = ""
+    if "tracking" in summary:
+        per = summary["tracking"]["unique_track_ids_per_class"]
+        tracks = f"; {summary['tracking']['unique_track_ids']} tracks ({', '.join(f'{k} {n}' for k, n in per.items())})"
+    skipped = summary["skipped_unreadable_frames"]
+    print(f"{summary['frames']} frames{' (interrupted)' if summary['interrupted'] else ''}"
+          f"{f', {len(skipped)} unreadable skipped' if skipped else ''} at {summary['width']}x{summary['height']} "
+          f"{summary['fps']:g} fps; model {summary['mean_model_fps']:.2f} FPS, end-to-end "
+          f"{summary['mean_end_to_end_fps']:.2f} FPS{tracks}; video: {summary['output'] or '(not saved)'}; "
+          f"summary: {summary['summary']}")
+    return summary

@@ -23,7 +23,7 @@ TINY_TRAIN = dict(model_name="dinov3_convnext_atto", imgsz=64, batches=(2,), ste
 
 def test_quick_suite_writes_table_with_finite_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # even smaller than --quick so the test stays fast; the code paths are the same
-    monkeypatch.setattr(bench_train, "settings", lambda quick: dict(TINY_TRAIN))
+    monkeypatch.setattr(bench_train, "settings", lambda quick, device="cpu": dict(TINY_TRAIN))
     monkeypatch.setattr(bench_video_memory, "run", functools.partial(bench_video_memory.run, frames=24))
     # a module in the inference bench's row format (string goals, no unit/spread) must be adapted, not break
     fake = types.ModuleType("fake_infer")

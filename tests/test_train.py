@@ -79,7 +79,8 @@ def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path, t
     assert ckpt["train_config"] == yaml.safe_load((run / "args.yaml").read_text())
     assert ckpt["train_config"]["cache_features"] == "ram" and ckpt["train_config"]["epochs"] == 16
     # the run records the head it built (not "the default"), as the model metadata does
-    assert ckpt["train_config"]["head_separable"] is True and ckpt["meta"]["head_separable"] is True
+    # (here the default: torchvision's dense head; the CPU recipe passes --head-separable)
+    assert ckpt["train_config"]["head_separable"] is False and ckpt["meta"]["head_separable"] is False
     assert ckpt["train_config"]["head_convs"] == ckpt["meta"]["head_convs"] == 4
     # validation ran on cached maps (fp16): the same scores as evaluating the checkpoint on the images
     result = evaluate_run(fit, run / "best_model.pth", batch=4)

@@ -57,7 +57,7 @@ def make_batches(imgsz: int, batch: int, n_batches: int, root: Path) -> list:
 def variant(name: str, convs: int, separable: bool, channels_last: bool, p: dict[str, Any],
             batches: list) -> dict[str, Any]:
     """Model, optimizer and the two timed callables for one head variant."""
-    from src.detection.engine.loop import targets_to_device
+    from src.detection.engine.loop import padded_targets
     from src.detection.modeling.builder import build_detector
     from src.detection.modeling.config import DetectorConfig
     from src.detection.modeling.detector import count_parameters
@@ -82,7 +82,7 @@ def variant(name: str, convs: int, separable: bool, channels_last: bool, p: dict
         model.train()
         for (images, targets), f in zip(batches, feats):
             with model.cached_features(f):
-                loss = sum(model(images, targets_to_device(targets, cpu)).values())
+                loss = sum(model(images, padded_targets(targets, cpu)).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)

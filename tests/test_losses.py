@@ -118,6 +118,19 @@ def _retinanet(loss_type: str) -> RetinaNet:
     return model
 
 
+def _record_matches(model) -> dict:
+    """torchvision's matched indices, recorded as its head's ``compute_loss`` receives them."""
+    seen = {}
+    compute = model.head.compute_loss
+
+    def spy(targets, head_outputs, anchors, matched_idxs):
+        seen["matched"] = torch.stack(matched_idxs)
+        return compute(targets, head_outputs, anchors, matched_idxs)
+
+    model.head.compute_loss = spy
+    return seen
+
+
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("loss_type", ["l1", "smooth_l1", "giou", "diou", "ciou"])
 def test_retinanet_matches_torchvision(batch, loss_type):
@@ -128,14 +141,7 @@ def test_retinanet_matches_torchvision(batch, loss_type):
     n = anchors[0].shape[0]
     leaves = _leaves({"cls_logits": (len(counts), n, C), "bbox_regression": (len(counts), n, 4)}, seed=1)
 
-    seen = {}
-    compute = model.head.compute_loss
-
-    def spy(targets, head_outputs, anchors, matched_idxs):
-        seen["matched"] = torch.stack(matched_idxs)
-        return compute(targets, head_outputs, anchors, matched_idxs)
-
-    model.head.compute_loss = spy
+    seen = _record_matches(model)
     theirs = model.compute_loss(targets, leaves, anchors)
     boxes, labels, valid = pad_targets(targets, max_boxes=9)  # extra padding must not matter
     ours = retinanet_loss(leaves["cls_logits"], leaves["bbox_regression"], anchors[0], boxes, labels, valid,
@@ -175,14 +181,7 @@ def test_fcos_matches_torchvision(batch):
     leaves = _leaves({"cls_logits": (b, n, C), "bbox_regression": (b, n, 4), "bbox_ctrness": (b, n, 1)}, seed=2,
                      positive=("bbox_regression",))
 
-    seen = {}
-    compute = model.head.compute_loss
-
-    def spy(targets, head_outputs, anchors, matched_idxs):
-        seen["matched"] = torch.stack(matched_idxs)
-        return compute(targets, head_outputs, anchors, matched_idxs)
-
-    model.head.compute_loss = spy
+    seen = _record_matches(model)
     theirs = model.compute_loss(targets, leaves, anchors, per_level)
     boxes, labels, valid = pad_targets(targets)
     ours = fcos_loss(leaves["cls_logits"], leaves["bbox_regression"], leaves["bbox_ctrness"], anchors[0], per_level,

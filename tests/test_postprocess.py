@@ -11,10 +11,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from sync_guard import count_host_syncs
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
@@ -316,41 +315,6 @@ def test_half_inputs_and_per_image_anchors():
 
 
 # ------------------------------------------------------------------------------------------------ syncs and ops
-_SYNC_METHODS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
-                 torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero,
-                 torch.nonzero, torch.argwhere, torch.masked_select, torch.unique}
-_SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
-             "unique_consecutive", "argwhere", "nonzero_static")
-
-
-class _CountSyncs(TorchFunctionMode):
-    """Counts (rather than forbids, as ``tests/sync_guard.py`` does) Python-level host syncs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SYNC_METHODS:
-            self.calls.append(getattr(func, "__name__", str(func)))
-        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
-            parts = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-                self.calls.append("boolean-mask indexing")
-        return func(*args, **(kwargs or {}))
-
-
-class _CountSyncOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in _SYNC_OPS:
-            self.calls.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @functools.cache
 def _calls(head: str, batch: int):
     """(ours(nms_per_image), torchvision's()) on the same sparse random batch, torchvision's default settings."""
@@ -371,10 +335,9 @@ def test_one_host_sync(head):
     """One ``tolist`` at the end (CUDA ``nms`` adds its own, invisible here); no boolean masks, ``nonzero``..."""
     ours, _ = _calls(head, batch=8)
     for nms_per_image in (False, True):
-        with _CountSyncs() as python_level, _CountSyncOps() as aten_level:
+        with count_host_syncs() as syncs:
             ours(nms_per_image)
-        assert python_level.calls == ["tolist"], python_level.calls
-        assert aten_level.calls == [], aten_level.calls
+        assert syncs == ["tolist"], syncs
 
 
 def _op_count(fn) -> int:

@@ -176,12 +176,6 @@ LOG_INTERVAL = 20  # steps between the (only) host reads of a training epoch: pr
 BOX_BUCKET = 16  # ground truth is padded to a multiple of this many boxes, so step shapes rarely change
 
 
-def targets_to_device(targets: list[dict], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Only what torchvision's per-image losses need, as plain tensors (benchmarks of torchvision's own path)."""
-    return [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device, torch.float32),
-             "labels": t["labels"].to(device)} for t in targets]
-
-
 def padded_targets(targets: list[dict], device: torch.device) -> PaddedTargets:
     """A batch's ground truth padded on the host (``losses.pad_targets``) to a multiple of ``BOX_BUCKET`` boxes and
     copied to ``device`` without blocking (from pinned memory on CUDA)."""

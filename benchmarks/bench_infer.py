@@ -136,7 +136,7 @@ def run(quick: bool = False, compile: bool = False, only: str | None = None, dev
         return rows + _onnx_rows(ckpt, images, reps, ref, best, plain)
     steps = [("channels_last", dict(precision="fp32", channels_last=True, batch_size=1)),
              ("aspect-preserving size (4:3 frame, no square stretch)",
-              dict(precision="fp32", channels_last=False, batch_size=1, keep_aspect=True)),
+              dict(precision="fp32", channels_last=False, batch_size=1, keep_aspect=True, letterbox=True)),
              ("batch 8", dict(precision="fp32", channels_last=False, batch_size=8))]
     bf16_note = ""
     if cpu_bf16_supported():
@@ -203,6 +203,14 @@ def gpu_rows(model, ckpt: Path, frame_wh: tuple[int, int], imgsz: int, device: t
 
     ref = _rate(reference_loop, reps)
     rows = []
+    eager = Predictor(ckpt, device=device, batch_size=1, cuda_graphs=False)
+
+    def eager_loop() -> int:
+        out = eager.predict(images[:16])
+        sync(device)
+        return len(out)
+
+    eager_rate = _rate(eager_loop, reps)
     for bs in (1, 8, 32):
         p = Predictor(ckpt, device=device, batch_size=bs)
         n = 16 if bs == 1 else 32
@@ -216,7 +224,12 @@ def gpu_rows(model, ckpt: Path, frame_wh: tuple[int, int], imgsz: int, device: t
         rows.append(_row(f"images/s batch {bs} (ours: {p.precision}, channels_last) vs per-image loop ({device.type})",
                          ref, rate, ">= 2x" if bs == 1 else "info",
                          note=f"{describe_device(device)}; uint8 {frame_wh[0]}x{frame_wh[1]} frames in, "
-                              f"boxes out; reference: fp32, one image at a time"))
+                              f"boxes out; reference: fp32, one image at a time; CUDA graphs "
+                              f"{'on' if p.cuda_graphs else 'off'}"))
+        if bs == 1:
+            rows.append(_row(f"images/s batch 1: ours --no-cuda-graphs vs ours (default: CUDA graphs) "
+                             f"({device.type})", eager_rate, rate, "info",
+                             note="the same predictor launching its kernels one by one vs replaying a CUDA graph"))
         if bs > 1:
             amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision)
             ceiling = statistics.median(backbone_ceiling(p.model, bs, imgsz, amp, device, reps))

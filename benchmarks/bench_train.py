@@ -58,7 +58,8 @@ def settings(quick: bool, device: str = "cpu") -> dict[str, Any]:
     reference head). On CUDA the full run uses the batch sizes GPU users train with (8 and 32)."""
     if device.startswith("cuda") and not quick:
         return dict(model_name="dinov3_convnext_tiny", imgsz=640, batches=(8, 32), steps={8: 4, 32: 2}, reps=3,
-                    warmup=2, n_images=64, epoch_images=128, epoch_batch=32, epochs=3, variants=True)
+                    warmup=2, n_images=64, epoch_images=128, epoch_batch=32, epochs=3, variants=True,
+                    full_epoch=True)
     if quick:
         return dict(model_name="dinov3_convnext_atto", imgsz=160, batches=(2, 8), steps={2: 2, 8: 1}, reps=2,
                     warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3, variants=True)
@@ -134,13 +135,13 @@ def build_ours(cfg: TrainConfig, device: torch.device, iters_per_epoch: int):
 
 
 def our_epoch(model, batches, optimizer, scheduler, device: torch.device, epoch: int, cfg: TrainConfig,
-              amp_dtype=None) -> None:
+              amp_dtype=None, cuda_graphs: bool | None = None) -> None:
     """``engine.train_one_epoch`` with the settings ``train.run`` uses for ``cfg`` (progress bar silenced)."""
     from src.detection.engine.loop import train_one_epoch
 
     with contextlib.redirect_stderr(io.StringIO()):
         train_one_epoch(model, batches, optimizer, scheduler, device, epoch, clip_grad=cfg.clip_grad,
-                        amp_dtype=amp_dtype, total=len(batches), desc="bench")
+                        amp_dtype=amp_dtype, total=len(batches), desc="bench", cuda_graphs=cuda_graphs)
 
 
 def log(message: str) -> None:
@@ -197,6 +198,13 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         torch.manual_seed(0)
         sep, sep_opt, sep_sched = build_ours(args.replace(head_separable=True), device, iters_per_epoch=100)
         models["sep"] = sep
+        torch.manual_seed(0)
+        wide, wide_opt, wide_sched = build_ours(args.replace(fpn_channels=2 * args.detector.fpn_channels), device,
+                                                iters_per_epoch=100)
+        models["wide"] = wide
+    if device.type == "cuda":  # the same model and optimizer state kinds, stepped eagerly
+        torch.manual_seed(0)
+        eager, eager_opt, eager_sched = build_ours(args, device, iters_per_epoch=100)
     counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in models.items()}
     default_amp = amp_settings(args.runtime.precision, device)[0]  # what a user's run gets: bf16 where native, else fp32
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[default_amp]
@@ -212,8 +220,13 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                                             amp_dtype=default_amp)
             fns["sep"] = lambda: our_epoch(sep, ours_b, sep_opt, sep_sched, device, 1, args,
                                            amp_dtype=default_amp)
+            fns["wide"] = lambda: our_epoch(wide, ours_b, wide_opt, wide_sched, device, 1, args,
+                                            amp_dtype=default_amp)
             if default_amp is not None:
                 fns["fp32"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=None)
+        if device.type == "cuda":
+            fns["eager"] = lambda: our_epoch(eager, ours_b, eager_opt, eager_sched, device, 1, args,
+                                             amp_dtype=default_amp, cuda_graphs=False)
         times = time_interleaved(fns, reps=s["reps"], warmup=s["warmup"], device=device)
         log(f"batch {batch}: {', '.join(f'{k} {batch * steps / min(v):.2f} img/s' for k, v in times.items())} (best)")
         n = batch * steps
@@ -233,11 +246,21 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                 f"train images/s, batch {batch}: reference step vs ours --head-separable ({device.type})",
                 rate["ref"], rate["sep"], "info", "img/s", higher_is_better=True,
                 note=f"{setup}; depthwise-separable head convs, the CPU option ({counts['sep']} params)"))
+            rows.append(make_row(
+                f"train images/s, batch {batch}: reference step vs ours --fpn-channels {2 * args.detector.fpn_channels} "
+                f"({device.type})", rate["ref"], rate["wide"], "info", "img/s", higher_is_better=True,
+                note=f"{setup}; neck + head twice as wide as the default {args.detector.fpn_channels} ({counts['wide']} "
+                     f"params)"))
             if "fp32" in rate:
                 rows.append(make_row(
                     f"train images/s, batch {batch}: reference step vs ours --amp none ({device.type})",
                     rate["ref"], rate["fp32"], "info", "img/s", higher_is_better=True,
                     note=f"{setup}; default model in plain fp32"))
+        if "eager" in rate:
+            rows.append(make_row(
+                f"train images/s, batch {batch}: ours --no-cuda-graphs vs ours (default: CUDA graphs) "
+                f"({device.type})", rate["eager"], rate["ours"], "info", "img/s", higher_is_better=True,
+                note=f"{setup}; the same step launched kernel by kernel vs replayed from one CUDA graph"))
         if device.type == "cuda":
             ceiling = backbone_ceiling(ours, batch, imgsz, default_amp, device, s["reps"])
             rows.append(make_row(
@@ -246,7 +269,8 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                 note=f"{name} {imgsz}x{imgsz}, {amp_name}, channels-last, no_grad; ratio = our training step's share "
                      f"of the backbone-only speed (goal >= 0.4)"))
     if device.type == "cuda":
-        rows.append(compile_row(s, config, device, args, default_amp))
+        if s.get("compile_row"):  # ~70 s of compilation: only on request (--compile-row)
+            rows.append(compile_row(s, config, device, args, default_amp))
         rows.append(sync_row(ours, opt, sched, fixed_batches(config, imgsz, s["batches"][0], 6)[0], device, args,
                              default_amp))
     return rows
@@ -368,6 +392,54 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
                      plain[1:], cache[1:], goal, "s", higher_is_better=False, note=note)]
 
 
+EPOCH_IMAGES = 16_551  # Pascal VOC 2007+2012 trainval
+GOAL_EPOCH_S = 45.0  # one such epoch at 640 px, batch 32, data loading included, on an H200 (reference, RTX 3080: 345 s)
+
+
+def full_epoch_row(root: Path, device: torch.device, n_images: int = EPOCH_IMAGES, batch: int = 32,
+                   imgsz: int = 640, unique: int = 512) -> dict[str, Any]:
+    """One epoch of ``n_images`` training images through ``train_detection.py`` itself (decoding, augmentation,
+    loader workers, CUDA-graph capture all included): ``unique`` synthetic 640 px images in YOLO layout, linked
+    under ``n_images`` names; the epoch's own ``seconds`` from ``results.csv``."""
+    import csv
+    import subprocess
+    import time
+
+    from src.detection.data.synthetic import generate_dataset
+
+    t0 = time.perf_counter()
+    config = generate_dataset(root / "epoch_data", unique, 32, imgsz=imgsz, seed=1, format="yolo")
+    images, labels = root / "epoch_data" / "images" / "train", root / "epoch_data" / "labels" / "train"
+    sources = sorted(images.glob("*.jpg"))
+    for i in range(len(sources), n_images):
+        src = sources[i % len(sources)]
+        os.link(src, images / f"copy_{i:06d}.jpg")
+        os.link(labels / f"{src.stem}.txt", labels / f"copy_{i:06d}.txt")
+    made = time.perf_counter() - t0
+    workers = min(16, os.cpu_count() or 1)
+    cmd = [sys.executable, "train_detection.py", "--config", str(config), "--model-name", "dinov3_convnext_tiny",
+           "--imgsz", str(imgsz), "--batch", str(batch), "--workers", str(workers), "--epochs", "1",
+           "--device", device.type, "--out-dir", str(root / "runs"), "--name", "epoch", "--exist-ok"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"epoch run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    with open(root / "runs" / "epoch" / "results.csv", newline="") as f:
+        epoch_s = float(next(csv.DictReader(f))["seconds"])
+    log(f"{n_images}-image epoch: {epoch_s:.1f}s ({wall:.0f}s with start-up and evaluation; data made in {made:.0f}s)")
+    return {"name": f"one epoch of {n_images:,} images at {imgsz}x{imgsz}, batch {batch}, data loading included "
+                    f"({device.type})", "baseline": GOAL_EPOCH_S, "ours": epoch_s, "ratio": GOAL_EPOCH_S / epoch_s,
+            "goal": 1.0, "unit": "s",
+            "note": f"train_detection.py defaults, dinov3_convnext_tiny, {workers} loader workers; baseline = the "
+                    f"goal ({GOAL_EPOCH_S:.0f} s; the reference on an RTX 3080: 345 s); {images_per_s(n_images, epoch_s)}"
+                    f"; whole command {wall:.0f}s (start-up, cache-free, evaluation of 32 images)"}
+
+
+def images_per_s(n: int, seconds: float) -> str:
+    return f"{n / seconds:,.0f} img/s"
+
+
 def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     """All training rows ``{name, baseline, ours, ratio, goal, unit, *_spread, note}`` on ``device``."""
     s = settings(quick, device)
@@ -379,6 +451,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
         rows += cache_rows(s, config, dev, root)
         if s["variants"]:
             rows += cache_rows(s, config, dev, root, feature_extractor="last", goal="info")
+        if s.get("full_epoch"):
+            rows.append(full_epoch_row(root, dev))
     for r in rows:  # a NaN would make every ratio meaningless: fail loudly instead
         for key in ("baseline", "ours", "ratio"):
             if not math.isfinite(r[key]) and r.get("unit") != "syncs":

@@ -385,3 +385,14 @@ def test_hub_impl_wraps_the_official_model(tmp_path, monkeypatch):
     weights.write_bytes(b"")
     b = quiet_build("dinov3_convnext_tiny", impl="hub", weights=str(weights))
     assert b.model.kwargs == dict(pretrained=True, weights=str(weights))
+
+
+def test_hub_impl_names_a_missing_dependency_of_the_clone(tmp_path, monkeypatch):
+    # a clone whose own requirements are not installed: its hubconf imports a module this environment lacks
+    (tmp_path / "hubconf.py").write_text("import termcolor_not_installed_here\n" + FAKE_HUBCONF)
+    monkeypatch.setenv("DINOv3_REPO", str(tmp_path))
+    with pytest.raises(UserError) as exc:
+        quiet_build("dinov3_convnext_tiny", impl="hub", arch_overrides=TINY_CONVNEXT)
+    message = str(exc.value)
+    assert "'termcolor_not_installed_here'" in message and "\n" not in message
+    assert f"pip install -r {tmp_path / 'requirements.txt'}" in message

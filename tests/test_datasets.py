@@ -157,13 +157,24 @@ def test_background_is_not_a_valid_object_class(tmp_path):
         folder_dataset(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["missing_xml", "orphan_xml", "malformed_xml", "garbage_image", "bad_coord"])
+def test_image_without_xml_is_a_background_image_counted_in_the_log(tmp_path):
+    write_image(tmp_path / "images/good.jpg")
+    write_xml(tmp_path / "labels/good.xml", [("cat", (1, 1, 20, 20), 0)])
+    write_image(tmp_path / "images/empty.jpg", 60, 40)  # no XML: as YOLO's image without a label file
+    with pytest.warns(UserWarning, match="1 image.s. without a label file or XML, used as background images"):
+        ds = folder_dataset(tmp_path)
+    assert len(ds) == 2 and ds.report.no_label_file == 1 and ds.report.n_negatives == 1
+    k = [r.name for r in ds.records].index("empty.jpg")
+    image, target = ds[k]
+    assert image.shape == (3, 40, 60) and ds.records[k].annotation is None
+    assert target["orig_boxes"].shape == (0, 4) and len(target["labels"]) == 0
+
+
+@pytest.mark.parametrize("case", ["orphan_xml", "malformed_xml", "garbage_image", "bad_coord"])
 def test_bad_sample_error_names_file_or_is_skipped_and_counted(tmp_path, case):
     write_image(tmp_path / "images/good.jpg")
     write_xml(tmp_path / "labels/good.xml", [("cat", (1, 1, 20, 20), 0)])
-    if case == "missing_xml":
-        bad = write_image(tmp_path / "images/bad.jpg")
-    elif case == "orphan_xml":
+    if case == "orphan_xml":
         bad = write_xml(tmp_path / "labels/bad.xml", [("cat", (1, 1, 20, 20), 0)])
     elif case == "malformed_xml":
         write_image(tmp_path / "images/bad.jpg")
@@ -555,3 +566,40 @@ def test_analyze_reports_problems_and_writes_plots(tmp_path, capsys):
     assert "1 bad sample(s)" in out and "orphan.xml" in out
     assert (tmp_path / "plots/class_counts.png").stat().st_size > 0
     assert (tmp_path / "plots/box_stats.png").stat().st_size > 0
+
+
+def test_analyze_decodes_every_image_and_reports_a_truncated_one(tmp_path, capsys):
+    from src.detection.commands import analyze
+
+    cfg = reference_config(tmp_path, REFERENCE_CFG.format(root=tmp_path))
+    good = noisy_jpeg(tmp_path / "data/train/images/noisy.jpg")
+    cut = tmp_path / "data/train/images/cut.jpg"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # header intact: parsing alone passes it
+    for stem in ("noisy", "cut"):
+        write_xml(tmp_path / f"data/train/labels/{stem}.xml", [("dog", (1, 1, 20, 20), 0)])
+    assert analyze.main(["--config", str(cfg), "--out", str(tmp_path / "plots")]) == 0
+    captured = capsys.readouterr()
+    assert "train problem: 1 bad sample(s) skipped" in captured.out and f"cannot decode image {cut}" in captured.out
+    assert "train: no problems found" not in captured.out
+    assert "decoding train images" in captured.err  # the progress bar
+
+
+def test_drop_undecodable_names_the_files_or_skips_and_counts_them(tmp_path):
+    from src.detection.data.datasets import drop_undecodable
+
+    good = noisy_jpeg(tmp_path / "images/a.jpg")
+    for stem in "bc":
+        (tmp_path / f"images/{stem}.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for stem in "abc":
+        write_xml(tmp_path / f"labels/{stem}.xml", [("dog", (1, 1, 20, 20), 0)])
+    ds = folder_dataset(tmp_path, verbose=False)
+    with pytest.raises(UserError) as exc:
+        drop_undecodable(ds, skip_bad_samples=False, progress=False)
+    msg = str(exc.value)
+    assert "\n" not in msg and "2 image(s) cannot be decoded" in msg and "--skip-bad-samples" in msg
+    assert str(tmp_path / "images/b.jpg") in msg and str(tmp_path / "images/c.jpg") in msg
+    assert len(ds) == 3  # nothing changed on an error
+    with pytest.warns(UserWarning, match=r"skipping 2 image\(s\) that cannot be decoded"):
+        assert drop_undecodable(ds, skip_bad_samples=True, progress=False) == 2
+    assert ds.image_paths == [good] and ds.report.n_images == 1 and ds.report.n_objects == 1
+    assert len(ds.report.bad_files) == 2

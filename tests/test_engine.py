@@ -206,7 +206,7 @@ def test_feature_cache_training_matches_image_training(tmp_path):
     model = _tiny_model(len(data.classes), (64, 64))
     cache = FeatureCache("ram", flip=True, seed=0)
     cache.build(model, train_ds, list(range(8)), torch.device("cpu"), batch_size=4, show=False)
-    assert cache.nbytes == sum(t.numel() * 2 for levels in cache.levels.values() for t in levels)
+    assert cache.nbytes == sum(t.numel() * 2 for t in cache.levels)
     sampler = EpochSampler(8, seed=0)
     sampler.set_epoch(3)
     keys = list(sampler)[:4]

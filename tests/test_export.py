@@ -357,7 +357,8 @@ def test_checkpoint_flags_are_the_inference_ones(tmp_path):
     assert sorted(export) == sorted(flags)
     assert export == actions(build_image_parser()) == actions(build_video_parser())
     text = " ".join(build_export_parser().format_help().split())
-    assert "--feature-extractor FEATURE_EXTRACTOR multi | last; checked against the checkpoint (default: None)" in text
+    assert "--feature-extractor FEATURE_EXTRACTOR multi | last; checked against the checkpoint --" in text
+    assert "(default: None)" not in text  # "not given" needs no saying
 
     data = tmp_path / "data.yaml"  # Ultralytics form; its image folders do not exist
     data.write_text("path: gone\ntrain: images/train\nval: images/val\nnames: [cat, dog]\n")
@@ -395,3 +396,36 @@ def test_parity_heads_and_backbones(tmp_path, model_name, head, dynamic, letterb
     pred = OnnxPredictor(onnx_path, device="cpu", keep_aspect=keep_aspect, batch_size=2)
     assert pred.dynamic_hw == keep_aspect
     _assert_same(ref, pred.predict(images))
+
+
+def test_unverified_half_export_says_why_and_what_is_unchecked(monkeypatch):
+    """Without onnxruntime's CUDA provider an fp16 graph cannot be run here: the result says so, exactly."""
+    from src.detection.inference import export as export_module
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    example = torch.zeros((1, 3, 64, 64), dtype=torch.uint8)
+    result = export_module._verify(None, Path("unused.onnx"), example, ["cls_logits"], half=True)
+    why = result["skipped"]
+    assert "no CUDAExecutionProvider" in why and "CPUExecutionProvider" in why and ort.__version__ in why
+    assert "NOT compared with PyTorch" in why and "onnxruntime-gpu" in why and "\n" not in why
+
+
+def test_io_binding_gives_the_same_detections(exported):
+    """The I/O-binding path (what the CUDA provider uses) run on the CPU provider: the same boxes as session.run,
+    also for several images through a batch-1 graph and when the bound output buffers are reused."""
+    _, result = exported
+    plain = OnnxPredictor(result["onnx"], device="cpu")
+    bound = OnnxPredictor(result["onnx"], device="cpu", io_binding=True)
+    assert bound.io_binding and not plain.io_binding and "I/O binding" in bound.describe()
+    images = _images()
+    ref = plain.predict(images)
+    for _ in range(2):  # the second round runs on the buffers the first one allocated
+        got = bound.predict(images)
+        for r, g in zip(ref, got):
+            for key in ("boxes", "scores", "labels"):
+                assert torch.equal(r[key], g[key]), key
+    batch = torch.stack([bound.preprocess(i) for i in images])
+    raw_plain, raw_bound = plain.raw_outputs(batch), bound.raw_outputs(batch)  # 3 chunks of the batch-1 graph
+    assert set(raw_plain) == set(raw_bound)
+    for key in raw_plain:
+        assert torch.equal(raw_plain[key], raw_bound[key]), key

@@ -297,15 +297,26 @@ def test_compile_compiles_the_module_the_forward_runs(checkpoint: Path) -> None:
     torch._dynamo.reset()
 
 
-def test_display_available_with_and_without_a_display(monkeypatch: pytest.MonkeyPatch) -> None:
+GUI_BUILD = "General configuration for OpenCV\n  GUI:                           QT5\n    QT:    YES\n"
+HEADLESS_BUILD = "General configuration for OpenCV\n  GUI:                           NONE\n    VTK support:  NO\n"
+
+
+@pytest.mark.parametrize("build", ["installed", "gui", "headless"])
+def test_display_available_with_and_without_a_display(monkeypatch: pytest.MonkeyPatch, build: str) -> None:
+    """Both OpenCV builds (opencv-python and opencv-python-headless, common on GPU images), whichever is installed."""
     from src.detection.inference.predictor import display_available
 
+    if build != "installed":
+        monkeypatch.setattr(cv2, "getBuildInformation", lambda: GUI_BUILD if build == "gui" else HEADLESS_BUILD)
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     ok, why = display_available()
     assert not ok and "DISPLAY" in why
     monkeypatch.setenv("DISPLAY", ":0")
-    assert display_available() == (True, "")  # the installed OpenCV has a GUI backend (not the headless build)
+    gui = [ln for ln in cv2.getBuildInformation().splitlines() if ln.strip().startswith("GUI:")]
+    headless = bool(gui) and gui[0].split(":", 1)[1].strip().upper() == "NONE"
+    ok, why = display_available()
+    assert ok == (not headless) and (why == "" if ok else "headless" in why and "opencv-python" in why)
 
 
 def test_show_draws_windows_when_a_display_is_present(checkpoint: Path, tmp_path: Path,

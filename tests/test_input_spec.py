@@ -169,3 +169,19 @@ def test_ssd_is_never_fed_another_aspect_ratio(tmp_path: Path):
     with pytest.raises(UserError, match="--imgsz 160 120.*aspect ratio 128:128"):
         Predictor(path, device="cpu", imgsz=(160, 120))
     assert Predictor(path, device="cpu", imgsz=256).imgsz == (256, 256)  # same aspect: fine
+
+
+def test_keep_aspect_is_refused_for_a_stretch_trained_model(tmp_path: Path):
+    """A stretch-trained model fed letterboxed content at another scale loses most of its accuracy: refuse."""
+    from src.detection.inference.predictor import Predictor
+
+    with pytest.raises(UserError, match="--keep-aspect: this model was trained on stretched inputs.*--letterbox"):
+        InputSpec((96, 64), letterbox=False).check_keep_aspect()
+    InputSpec((96, 64), letterbox=True).check_keep_aspect()  # letterbox-trained: fine
+    model = build("dinov3_convnext_atto", ATTO, imgsz=(96, 64))
+    stretch = save(model, tmp_path / "stretch.pth", letterbox=False)
+    with pytest.raises(UserError, match="--keep-aspect.*stretched") as err:
+        Predictor(stretch, device="cpu", keep_aspect=True)
+    assert "\n" not in str(err.value)
+    boxed = save(model, tmp_path / "boxed.pth", letterbox=True)
+    assert Predictor(boxed, device="cpu", keep_aspect=True).input_size((640, 480)) == (64, 64)  # less padding

@@ -88,3 +88,44 @@ def test_training_curves_single_epoch_and_no_eval(tmp_path):
     b = _check_png(no_eval[1])
     assert a.shape != b.shape or np.abs(a - b).mean() > 1
     _check_png(plot_training_curves([], tmp_path / "empty")[0])
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures the plot functions save, drawn and kept open for inspection."""
+    from src.detection.evaluation import report
+
+    figures = []
+    save = report._save
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        fig.renderer = fig.canvas.get_renderer()  # closing the figure detaches its canvas
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def test_single_epoch_plots_have_one_whole_epoch_tick(tmp_path, kept_figures):
+    one = [{"epoch": 1, "train_loss": 2.0, "map": 0.1, "map50": 0.2, "map75": 0.05, "lr": 1e-4}]
+    plot_training_curves(one, tmp_path)
+    for fig in kept_figures:
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        visible = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert visible == [1.0], (fig.axes[0].get_title(), visible)
+
+
+def test_per_class_legend_covers_no_bar(tmp_path, kept_figures):
+    # every class at AP 1.0: the bars reach the right edge, where a legend inside the axes would sit
+    full = EvalResult(metric="all", map=1.0, map50=1.0,
+                      per_class=[{"class": f"c{i}", "n_gt": 3, "ap50": 1.0, "ap": 1.0, "ap_voc07": 1.0,
+                                  "ap_voc12": 1.0} for i in range(4)])
+    plot_per_class_ap(full, tmp_path / "ap.png")
+    ax = kept_figures[0].axes[0]
+    renderer = kept_figures[0].renderer
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in ax.patches]
+    assert bars and not any(legend.overlaps(b) for b in bars)

@@ -182,22 +182,17 @@ class StubPredictor:
         self.model_timer = Stopwatch("cpu")
         self.calls = 0
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return torch.tensor([self.calls - 1])
-
-    def forward(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        with self.model_timer.time(len(batch)):
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        with self.model_timer.time(len(images)):
             out = []
-            for i in batch.view(-1).tolist():
-                dets = self.detections[i]
+            for image in images:
+                assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3
+                dets = self.detections[self.calls]
+                self.calls += 1
                 out.append({"boxes": torch.tensor([d[0] for d in dets], dtype=torch.float32).reshape(-1, 4),
                             "scores": torch.tensor([d[1] for d in dets], dtype=torch.float32),
                             "labels": torch.tensor([d[2] for d in dets], dtype=torch.int64)})
             return out
-
-    def postprocess(self, raw, orig_sizes):
-        return raw
 
 
 def folder_of_frames(path: Path, frames: list[np.ndarray]) -> Path:
@@ -352,7 +347,7 @@ def test_pipeline_delivers_every_taken_item_on_interrupt(stop_after: int) -> Non
         for i in range(20):
             if i == stop_after:
                 raise KeyboardInterrupt
-            yield Item(data=i, input=predictor.preprocess(torch.zeros(1)), orig_hw=(1, 1))
+            yield Item(data=i, input=torch.zeros((3, 1, 1), dtype=torch.uint8), orig_hw=(1, 1))
 
     seen: list[tuple[int, float]] = []
     with pytest.raises(KeyboardInterrupt):
@@ -487,3 +482,145 @@ def test_flicker_counts_short_dropouts_of_visible_objects_only() -> None:
     }
     fraction, bad, total = flicker(cover)
     assert (bad, total) == (3, 39) and fraction == pytest.approx(3 / 39)
+
+
+# ------------------------------------------------------------------------------------------ stages and overlay
+def test_summary_says_where_the_time_went_and_json_only_skips_drawing_and_encoding(odd_clip, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    from src.detection.data.video_io import open_source
+    from src.detection.inference import video
+
+    class RecordingStub(StubPredictor):
+        def predict(self, images):
+            self.images = getattr(self, "images", []) + [images[0].clone()]
+            return super().predict(images)
+
+    drawn, writers = [], []
+    real_draw, real_writer = video.draw_detections, video.open_writer
+    monkeypatch.setattr(video, "draw_detections", lambda *a, **k: drawn.append(1) or real_draw(*a, **k))
+    monkeypatch.setattr(video, "open_writer", lambda *a, **k: writers.append(1) or real_writer(*a, **k))
+    frames = [f for f, _ in odd_clip]
+    src = folder_of_frames(tmp_path / "frames", frames)
+    n = len(frames)
+    stub = RecordingStub(gt_detections(odd_clip))
+    s = video.process_video(stub, open_source(str(src)), None, threshold=0.5, json_path=tmp_path / "f.jsonl",
+                            progress=False)
+    assert s["frames"] == n and not drawn and not writers  # JSON Lines only: no drawing, no encoder at all
+    stages = s["stages"]
+    assert {"decode", "model", "results"} <= set(stages) and not {"draw", "encode", "track"} & set(stages)
+    # the model got RGB (the frames were written from RGB arrays), converted once by OpenCV
+    first = stub.images[0]
+    assert first.dtype == torch.uint8 and torch.equal(first.permute(1, 2, 0), torch.from_numpy(frames[0]))
+
+    s = video.process_video(StubPredictor(gt_detections(odd_clip)), open_source(str(src)), tmp_path / "out",
+                            threshold=0.5, track=TrackConfig(threshold=0.5, fps=10), progress=False)
+    stages = s["stages"]
+    for key in ("decode", "model", "track", "draw", "encode"):
+        assert stages[key]["items"] == n and stages[key]["ms_per_frame"] > 0, key
+    assert stages["model"]["forward_ms_per_frame"] <= stages["model"]["ms_per_frame"]
+    slowest = stages["slowest_stage"]
+    assert stages[slowest]["ms_per_frame"] == max(stages[k]["ms_per_frame"] for k in video.STAGE_ORDER if k in stages)
+    # a stage's busy time fits in the wall time: end to end never beats the slowest stage
+    assert 0 < stages["end_to_end_over_slowest_stage"] <= 1.0
+    assert stages["wall"]["end_to_end_fps"] == pytest.approx(s["mean_end_to_end_fps"], rel=1e-2)
+    line = video.stage_line(stages)
+    assert all(f"{k} " in line for k in ("decode", "model", "track", "draw", "encode")) and "FPS" in line
+
+
+def test_overlay_rates_cover_the_same_frames() -> None:
+    from src.detection.inference.video import FpsWindow
+
+    win = FpsWindow(window=30)
+    t = 0.0
+    for i in range(60):  # 50 frames with a slow model, then 10 with a fast one
+        t += 0.2 if i < 50 else 0.05
+        model_fps, e2e_fps = win.update(0.1 if i < 50 else 0.01, now=t)
+    # both over the last 30 frames: 20 slow + 10 fast ones
+    assert model_fps == pytest.approx(30 / (20 * 0.1 + 10 * 0.01))
+    assert e2e_fps == pytest.approx(30 / (20 * 0.2 + 10 * 0.05))
+    lines = win.lines(model_fps, e2e_fps)
+    assert lines[0].startswith("model") and lines[1].startswith("end-to-end") and "last 30 frames" in lines[2]
+
+
+@pytest.mark.parametrize("size", [(320, 240), (1280, 720), (3840, 2160)])
+def test_fps_overlay_hides_no_label_of_an_object_in_a_corner(size) -> None:
+    from src.detection.inference.draw import draw_detections, draw_text, overlay_corner, overlay_size
+    from src.detection.inference.video import FpsWindow
+
+    w, h = size
+    boxes = np.array([[0.01 * w, 0.02 * h, 0.3 * w, 0.4 * h]], np.float32)  # an object in the top-left corner
+    lines = FpsWindow().lines(12.3, 45.6)
+    bw, bh = overlay_size((h, w), lines)
+    assert bw <= 0.5 * w and bh <= 0.3 * h  # small enough at any resolution ...
+    assert cv2.getTextSize("0", cv2.FONT_HERSHEY_SIMPLEX, 0.35, 1)[0][1] <= bh / len(lines)  # ... and legible
+    corner = overlay_corner((h, w), (bw, bh), boxes)
+    assert corner != "top-left"
+    assert overlay_corner((h, w), (bw, bh), np.zeros((0, 4)), previous=corner) == corner  # no jumping around
+    plain = draw_detections(np.zeros((h, w, 3), np.uint8), boxes, [1], [0.9], CLASSES)
+    frame = draw_text(np.zeros((h, w, 3), np.uint8), lines, corner)
+    assert frame.any()
+    draw_detections(frame, boxes, [1], [0.9], CLASSES)
+    mark = plain.any(axis=2)  # every pixel of the box and its label
+    assert np.array_equal(frame[mark], plain[mark])
+
+
+def test_truncated_video_warns_with_frames_expected_and_read(random_checkpoint: Path, tmp_path: Path,
+                                                            run_video) -> None:
+    from src.detection.data.video_io import open_source, open_writer
+
+    writer = open_writer(tmp_path / "full", 12.0, (96, 64), codec="h264")
+    for f, _ in clip_frames(40, 96, 64, seed=5):
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.close()
+    full = open_source(str(writer.path))
+    assert sum(1 for _ in full.frames()) == 40 and full.shortfall() is None  # a complete file: no note
+    data = writer.path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 2 // 3])  # the index is at the front (faststart): the tail is gone
+    out = tmp_path / "out"
+    proc = run_video("--input", str(cut), "--model", str(random_checkpoint), "--device", "cpu", "--no-save",
+                     "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["frames_expected"] == 40 and 0 < s["frames_read"] == s["frames"] < 40 and not s["interrupted"]
+    assert len(s["warnings"]) == 1 and f"after {s['frames']} of the 40 frames" in s["warnings"][0]
+    warned = [ln for ln in proc.stderr.splitlines() if ln.startswith("WARNING:")]
+    assert len(warned) == 1 and "truncated" in warned[0]
+    assert f"{s['frames']} of 40 announced frames" in proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["text file", "camera"])
+def test_unreadable_sources_are_one_clean_line(tmp_path: Path, capfd, kind: str) -> None:
+    """OpenCV's own log lines (written by C++ straight to the process's stderr) must not surround our one line."""
+    from src.detection.core.errors import run_cli
+
+    if kind == "text file":
+        source = tmp_path / "notes.mp4"
+        source.write_text("not a video\n" * 100)
+        source, fragment = str(source), "notes.mp4"
+    else:
+        if Path("/dev/video9").exists():
+            pytest.skip("this machine has a camera 9")
+        source, fragment = "9", "no camera 9"
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: video_main(["-i", source, "--model", str(tmp_path / "m.pth"), "--out-dir",
+                                    str(tmp_path / "out")]))
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0]
+
+
+def test_json_only_command_skips_encoding_and_prints_the_stage_breakdown(random_checkpoint: Path, tmp_path: Path,
+                                                                        run_video) -> None:
+    src = folder_of_frames(tmp_path / "seq", [f for f, _ in clip_frames(6, 96, 64, seed=6)])
+    out = tmp_path / "out"
+    proc = run_video("--input", str(src), "--model", str(random_checkpoint), "--device", "cpu", "--no-save",
+                     "--save-json", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["output"] is None and "encode" not in s["stages"] and "draw" not in s["stages"]
+    assert not list(out.glob("*.mp4")) and len((out / "seq.jsonl").read_text().splitlines()) == 6
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("time per frame") and "decode" in last and "model" in last and "FPS" in last

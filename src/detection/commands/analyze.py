@@ -2,8 +2,9 @@
 
     python -m src.detection.analyze --config detection_configs/voc.yaml [--out-dir DIR]
 
-Parses annotations only (no pixel decoding) with the same reader training uses, in the forgiving mode
-(unknown classes and bad samples are counted, not fatal), so it reports every problem at once.
+Parses annotations with the same reader training uses, in the forgiving mode (unknown classes and bad samples are
+counted, not fatal), and decodes every image (a thread pool, with a progress bar) to find corrupt or truncated
+files, so it reports every problem at once.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..core.cli import new_parser
 from ..core.errors import run_cli
 from ..core.paths import increment_path, resolve_path
-from ..data.datasets import DetectionDataset, load_data_config, read_split
+
+if TYPE_CHECKING:  # imported where used: --help must not import torch (seconds)
+    from ..data.datasets import DetectionDataset
+    from ..modeling.config import DetectorConfig
 
 
 def dataset_stats(ds: DetectionDataset) -> dict[str, Any]:
@@ -121,14 +125,49 @@ def _save(fig: Any, path: Path) -> Path:
 
 def analyze_dataset(config: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[str, list[Path]]:
     """Table text and plot paths for the config's train and valid splits."""
+    from ..data.datasets import DetectionDataset, drop_undecodable, load_data_config, read_split
+
     cfg = load_data_config(config)
     stats = {}
     for split in ("train", "valid"):
         records, report = read_split(cfg, split, ignore_unknown_classes=True, skip_bad_samples=True)
-        stats[split] = dataset_stats(DetectionDataset(records, cfg.classes, report=report, name=split, verbose=False))
+        ds = DetectionDataset(records, cfg.classes, report=report, name=split, verbose=False)
+        drop_undecodable(ds, skip_bad_samples=True, verbose=False)  # listed as bad files in the report
+        stats[split] = dataset_stats(ds)
     table = f"{cfg.path.name}: {cfg.format} dataset, {len(cfg.classes) - 1} classes\n\n" + format_report(cfg.classes, stats)
     out = Path(out_dir) if out_dir else increment_path("outputs/analyze", None, cfg.path.stem)
     return table, save_plots(cfg.classes, stats, out)
+
+
+# The anchor fit describes the model training would build: the training defaults unless the flags say otherwise.
+ANCHOR_FIT_MAX_BOXES = 50_000  # a seeded sample beyond this (the IoU against ~77k anchors is the cost)
+
+
+def label_report(config: str | os.PathLike, out_dir: str | os.PathLike,
+                 detector: DetectorConfig | None = None) -> tuple[str, list[Path]]:
+    """``labels.png`` of the train split (valid when train is empty) and, for a RetinaNet / SSD ``detector``, the
+    anchor-fit lines of that split's boxes at the detector's input size. Returns (text, [labels.png])."""
+    from ..data.datasets import DetectionDataset, load_data_config, read_split
+    from ..data.label_stats import LabelStats
+    from ..modeling.anchor_fit import ANCHOR_HEADS, anchor_fit, dataset_input_boxes, default_anchors
+
+    cfg = load_data_config(config)
+    for split in ("train", "valid"):
+        records, report = read_split(cfg, split, ignore_unknown_classes=True, skip_bad_samples=True)
+        ds = DetectionDataset(records, cfg.classes, report=report, name=split, verbose=False)
+        if len(ds):
+            break
+    png = LabelStats.from_dataset(ds).plot(Path(out_dir) / "labels.png", title=f"{cfg.path.name}: {split} labels")
+    lines = []
+    if detector is not None and detector.head not in ANCHOR_HEADS:
+        lines.append(f"anchor fit: not applicable to --head {detector.head} (RetinaNet and SSD only)")
+    elif detector is not None:
+        boxes = dataset_input_boxes(ds, detector.imgsz, detector.letterbox)
+        fit = anchor_fit(boxes, default_anchors(detector), max_boxes=ANCHOR_FIT_MAX_BOXES)
+        lines.append(f"{split} ({detector.head}, {detector.model_name} {detector.feature_extractor}, "
+                     f"{detector.imgsz[0]}x{detector.imgsz[1]}{' letterbox' if detector.letterbox else ''}) "
+                     + fit.describe())
+    return "\n".join(lines), [png]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +176,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True,
                     help="dataset YAML (VOC, FORMAT: coco / yolo, or an Ultralytics data.yaml)")
     ap.add_argument("--out-dir", "--out", dest="out_dir", default=None,
-                    help="folder for the PNG plots (None: outputs/analyze/<config>_N)")
+                    help="folder for the PNG plots (default: outputs/analyze/<config>_N)")
+    fit = ap.add_argument_group("anchor fit (the model training would build)")
+    fit.add_argument("--head", default="retinanet", choices=("retinanet", "ssd", "fcos", "none"),
+                     help="detection head whose default anchors are checked (none: skip the anchor fit)")
+    fit.add_argument("--model-name", default="dinov3_convnext_tiny", help="backbone (sets the feature strides)")
+    fit.add_argument("--feature-extractor", default="multi", choices=("multi", "last"),
+                     help="pyramid (multi) or single level (last), as train --feature-extractor")
+    fit.add_argument("--imgsz", type=int, nargs="+", default=[640, 640], metavar="N", help="model input W H")
+    fit.add_argument("--letterbox", action="store_true", help="aspect-preserving resize, as train --letterbox")
     args = ap.parse_args(argv)
+    from ..modeling.config import DetectorConfig
+    from ..modeling.entrypoints import entry_point
+
+    detector = None if args.head == "none" else DetectorConfig(  # checked before the (long) analysis
+        entry_point(args.model_name) and args.model_name, 2, head=args.head,
+        feature_extractor=args.feature_extractor, imgsz=args.imgsz, letterbox=args.letterbox)
     table, plots = analyze_dataset(args.config, resolve_path(args.out_dir) if args.out_dir else None)
     print(table)
     print(f"\nplots: {', '.join(str(p) for p in plots)}")
+    text, label_plots = label_report(args.config, plots[0].parent, detector)
+    print(f"\n{text}\nlabels: {label_plots[0]}" if text else f"\nlabels: {label_plots[0]}")
     return 0
 
 

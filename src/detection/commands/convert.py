@@ -23,6 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -30,8 +31,11 @@ from ..core.cli import new_parser
 from ..core.errors import UserError, run_cli
 from ..core.paths import resolve_path
 from ..data.annotations import LABEL_FORMATS, LabelWriter
-from ..data.datasets import DataConfig, clamp_boxes, load_data_config, read_split
 from ..data.formats import FORMATS
+from ..data.formats.common import clamp_boxes
+
+if TYPE_CHECKING:
+    from ..data.datasets import DataConfig
 
 
 @dataclass
@@ -91,6 +95,8 @@ def convert_dataset(opts: ConvertOptions) -> ConvertResult:
     """Write the config's train and valid splits in format ``opts.to`` under ``opts.out_dir``."""
     if opts.to not in LABEL_FORMATS:
         raise UserError(f"--to {opts.to}: use one of {', '.join(LABEL_FORMATS)}")
+    from ..data.datasets import load_data_config, read_split  # after parsing: --help does not import torch
+
     cfg = load_data_config(opts.config)
     out = resolve_path(opts.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -135,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", "--out", dest="out_dir", required=True, help="new (or empty) output folder")
     ap.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
     ap.add_argument("--ignore-unknown-classes", action="store_true", default=None,
-                    help="skip (and count) objects of classes the config does not list instead of stopping")
+                    help="skip (and count) objects of classes the config does not list instead of stopping (off: "
+                         "the config's IGNORE_UNKNOWN_CLASSES decides)")
     ap.add_argument("--skip-bad-samples", action="store_true", default=None,
-                    help="skip (and count) unreadable or malformed samples instead of stopping")
+                    help="skip (and count) unreadable or malformed samples instead of stopping (off: the config's "
+                         "SKIP_BAD_SAMPLES decides)")
     return ap
 
 

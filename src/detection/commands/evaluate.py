@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checkpoint.source import ModelSource
 from ..core.cli import OutputOptions, RuntimeOptions, new_parser
 from ..core.errors import run_cli
-from ..engine.evaluation import EvalConfig, evaluate_checkpoint
-from ..evaluation.metrics import METRICS, EvalResult
-from ..evaluation.predictions import evaluate_predictions
-from ..evaluation.report import format_table, save_results
+from ..evaluation.metrics import METRICS
+
+if TYPE_CHECKING:  # imported where used: after parsing, so --help and flag errors skip them
+    from ..engine.evaluation import EvalConfig
+    from ..evaluation.metrics import EvalResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The ``--model`` evaluation a parsed command line describes (its ``--config`` is the dataset, not a claim)."""
+    from ..engine.evaluation import EvalConfig
+
     return EvalConfig(config=args.config, source=ModelSource.from_args(args, config=None), metric=args.metric,
                       runtime=RuntimeOptions.from_args(args), score_thresh=args.threshold)
 
 
 def report(result: EvalResult, out: OutputOptions | None) -> None:
     """Print the table; write per_class_ap.csv and the plots into a new result folder under ``out``."""
+    from ..evaluation.report import format_table, save_results
+
     print(format_table(result))
     if out is not None:
         out_dir: Path = out.run_dir("eval")  # created only now: a failed evaluation leaves no folder behind
@@ -62,6 +68,9 @@ def report(result: EvalResult, out: OutputOptions | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..engine.evaluation import evaluate_checkpoint
+    from ..evaluation.predictions import evaluate_predictions
+
     if args.model:
         result = evaluate_checkpoint(eval_config_from_args(args))
     else:

@@ -8,10 +8,11 @@ holds and why decoding stays outside it: ``inference.export``.
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 
 from ..core.cli import config_from_args, new_parser
-from ..core.errors import run_cli
+from ..core.errors import ToolkitWarning, run_cli
 from ..inference.export import DEFAULT_OPSET, FORMATS, MAX_OPSET, MIN_OPSET, ExportConfig, export_onnx
 from ..inference.predictor import add_checkpoint_args
 
@@ -21,8 +22,9 @@ def build_export_parser() -> argparse.ArgumentParser:
         description="Export a detector checkpoint to ONNX (+ a JSON description) for onnxruntime.")
     parser.add_argument("--model", required=True, help="detector checkpoint (.pth from train_detection.py)")
     parser.add_argument("--format", default="onnx", choices=FORMATS, help="export format")
-    parser.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N",
-                        help="input size W [H] of the graph; None = the checkpoint's")
+    parser.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="SIZE",
+                        help="input size of the graph: SIZE | W H (one value: square; two at most); default: the "
+                             "checkpoint's")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the graph (with --dynamic: of the "
                                                              "example used for tracing)")
     parser.add_argument("--dynamic", action="store_true",
@@ -36,7 +38,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda with --half, else cpu) | cpu | cuda | cuda:N")
     add_checkpoint_args(parser.add_argument_group("model"))
     parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip running the export with onnxruntime against PyTorch")
+                        help="skip running the export with onnxruntime against PyTorch (default: it is checked; an "
+                             "fp16 export only where onnxruntime has its CUDA provider)")
     return parser
 
 
@@ -52,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else f"[{b},3,{h},{w}]"
     ver = result["verification"]
     checked = (f"onnxruntime vs PyTorch max relative difference {max(ver['max_rel_diff'].values()):.1e}"
-               if "max_rel_diff" in ver else f"not verified: {ver['skipped']}")
+               if "max_rel_diff" in ver else "not verified" + ("" if cfg.verify else " (--no-verify)"))
+    if "skipped" in ver and cfg.verify:  # asked for, yet not done: say why and what is left unchecked
+        warnings.warn(f"{result['onnx'].name} not verified: {ver['skipped']}", ToolkitWarning, stacklevel=2)
     print(f"exported {result['onnx']} ({result['mb']:.1f} MB, opset {cfg.opset}, input uint8 {shape}) and "
           f"{result['sidecar'].name} in {result['seconds']:.1f}s; {checked}")
     print(f"run it: python infer_det_image.py --model {result['onnx']} --input <images>")

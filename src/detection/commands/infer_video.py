@@ -21,7 +21,7 @@ def build_video_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     g.add_argument("--fps", type=float, default=None,
                    help="frame rate of the input; None = the video's own (30 for folders of frames)")
-    add_predictor_args(parser)
+    add_predictor_args(parser, command="video")
     g = parser.add_argument_group("tracking")
     g.add_argument("--track", action="store_true",
                    help="link detections into tracks (ByteTrack) and draw track IDs; boxes and scores are smoothed")

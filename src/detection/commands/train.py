@@ -27,7 +27,6 @@ from ..engine.config import (
     SCHEDULERS,
     TrainConfig,
 )
-from ..engine.training import run
 from ..evaluation.metrics import METRICS
 from ..modeling.config import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS
 
@@ -74,7 +73,7 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
     g.add_argument("--unfreeze-last", type=int, default=d.unfreeze_last, metavar="N",
                    help="train only the last N backbone layers (ConvNeXt stages / ViT blocks); 0 = frozen")
     g.add_argument("--backbone-lr", type=float, default=d.backbone_lr,
-                   help="LR of the deepest trained backbone layer (None: --lr)")
+                   help="LR of the deepest trained backbone layer (default: --lr)")
     g.add_argument("--layer-decay", type=float, default=d.layer_decay, metavar="R",
                    help="each earlier trained backbone layer gets R x the LR of the layer after it")
     g.add_argument("--head-convs", type=int, default=m.head_convs, metavar="N",
@@ -108,7 +107,8 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
     g.add_argument("--skip-bad-samples", action="store_true", help="skip unreadable images / malformed XML")
     g.add_argument("--cache-features", nargs="?", const="ram", default=d.cache_features, choices=CACHE_MODES,
                    help="compute frozen backbone features once, for training and validation images (augment "
-                        "none/flip; not with a trained backbone)")
+                        "none/flip; not with a trained backbone). ram: kept in GPU memory when they fit in half "
+                        "of it, else pinned host memory; disk: files in the run folder")
 
     g = p.add_argument_group("runtime")
     RuntimeOptions.add_to(g, precision_help="autocast: auto = bf16 where the GPU/CPU runs it natively, fp16 + "
@@ -120,6 +120,9 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
                    help="older spelling of --precision (auto/none/fp16/bf16; none = fp32)")
     g.add_argument("--compile", nargs="?", const="inductor", default=d.compile, choices=COMPILE_BACKENDS,
                    help="torch.compile the training forward (backend; eager/aot_eager are for debugging)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
+                   help="replay each training step from a CUDA graph (one launch for the whole step; GPU, "
+                        "bf16/fp32, AdamW, one process, no --compile). Default: on where that holds")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs")
@@ -190,6 +193,8 @@ def parse_train_config(argv: Sequence[str] | None = None, description: str | Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, typed = parse_train_config(argv)
+    from ..engine.training import run  # after parsing: --help and flag errors skip the model and plotting code
+
     run(cfg, typed=typed)
     return 0
 

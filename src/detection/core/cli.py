@@ -13,15 +13,16 @@ from typing import Any
 
 from .errors import UserError
 from .paths import increment_path, resolve_path
-from .runtime import PRECISIONS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks and appends ``(default: X)`` unless the help text already says it."""
+    """Keeps the description's line breaks and appends ``(default: X)`` unless the help text already says it or
+    the default is None or False."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower():
+        # None ("not given") and False (a switch that is off) say nothing a reader needs
+        if "default" in text.lower() or action.default is None or action.default is False:
             return text
         return super()._get_help_string(action)
 
@@ -76,6 +77,8 @@ class RuntimeOptions:
     workers: int | None = None
 
     def __post_init__(self) -> None:
+        from .runtime import PRECISIONS  # here, not at the top: a parser without these flags never imports torch
+
         check_choice("--precision", self.precision, PRECISIONS)
         check_at_least("--batch", self.batch, 1)
         check_at_least("--workers", self.workers, 0)
@@ -84,6 +87,7 @@ class RuntimeOptions:
     def add_to(cls, parser: Any, *, precision_help: str, batch: int | None, batch_help: str,
                workers: int | None = None, workers_help: str = "data loading processes") -> None:
         """Add the flags to ``parser`` (or an argument group); ``workers=None`` leaves ``--workers`` out."""
+        from .runtime import PRECISIONS
         parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=precision_help)
         parser.add_argument("--batch", type=int, default=batch, help=batch_help)

@@ -110,12 +110,13 @@ def inference_precision(precision: str | None, device: torch.device, backbone_pa
     return precision
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | str | None):
-    """``torch.autocast`` for ``dtype`` (a dtype or ``fp32``/``fp16``/``bf16``); a no-op for fp32/None."""
+def autocast_context(device: torch.device, dtype: torch.dtype | str | None, cache: bool = True):
+    """``torch.autocast`` for ``dtype`` (a dtype or ``fp32``/``fp16``/``bf16``); a no-op for fp32/None.
+    ``cache=False`` for work captured in a CUDA graph (cached weight casts are freed when autocast exits)."""
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, dtype)  # type: ignore[arg-type]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 # --------------------------------------------------------------------------------------------------- timing

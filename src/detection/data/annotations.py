@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .formats import FORMATS
 
@@ -25,7 +24,7 @@ LABEL_FORMATS = tuple(FORMATS)
 def _as_array(x: Any, shape_tail: tuple[int, ...], dtype) -> np.ndarray:
     if x is None:
         return np.zeros((0,) + shape_tail, dtype)
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a torch tensor (torch itself is not imported: convert's --help stays quick)
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype).reshape((-1,) + shape_tail)
 

@@ -30,6 +30,7 @@ from ..core.io import read_yaml
 from ..core.paths import resolve_path
 from .formats import FORMATS, yolo
 from .formats.common import (  # re-exported: the reader's building blocks are part of this module's API
+    SKIP_HINT,
     BadSample,
     DataReport,
     ReadPolicy,
@@ -38,12 +39,12 @@ from .formats.common import (  # re-exported: the reader's building blocks are p
     clamp_boxes,
 )
 from .formats.voc import parse_voc_xml
-from .image_io import image_size, read_image
+from .image_io import image_size, read_image, undecodable_images
 from .transforms import DEFAULT_AUGMENT, build_transform
 
 __all__ = [
     "FORMATS", "BadSample", "DataConfig", "DataReport", "DetectionDataset", "ReadPolicy", "Record", "SplitSource",
-    "build_dataloader", "build_datasets", "clamp_boxes", "collate_fn", "image_size",
+    "build_dataloader", "build_datasets", "clamp_boxes", "collate_fn", "drop_undecodable", "image_size",
     "load_config_classes", "load_data_config", "load_ground_truth", "parse_voc_xml", "read_image", "read_split",
     "save_transformed_samples",
 ]
@@ -240,6 +241,34 @@ class DetectionDataset(Dataset):
             "orig_difficult": ann["difficult"],
         }
         return image, target
+
+
+def drop_undecodable(ds: DetectionDataset, skip_bad_samples: bool, progress: bool = True, verbose: bool = True) -> int:
+    """Decode every image of ``ds`` now (a progress bar when ``progress``), so a corrupt or truncated file stops a
+    run before it starts (a UserError naming the files) or, with ``skip_bad_samples``, is left out of ``ds`` and
+    counted in its report (one warning when ``verbose``). Returns how many were left out."""
+    bad = undecodable_images(ds.image_paths, desc=f"decoding {ds.name} images", show=progress)
+    if not bad:
+        return 0
+    if not skip_bad_samples:
+        names = ", ".join(str(p) for p, _ in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"{ds.name}: {len(bad)} image(s) cannot be decoded (corrupt or truncated): {names}; replace "
+                        f"or remove them, or {SKIP_HINT}")
+    gone = {p for p, _ in bad}
+    rep = ds.report
+    for rec in ds.records:
+        if rec.image in gone:  # take the record out of the counts ReadPolicy.add made
+            _, _, keep = clamp_boxes(rec.boxes, rec.size)
+            rep.n_images -= 1
+            rep.n_objects -= int(keep.sum())
+            rep.n_difficult -= int((keep & rec.difficult).sum())
+            rep.n_negatives -= int(keep.sum() == 0)
+    ds.records = [r for r in ds.records if r.image not in gone]
+    rep.bad_files += [(str(p), reason) for p, reason in bad]
+    if verbose:
+        warnings.warn(f"{ds.name}: skipping {len(bad)} image(s) that cannot be decoded (first: {bad[0][0]})",
+                      ToolkitWarning, stacklevel=2)
+    return len(bad)
 
 
 # ------------------------------------------------------------------------------------------- building

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms.v2.functional import to_dtype
 
 from ..core.errors import UserError
 from ..core.paths import resolve_path
 
+if TYPE_CHECKING:
+    import torch
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-# torchvision 0.29 deprecates its image codecs in favour of torchcodec but they are still the fastest here
-# (benchmarks/bench_decode.py); the notice is silenced per call, OpenCV is the fallback if they disappear.
-try:
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as _tv_decode_image
-except ImportError:  # pragma: no cover - future torchvision without image codecs
-    _tv_decode_image = None
+# torch, torchvision and OpenCV are imported by the decoding functions, not here: the dataset readers (and so
+# `analyze` / `convert --help`) need only the extensions and header sizes of this module.
 
 
 class UnreadableImage(UserError):
@@ -40,14 +38,31 @@ class UnreadableImage(UserError):
 
 
 # --------------------------------------------------------------------------------------------- images
+@functools.cache
+def _torchvision_decoder():
+    """torchvision's ``decode_image`` (None without it). torchvision 0.29 deprecates its image codecs in favour of
+    torchcodec but they are still the fastest here (benchmarks/bench_decode.py); OpenCV is the fallback."""
+    try:
+        from torchvision.io import decode_image
+    except ImportError:  # pragma: no cover - future torchvision without image codecs
+        return None
+    return decode_image
+
+
 def _decode_torchvision(data: bytes) -> torch.Tensor:
+    import torch
+    from torchvision.io import ImageReadMode
+
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     with warnings.catch_warnings():  # the deprecation notice is re-issued on every call (and pytest shows it)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _tv_decode_image(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        return _torchvision_decoder()(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
 
 
 def _decode_cv2(data: bytes) -> torch.Tensor:
+    import cv2
+    import torch
+
     # IMREAD_COLOR applies EXIF orientation and converts grey/alpha/palette to 3 channels (BGR)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
@@ -61,6 +76,10 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     JPEG/PNG through torchvision (libjpeg-turbo/libpng, fastest here: benchmarks/bench_decode.py); WebP, BMP and
     anything torchvision rejects through OpenCV. Unreadable or truncated files raise UserError.
     """
+    import cv2
+    import torch
+    from torchvision.transforms.v2.functional import to_dtype
+
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -68,7 +87,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         raise UserError(f"cannot read image {path}: {exc.strerror or exc}; check the file exists and is readable") from None
     if not data:
         raise UserError(f"image {path} is empty (0 bytes); replace or remove it")
-    decoders = ([_decode_torchvision] if _tv_decode_image is not None else []) + [_decode_cv2]
+    decoders = ([_decode_torchvision] if _torchvision_decoder() is not None else []) + [_decode_cv2]
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         decoders = [_decode_cv2]  # torchvision ignores WebP EXIF orientation; OpenCV applies it (and is as fast)
     for decode in decoders:
@@ -81,6 +100,32 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         except (RuntimeError, ValueError, cv2.error):
             continue
     raise UserError(f"cannot decode image {path} (corrupt, truncated or unsupported format); replace or remove it")
+
+
+def undecodable_images(paths: Sequence[Path], desc: str = "decoding images", show: bool = True,
+                       workers: int | None = None) -> list[tuple[Path, str]]:
+    """``(path, reason)`` of the images ``read_image`` cannot decode, in the order given. Every file is decoded
+    fully (a header check misses a truncated file) by a thread pool: the decoders release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def check(path: Path) -> tuple[Path, str] | None:
+        try:
+            read_image(path)
+        except UserError as exc:
+            return Path(path), str(exc)
+        return None
+
+    bad = []
+    workers = workers or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc=desc, unit="img", leave=False,
+                                                   disable=not show) as bar:
+        for found in pool.map(check, paths):
+            bar.update()
+            if found is not None:
+                bad.append(found)
+    return bad
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -4,6 +4,12 @@ Writers: H.264 yuv420p in mp4 through PyAV (its wheel ships FFmpeg with libx264)
 what every browser plays; for odd sizes VP9 yuv420p in mp4 (VP9 allows odd sizes, H.264 4:2:0 does not), so the
 output keeps the exact source size and every source pixel; OpenCV's writer (mp4v, ...) is the fallback when PyAV
 is missing. ``Writer.describe()`` says which one was used.
+
+Sources: video files decode through PyAV with FFmpeg's frame threading (several frames in flight on several cores)
+when PyAV is installed, else (and for cameras, streams and rotated phone videos, which OpenCV turns upright)
+through OpenCV. Every source counts the frames it read, so a file that ends before the frame count its container
+announces (truncated, corrupt) is reported instead of passing for a complete run. OpenCV's own log lines are
+silenced while a source is opened: a failure is reported in one line of ours.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +44,26 @@ CV_CODECS = (("mp4v", ".mp4"), ("avc1", ".mp4"), ("XVID", ".avi"), ("MJPG", ".av
 
 
 # ============================================================================================== sources
+@contextmanager
+def quiet_opencv() -> Iterator[None]:
+    """Silence OpenCV's own log lines (``[ WARN:0@4.3] ... cap_v4l.cpp``, ``[ERROR:...] obsensor...``) while a
+    source is probed: a failure is expected there and reported by us in one line."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
 @dataclass
 class FrameSource:
     """Frames of one input. ``frames()`` yields ``(index, timestamp seconds, BGR uint8 frame)``; ``live`` sources
-    (cameras, streams) are stamped with the wall clock since their first frame, the others with index / fps."""
+    (cameras, streams) are stamped with the wall clock since their first frame, the others with index / fps.
+
+    ``total``: the frame count the container announces (None: unknown, live); ``read``: frames yielded so far;
+    ``ended``: why the last ``frames()`` stopped (``"end"`` of the input, ``"max_frames"``, ``"stopped"``, or a
+    decoding error's first line) - with ``total`` it tells a complete file from a truncated one (``shortfall``)."""
 
     name: str
     fps: float
@@ -50,6 +73,9 @@ class FrameSource:
     height: int
     live: bool = False
     skipped: list[str] = field(default_factory=list)  # unreadable frames of a folder (named, then skipped)
+    read: int = 0
+    ended: str | None = None
+    decoder: str = ""
 
     def frames(self, max_frames: int | None = None, stop: threading.Event | None = None
                ) -> Iterator[tuple[int, float, np.ndarray]]:
@@ -57,6 +83,44 @@ class FrameSource:
 
     def close(self) -> None:
         pass
+
+    def shortfall(self) -> str | None:
+        """A one-line note when the input ended before the frames its container announces (truncated or corrupt
+        file), else None. Meaningful once ``frames()`` has finished."""
+        if self.live or not self.total or self.ended in ("max_frames", "stopped", None):
+            return None
+        if self.read + len(self.skipped) >= self.total:
+            return None
+        why = "" if self.ended == "end" else f" ({self.ended})"
+        return (f"{self.name}: the input ended after {self.read} of the {self.total} frames it announces{why}; "
+                f"the file is probably truncated or corrupt, so the output covers only those frames")
+
+    def _yield_frames(self, decoded: Iterator[np.ndarray], max_frames: int | None, stop: threading.Event | None
+                      ) -> Iterator[tuple[int, float, np.ndarray]]:
+        """Number, stamp and count ``decoded`` frames; record why they ended."""
+        self.read, self.ended = 0, None
+        t0 = time.perf_counter()
+        while True:
+            if max_frames is not None and self.read >= max_frames:
+                self.ended = "max_frames"
+                return
+            if stop is not None and stop.is_set():
+                self.ended = "stopped"
+                return
+            try:
+                frame = next(decoded, None)
+            except Exception as exc:  # noqa: BLE001 - a decoding error mid-file ends the input; reported by shortfall
+                text = str(exc).strip()
+                self.ended = f"decoding failed: {text.splitlines()[0][:120] if text else type(exc).__name__}"
+                return
+            if frame is None:
+                self.ended = "end"
+                return
+            if frame.ndim == 2:  # some grey-scale sources
+                frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+            n = self.read
+            self.read += 1
+            yield n, (time.perf_counter() - t0) if self.live else n / self.fps, frame
 
 
 class VideoSource(FrameSource):
@@ -66,27 +130,52 @@ class VideoSource(FrameSource):
         super().__init__(**kw)
         self.cap = cap
         self.first = first
+        self.decoder = f"OpenCV {cv2.__version__}"
+
+    def _decode(self) -> Iterator[np.ndarray]:
+        yield self.first
+        while True:
+            ok, frame = self.cap.read()
+            if not ok or frame is None:
+                return
+            yield frame
 
     def frames(self, max_frames=None, stop=None):
-        n = 0
-        frame: np.ndarray | None = self.first
-        t0 = time.perf_counter()
         try:
-            while frame is not None and (max_frames is None or n < max_frames):
-                if stop is not None and stop.is_set():
-                    return
-                if frame.ndim == 2:  # some grey-scale sources
-                    frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-                yield n, (time.perf_counter() - t0) if self.live else n / self.fps, frame
-                n += 1
-                ok, frame = self.cap.read()
-                if not ok:
-                    frame = None
+            yield from self._yield_frames(self._decode(), max_frames, stop)
         finally:
             self.cap.release()
 
     def close(self) -> None:
         self.cap.release()
+
+
+class PyAVSource(FrameSource):
+    """A video file decoded by PyAV with frame threading; its first frame has already been decoded."""
+
+    def __init__(self, container: Any, stream: Any, first: np.ndarray, rest: Iterator[Any], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.container, self.stream, self.first, self._rest = container, stream, first, rest
+        import av
+
+        self.decoder = f"PyAV {av.__version__} ({stream.codec_context.name}, frame threads)"
+
+    def _decode(self) -> Iterator[np.ndarray]:
+        yield self.first
+        for frame in self._rest:
+            # bgr24: what OpenCV draws on and the encoder takes; swscale converts straight into the array
+            yield frame.to_ndarray(format="bgr24")
+
+    def frames(self, max_frames=None, stop=None):
+        try:
+            yield from self._yield_frames(self._decode(), max_frames, stop)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -100,18 +189,19 @@ class FolderSource(FrameSource):
     def __init__(self, files: list[Path], **kw: Any) -> None:
         super().__init__(**kw)
         self.files = files
+        self.decoder = f"OpenCV {cv2.__version__} imread"
 
-    def frames(self, max_frames=None, stop=None):
-        n = 0
+    def _decode(self) -> Iterator[np.ndarray]:
         for path in self.files:
-            if (max_frames is not None and n >= max_frames) or (stop is not None and stop.is_set()):
-                return
             frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if frame is None:
                 self.skipped.append(path.name)
                 continue
-            yield n, n / self.fps, frame
-            n += 1
+            yield frame
+
+    def frames(self, max_frames=None, stop=None):
+        self.skipped.clear()
+        yield from self._yield_frames(self._decode(), max_frames, stop)
 
 
 def open_source(source: str, fps: float | None = None) -> FrameSource:
@@ -132,13 +222,23 @@ def open_source(source: str, fps: float | None = None) -> FrameSource:
             raise UserError(f"--input {source}: no such video file or folder of frames (or pass a camera index "
                             f"like 0, or a stream URL)")
         target, name, live = str(path), path.stem, False
-    cap = cv2.VideoCapture(target)
-    if not cap.isOpened():
-        cap.release()
-        raise UserError(f"--input {source}: cannot open it as a video (unsupported, corrupt or unreachable)")
-    ok, first = cap.read()
+        opened = _open_pyav(source, path, fps)
+        if opened is not None:
+            return opened
+    with quiet_opencv():
+        cap = cv2.VideoCapture(target)
+        if not cap.isOpened():
+            cap.release()
+            if isinstance(target, int):
+                raise UserError(f"--input {source}: no camera {source} (none found, or it is in use); pass a video "
+                                f"file, a folder of frames or a stream URL")
+            raise UserError(f"--input {source}: cannot open it as a video (unsupported, corrupt or unreachable)")
+        ok, first = cap.read()
     if not ok or first is None or first.size == 0:
         cap.release()
+        if isinstance(target, int):
+            raise UserError(f"--input {source}: camera {source} opened but delivered no frame (in use by another "
+                            f"program, or not a camera)")
         raise UserError(f"--input {source}: no frame could be decoded (empty, corrupt or unsupported video)")
     src_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
     fps_known = math.isfinite(src_fps) and 0 < src_fps <= 1000
@@ -148,6 +248,41 @@ def open_source(source: str, fps: float | None = None) -> FrameSource:
     rate = fps or (src_fps if fps_known else DEFAULT_FPS)
     return VideoSource(cap, first, name=name, fps=rate, fps_known=fps_known or fps is not None, total=total,
                        width=w, height=h, live=live)
+
+
+def _open_pyav(source: str, path: Path, fps: float | None) -> PyAVSource | None:
+    """``path`` through PyAV (frame-threaded decoding), or None to let OpenCV try: no PyAV, no video stream, a
+    container PyAV cannot read, or a rotated video (OpenCV applies the rotation, PyAV does not)."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        container = av.open(str(path))
+    except Exception:  # noqa: BLE001 - not a container PyAV reads: OpenCV decides (and reports it)
+        return None
+    try:
+        if not container.streams.video:
+            container.close()
+            return None
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads: several frames decode at once on several cores
+        frames = container.decode(stream)
+        first_frame = next(frames, None)
+        if first_frame is None or getattr(first_frame, "rotation", 0):
+            container.close()
+            return None
+        first = first_frame.to_ndarray(format="bgr24")
+    except Exception:  # noqa: BLE001 - undecodable with PyAV: OpenCV decides
+        container.close()
+        return None
+    rate = stream.average_rate or stream.guessed_rate
+    src_fps = float(rate) if rate else 0.0
+    fps_known = math.isfinite(src_fps) and 0 < src_fps <= 1000
+    total = int(stream.frames or 0) or None
+    h, w = first.shape[:2]
+    return PyAVSource(container, stream, first, frames, name=path.stem, fps=fps or (src_fps if fps_known else
+                      DEFAULT_FPS), fps_known=fps_known or fps is not None, total=total, width=w, height=h)
 
 
 def _open_folder(source: str, path: Path, fps: float | None) -> FolderSource:

@@ -32,7 +32,7 @@ AMP_ALIASES = {"none": "fp32"}  # the older --amp spelling of --precision
 
 # What a resumed run may change (typed flags only); everything else comes from the checkpoint, because it shapes
 # the model, the data, the optimiser state or the LR schedule's per-iteration position.
-RESUME_OVERRIDABLE = frozenset({"epochs", "workers", "device", "eval_interval", "precision", "compile",
+RESUME_OVERRIDABLE = frozenset({"epochs", "workers", "device", "eval_interval", "precision", "compile", "cuda_graphs",
                                 "max_nonfinite"})
 # Options that say what to do now (start / find / evaluate a run), not how it trains: not stored with the run
 # (so --cfg on a run's args.yaml starts it afresh), and never "ignored" on resume.
@@ -111,6 +111,7 @@ class TrainConfig:
     seed: int = 42
     max_nonfinite: int = 10
     compile: str | None = None
+    cuda_graphs: bool | None = None  # None: on where the step allows it (loop.GraphedTrainStep)
     # evaluation and outputs
     eval_interval: int = 1
     metric: str = "coco"

@@ -22,9 +22,10 @@ from ..evaluation.metrics import METRICS, DetectionEvaluator, EvalResult
 @dataclass
 class EvalConfig:
     """What ``evaluate_checkpoint`` scores: ``source`` (the checkpoint and claims about it) on the validation split
-    of dataset ``config``. ``score_thresh`` None keeps the checkpoint's evaluation score threshold."""
+    of dataset ``config`` (None: the dataset the checkpoint's training run recorded). ``score_thresh`` None keeps the
+    checkpoint's evaluation score threshold."""
 
-    config: str
+    config: str | None
     source: ModelSource
     metric: str = "all"
     runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(batch=8, workers=2))
@@ -33,6 +34,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.source.model:
             raise UserError("pass --model <checkpoint.pth> to evaluate")
+        if str(self.source.model).lower().endswith(".onnx"):  # the scorer runs the PyTorch model as training did
+            raise UserError(f"--model {self.source.model}: an ONNX model is scored in two steps: python "
+                            f"infer_det_image.py --model {self.source.model} -i <validation images> --no-save, then "
+                            f"python -m src.detection.evaluate --predictions <its output folder>/predictions.json "
+                            f"--config <dataset.yaml>")
         check_choice("--metric", self.metric, METRICS)
 
 
@@ -48,6 +54,20 @@ def _training_precision(train: dict[str, Any], device) -> str | None:
     return {None: "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(None if dtype is None else str(dtype))
 
 
+def dataset_config(config: str | None, payload: dict[str, Any]) -> str:
+    """The dataset YAML to score on: ``config``, else the one the checkpoint's training run recorded (said in the
+    log, so a default never passes silently)."""
+    if config:
+        return config
+    from ..checkpoint import training_options
+
+    recorded = training_options(payload).get("config")
+    if not recorded:
+        raise UserError(f"{payload.get('path', 'the checkpoint')} records no dataset; pass --config <dataset.yaml>")
+    print(f"--config not given: using the dataset the checkpoint was trained on, {recorded}")
+    return str(recorded)
+
+
 def evaluate_checkpoint(cfg: EvalConfig) -> EvalResult:
     """Score ``cfg.source`` on the validation split of ``cfg.config``; returns the metrics result."""
     from ..checkpoint import build_model, load_checkpoint, prepare_checkpoint, training_options
@@ -57,7 +77,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> EvalResult:
     src, run = cfg.source, cfg.runtime
     dev = select_device(run.device)
     payload = load_checkpoint(resolve_path(src.model))
-    data_cfg = load_data_config(cfg.config)
+    data_cfg = load_data_config(dataset_config(cfg.config, payload))
     # the dataset's classes are a claim --config cannot drop: checked against our checkpoints, describing reference ones
     ckpt = prepare_checkpoint(payload, src.expect(classes=data_cfg.classes), src.imgsz, required=("classes",))
     classes = ckpt.card.classes

@@ -93,7 +93,9 @@ class FeatureCache(Dataset):
         self.cache_dir = cache_dir
         self.indices: list[int] = []  # unique dataset indices, in storage order
         self.row: dict[int, int] = {}  # dataset index -> storage row
-        self.levels: dict[bool, list[torch.Tensor]] = {}  # flipped -> per level [N, C, h, w] fp16 (RAM)
+        # RAM mode: per level one [V * N, C, h, w] fp16 tensor, variant v (0 plain, 1 mirrored) of storage row r at
+        # v * N + r, so a batch mixing both variants is still one gather per level
+        self.levels: list[torch.Tensor] = []
         self.targets: dict[bool, list[dict[str, Any]]] = {}
         self.dropped: set[int] = set()
         self.nbytes = 0
@@ -112,14 +114,16 @@ class FeatureCache(Dataset):
             assert self.cache_dir is not None
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             self.cache_dir.mkdir(parents=True)
-        for flipped in ((False, True) if self.flip else (False,)):
+        variants = (False, True) if self.flip else (False,)
+        self.levels = []
+        for flipped in variants:
             view = copy.copy(dataset)
             if getattr(dataset, "transform", None) is not None:
                 view.transform = forced_flip(dataset.transform, flipped)
             loader = DataLoader(torch.utils.data.Subset(view, self.indices), batch_size=batch_size, shuffle=False,
                                 num_workers=workers, collate_fn=_as_list)
-            levels: list[torch.Tensor] = []
             targets: list[dict[str, Any] | None] = [None] * len(self.indices)
+            offset = int(flipped) * len(self.indices)
             position = 0
             desc = f"caching backbone features{' (mirrored)' if flipped else ''}"
             for samples in tqdm(loader, desc=desc, disable=not show, leave=False):
@@ -132,20 +136,36 @@ class FeatureCache(Dataset):
                 with autocast_context(device, amp_dtype):
                     feats = model.backbone_features(torch.stack([s[0] for _, s in good]).to(device))
                 feats = [f.to("cpu", torch.float16) for f in feats]
-                if self.mode == "ram" and not levels:
-                    levels = [torch.empty((len(self.indices), *f.shape[1:]), dtype=torch.float16) for f in feats]
+                if self.mode == "ram" and not self.levels:
+                    self.levels = [torch.empty((len(variants) * len(self.indices), *f.shape[1:]),
+                                               dtype=torch.float16) for f in feats]
                 for k, (r, sample) in enumerate(good):
                     target = _plain_target(sample[1])
                     if self.mode == "ram":
-                        for store, f in zip(levels, feats):
-                            store[r].copy_(f[k])
+                        for store, f in zip(self.levels, feats):
+                            store[offset + r].copy_(f[k])
                         targets[r] = target
                     else:
                         torch.save(([f[k].clone() for f in feats], target),
                                    self.cache_dir / f"{self.indices[r]}_{int(flipped)}.pt")
                 self.nbytes += sum(f.numel() * f.element_size() for f in feats)
             if self.mode == "ram":
-                self.levels[flipped], self.targets[flipped] = levels, targets  # type: ignore[assignment]
+                self.targets[flipped] = targets  # type: ignore[assignment]
+
+    def place(self, device: torch.device, share: float = 0.5) -> str:
+        """Keep a RAM cache where the training step reads it fastest: in the GPU's memory when it takes at most
+        ``share`` of what is free there (a batch is then one gather on the device, no copy), else in pinned host
+        memory (batches copy without blocking). Returns where it went, for the log."""
+        if self.mode != "ram" or not self.levels or device.type != "cuda":
+            return "host memory"
+        free, _ = torch.cuda.mem_get_info(device)
+        size = sum(t.numel() * t.element_size() for t in self.levels)
+        if size <= share * free:
+            self.levels = [t.to(device) for t in self.levels]
+            return f"{device} memory"
+        self.levels = [t.pin_memory() for t in self.levels]
+        return (f"pinned host memory ({size / 2**30:.1f} GiB does not fit in half of the GPU's free "
+                f"{free / 2**30:.1f} GiB)")
 
     # -- reading
     def flipped(self, key) -> tuple[int, bool]:
@@ -162,7 +182,7 @@ class FeatureCache(Dataset):
         index, flipped = self.flipped(key)
         if self.mode == "ram":
             r = self.row[index]
-            return [level[r] for level in self.levels[flipped]], self.targets[flipped][r]
+            return [level[int(flipped) * len(self.indices) + r] for level in self.levels], self.targets[flipped][r]
         return torch.load(self.cache_dir / f"{index}_{int(flipped)}.pt", weights_only=True)
 
     def batch(self, keys: Sequence) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -173,21 +193,12 @@ class FeatureCache(Dataset):
             items = [self[k] for k in keys]
             return [torch.stack(level) for level in zip(*(it[0] for it in items))], [it[1] for it in items]
         resolved = [self.flipped(k) for k in keys]
-        variants = {f for _, f in resolved}
-        if len(variants) == 1:
-            flipped = variants.pop()
-            rows = torch.tensor([self.row[i] for i, _ in resolved])
-            feats = [level.index_select(0, rows) for level in self.levels[flipped]]
-        else:  # mixed batch: gather each variant's rows, then put them back in key order
-            feats = []
-            for lvl in range(len(self.levels[False])):
-                out = torch.empty((len(keys), *self.levels[False][lvl].shape[1:]), dtype=torch.float16)
-                for flipped in (False, True):
-                    pos = [p for p, (_, f) in enumerate(resolved) if f == flipped]
-                    if pos:
-                        rows = torch.tensor([self.row[resolved[p][0]] for p in pos])
-                        out[torch.tensor(pos)] = self.levels[flipped][lvl].index_select(0, rows)
-                feats.append(out)
+        n = len(self.indices)
+        rows = torch.tensor([int(f) * n + self.row[i] for i, f in resolved])
+        device = self.levels[0].device
+        if device.type == "cuda":  # a pageable host-to-device copy would wait for the stream
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        feats = [level.index_select(0, rows) for level in self.levels]
         return feats, [self.targets[f][self.row[i]] for i, f in resolved]
 
 
@@ -203,15 +214,19 @@ def collate_cached(batch, imgsz: tuple[int, int]):
 class CachedBatches:
     """Batches ``(zero images, targets, level maps)`` over a RAM ``FeatureCache`` in ``sampler`` order.
 
-    Replaces a DataLoader: there is nothing to decode, and a batch is one gather per level. The zero image batch
-    only carries the input size (anchors, clipping) and is allocated once.
+    Replaces a DataLoader: there is nothing to decode, and a batch is one gather per level (on the GPU when the
+    cache was ``place``d there). The zero image batch only carries the input size (anchors, clipping) and is
+    allocated once, where the maps are.
     """
 
     def __init__(self, cache: FeatureCache, sampler: Iterable, batch_size: int, imgsz: tuple[int, int],
                  pin_memory: bool = False):
-        self.cache, self.sampler, self.batch_size, self.pin_memory = cache, sampler, batch_size, pin_memory
+        self.cache, self.sampler, self.batch_size = cache, sampler, batch_size
+        device = cache.levels[0].device if cache.levels else torch.device("cpu")
+        # maps already pinned or on the device need no per-batch pinning
+        self.pin_memory = pin_memory and device.type == "cpu" and not (cache.levels and cache.levels[0].is_pinned())
         w, h = imgsz
-        self.images = torch.zeros((batch_size, 3, h, w), dtype=torch.uint8)
+        self.images = torch.zeros((batch_size, 3, h, w), dtype=torch.uint8, device=device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]

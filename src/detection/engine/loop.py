@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -230,18 +231,98 @@ class NonFiniteGuard:
                             f"lower --lr, add --clip-grad, or drop --amp fp16")
 
 
+class GraphedTrainStep:
+    """The training step (forward, losses, backward, gradient clipping, fused AdamW step) replayed from a CUDA graph
+    per batch signature (``core.graphs``): on a GPU the step's ~2,000 small kernels cost more to launch than to
+    run, and a graph launches them at once. Eligible when nothing in the step needs the host: CUDA, a fused
+    optimizer that skips non-finite steps itself, no GradScaler (bf16 or fp32), no DDP, no ``torch.compile``.
+
+    The learning rate enters the captured optimizer step as a device tensor that each call refreshes from the
+    scheduler's float (group ``lr`` stays a float, so checkpoints and schedulers are unchanged).
+    Returns the step's ``(loss_dict, loss, finite)``: static tensors, valid until the next call.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 amp_dtype: torch.dtype | None, clip_grad: float):
+        from ..core.graphs import GraphedFunction
+
+        self.model, self.optimizer, self.clip_grad, self.amp_dtype = model, optimizer, clip_grad, amp_dtype
+        self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
+        self.graphed = GraphedFunction(self._step, name="training step", warmup=2,
+                                       context=lambda: autocast_context(device, amp_dtype, cache=False))
+
+    @staticmethod
+    def eligible(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 scaler: Any) -> bool:
+        from ..core.graphs import graphs_supported
+
+        return (graphs_supported(device) and scaler is None and skips_on_device(optimizer) and
+                isinstance(optimizer, torch.optim.AdamW) and not is_distributed() and
+                not hasattr(model, "_orig_mod") and unwrap(model) is model)
+
+    def __call__(self, images: torch.Tensor, targets: PaddedTargets, features: list[torch.Tensor] | None):
+        for t, g in zip(self.lrs, self.optimizer.param_groups):
+            t.fill_(float(g["lr"]))
+        return self.graphed(images, targets, features)
+
+    def _step(self, images: torch.Tensor, targets: PaddedTargets, features: list[torch.Tensor] | None):
+        cache_ctx = contextlib.nullcontext() if features is None else self.model.cached_features(features)
+        with cache_ctx:
+            loss_dict = self.model(images, targets)
+        loss = sum(loss_dict.values())
+        finite = torch.isfinite(loss.detach()).all().to(torch.float32)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad > 0:
+            nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.clip_grad)
+        capturing = torch.cuda.is_current_stream_capturing()
+        groups = self.optimizer.param_groups
+        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        if capturing:  # the captured kernels read the LR from device memory that __call__ refreshes
+            for g, t in zip(groups, self.lrs):
+                g["lr"], g["capturable"] = t, True
+        self.optimizer.found_inf = 1 - finite
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+            for g, (lr, cap) in zip(groups, saved):
+                g["lr"], g["capturable"] = lr, cap
+        # detached: a reference to the autograd graph kept past the step would tie its gradient-accumulation
+        # nodes to this step's stream
+        return {k: v.detach() for k, v in loss_dict.items()}, loss.detach(), finite
+
+
+_GRAPHED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graphed_step_for(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                     amp_dtype: torch.dtype | None, clip_grad: float, scaler: Any,
+                     cuda_graphs: bool | None) -> GraphedTrainStep | None:
+    """The optimizer's ``GraphedTrainStep`` (kept across epochs, so each batch signature is captured once), or
+    None when graphs are off or the step is not eligible. ``cuda_graphs``: None = on where eligible."""
+    if cuda_graphs is False or not GraphedTrainStep.eligible(model, optimizer, device, scaler):
+        return None
+    step = _GRAPHED_STEPS.get(optimizer)
+    if step is None or (step.model, step.amp_dtype, step.clip_grad) != (model, amp_dtype, clip_grad):
+        step = _GRAPHED_STEPS[optimizer] = GraphedTrainStep(model, optimizer, device, amp_dtype, clip_grad)
+    return step
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device, epoch: int, *,
                     scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None,
                     clip_grad: float = 0.0, ema: ModelEMA | None = None, guard: NonFiniteGuard | None = None,
-                    total: int | None = None, desc: str = "train", log_interval: int = LOG_INTERVAL
-                    ) -> dict[str, float]:
+                    total: int | None = None, desc: str = "train", log_interval: int = LOG_INTERVAL,
+                    cuda_graphs: bool | None = None) -> dict[str, float]:
     """One pass over ``batches`` of ``(images, targets)`` or ``(images, targets, cached_features)``.
 
     The step never waits for the device: ground truth goes in padded (``PaddedTargets``: the model computes its
     losses for the whole batch), losses are summed on the device and read back every ``log_interval`` steps (the
     progress bar, the non-finite check) and at the end, and a step with a non-finite loss is skipped by the fused
-    optimizer itself (``found_inf``). Optimizers without that ability fall back to a host check per step.
+    optimizer itself (``found_inf``). Optimizers without that ability fall back to a host check per step. On CUDA
+    the whole step is replayed from a CUDA graph where it can be (``GraphedTrainStep``; ``cuda_graphs=False``
+    turns that off).
 
     Returns epoch-mean losses per component (``loss_*``) and their sum ``train_loss``, plus ``skipped_steps``.
     """
@@ -266,12 +347,25 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if read[-1]:
             bar.set_postfix(loss=f"{read[-2] / read[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
 
+    graphed = graphed_step_for(model, optimizer, device, amp_dtype, clip_grad, scaler, cuda_graphs)
     for i, batch in enumerate(bar):
         images = batch[0].to(device, non_blocking=True)
         targets = padded_targets(batch[1], device)
-        cache_ctx = contextlib.nullcontext()
-        if len(batch) > 2:  # feature cache: fp16 maps, cast once by the model to its input dtype
-            cache_ctx = unwrap(model).cached_features([f.to(device, non_blocking=True) for f in batch[2]])
+        # feature cache: fp16 maps, cast once by the model to its input dtype
+        features = [f.to(device, non_blocking=True) for f in batch[2]] if len(batch) > 2 else None
+        if graphed is not None:
+            loss_dict, loss, finite = graphed(images, targets, features)
+            keys = keys or list(loss_dict)
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(model, finite)
+            guard.observe(finite)
+            sums = _add_step(sums, loss_dict, loss, finite, keys)
+            if (i + 1) % log_interval == 0:
+                read_back()
+            continue
+        cache_ctx = contextlib.nullcontext() if features is None else unwrap(model).cached_features(features)
         with cache_ctx, autocast_context(device, amp_dtype):
             loss_dict = model(images, targets)
         keys = keys or list(loss_dict)
@@ -308,9 +402,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             ema.update(model, finite if on_device else None)
         if on_device:
             guard.observe(finite)
-        step = torch.stack([loss_dict[k].detach().float().sum() for k in keys] + [loss.detach().float().sum()])
-        step = torch.cat([torch.nan_to_num(step) * finite, finite.reshape(1)])
-        sums = step if sums is None else sums + step
+        sums = _add_step(sums, loss_dict, loss, finite, keys)
         if (i + 1) % log_interval == 0:
             read_back()
     if sums is not None and (i + 1) % log_interval:
@@ -328,6 +420,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         means = dict(zip(names, (vec / world_size()).tolist()))
     means["skipped_steps"] = float(skipped_host + guard.total - skipped_before) if on_device else float(skipped_host)
     return means
+
+
+def _add_step(sums: torch.Tensor | None, loss_dict: dict[str, torch.Tensor], loss: torch.Tensor,
+              finite: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    """The epoch's device-side sums plus this step's losses per component, their total and the applied count
+    (a skipped step adds zeros)."""
+    step = torch.stack([loss_dict[k].detach().float().sum() for k in keys] + [loss.detach().float().sum()])
+    step = torch.cat([torch.nan_to_num(step) * finite, finite.reshape(1)])
+    return step if sums is None else sums + step
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ import csv
 import functools
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,13 @@ from ..core.errors import UserError
 from ..core.io import atomic_write
 from ..core.paths import resolve_path
 from ..core.runtime import amp_settings, seed_everything, setup_distributed, unwrap
-from ..data.datasets import build_dataloader, build_datasets, load_data_config, save_transformed_samples
+from ..data.datasets import (
+    build_dataloader,
+    build_datasets,
+    drop_undecodable,
+    load_data_config,
+    save_transformed_samples,
+)
 from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
 from ..evaluation.metrics import DetectionEvaluator, EvalResult
 from ..evaluation.report import format_table, plot_training_curves, save_results
@@ -53,12 +60,22 @@ CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
 def find_resume_checkpoint(cfg: TrainConfig) -> Path:
-    if cfg.resume != "auto":
-        return resolve_path(cfg.resume)
+    """The last_model.pth ``--resume`` continues: the path given, that of ``--name``, or the newest run's."""
     parent = cfg.output.parent()
-    if cfg.output.name:
-        return parent / cfg.output.name / "last_model.pth"
     runs = sorted((p for p in parent.glob("*/last_model.pth")), key=lambda p: p.stat().st_mtime)
+    resumable = ", ".join(p.parent.name for p in runs[-5:]) if runs else "none"
+    if cfg.resume != "auto":
+        path = resolve_path(cfg.resume)
+        if not path.exists():
+            raise UserError(f"--resume {cfg.resume}: no such file; pass a run's last_model.pth (runs with one under "
+                            f"{parent}: {resumable})")
+        return path
+    if cfg.output.name:
+        path = parent / cfg.output.name / "last_model.pth"
+        if not path.is_file():
+            raise UserError(f"--resume --name {cfg.output.name}: no run folder {path.parent} with a last_model.pth; "
+                            f"runs that can resume under {parent} (--out-dir): {resumable}")
+        return path
     if not runs:
         raise UserError(f"--resume: no last_model.pth found under {parent}; pass the checkpoint path, "
                         f"e.g. --resume outputs/img_det/run_1/last_model.pth")
@@ -82,11 +99,22 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _cell(value: str | None) -> int | float:
+    """A results.csv cell as written: integers (epoch, skipped steps) stay integers, so a resumed run rewrites them
+    as they were; an empty cell is NaN."""
+    if value in ("", None):
+        return math.nan
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
 def read_csv(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int):
@@ -97,6 +125,12 @@ def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int):
                                         include_difficult=cfg.include_difficult,
                                         ignore_unknown_classes=cfg.ignore_unknown_classes or None,
                                         skip_bad_samples=cfg.skip_bad_samples or None, verbose=rank == 0)
+    # every image decoded now (threads), before the run folder exists: a truncated file stops the start, not epoch 1
+    skip = bool(cfg.skip_bad_samples or data_cfg.skip_bad_samples)
+    for ds in (train_ds, valid_ds):
+        drop_undecodable(ds, skip, progress=rank == 0, verbose=rank == 0)
+        if len(ds) == 0:
+            raise UserError(f"{ds.name}: no image could be decoded; check the image files")
     train_sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=rank, world_size=world)
     train_loader = build_dataloader(EpochSeededDataset(train_ds, cfg.seed), batch, workers, sampler=train_sampler)
     valid_loader = build_dataloader(valid_ds, batch, workers, sampler=ShardSampler(len(valid_ds), rank, world))
@@ -118,12 +152,14 @@ def eval_only_config(cfg: TrainConfig, typed: frozenset[str] | set[str] | None =
     given = _given_options(cfg, typed)
     claims = {k: cfg.get(k) for k in ("model_name", "head", "feature_extractor", "weights", "imgsz", "backbone_impl",
                                       "arch_overrides") if k in given}
-    return EvalConfig(config=cfg.config, source=ModelSource(model=cfg.model, **claims), metric=cfg.metric,
-                      runtime=cfg.runtime, score_thresh=cfg.get("score_thresh") if "score_thresh" in given else None)
+    # an untyped --config is the run's own dataset (recorded in the checkpoint), not the parser's default
+    return EvalConfig(config=cfg.config if "config" in given else None,
+                      source=ModelSource(model=cfg.model, **claims), metric=cfg.metric, runtime=cfg.runtime, score_thresh=cfg.get("score_thresh") if "score_thresh" in given else None)
 
 
 def eval_only(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> EvalResult:
-    """``--eval-only --model ckpt``: score a checkpoint on the validation split of ``--config`` and print it."""
+    """``--eval-only --model ckpt``: score a checkpoint on the validation split of ``--config`` (default: the dataset
+    the checkpoint was trained on) and print it."""
     result = evaluate_checkpoint(eval_only_config(cfg, typed))
     print(format_table(result))
     return result
@@ -165,12 +201,17 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
     if cfg.resume:
         ckpt_path = find_resume_checkpoint(cfg)
         resume_ckpt = load_checkpoint(ckpt_path)
-        cfg, ignored = resume_config(saved_config(resume_ckpt), cfg, None if typed is None else frozenset(typed))
+        saved = saved_config(resume_ckpt)
+        cfg, ignored = resume_config(saved, cfg, None if typed is None else frozenset(typed))
         if ignored and main:
             print(f"note: --resume keeps the run's {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
                   f"it may change only --epochs, --workers, --device, --eval-interval, --precision, --compile, "
                   f"--max-nonfinite")
         run_dir = ckpt_path.parent
+        done = int(resume_ckpt.get("epoch") or 0)
+        if done >= cfg.epochs:  # checked before anything is built or written: a finished run stays as it is
+            raise UserError(f"{run_dir.name} already finished {done}/{saved.epochs} epochs; pass a larger --epochs "
+                            f"(e.g. --resume {ckpt_path} --epochs {done + 10}) to train it further")
 
     device, rank, world = setup_distributed(cfg.runtime.device)
     main = rank == 0
@@ -236,40 +277,55 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
         cfg.save_yaml(run_dir / "args.yaml")
 
     guard = NonFiniteGuard(cfg.max_nonfinite)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        train_sampler.set_epoch(epoch)
-        losses = train_one_epoch(train_model, train_loader, optimizer, scheduler, device, epoch, scaler=scaler,
-                                 amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, ema=ema, guard=guard,
-                                 total=iters_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}")
-        train_seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch, **losses, "lr": optimizer.param_groups[0]["lr"],
-                               "seconds": train_seconds, "map": math.nan, "map50": math.nan, "map75": math.nan}
-        result = None
-        if epoch % cfg.eval_interval == 0 or epoch == cfg.epochs:
-            with ema.swapped_in(model) if ema else contextlib.nullcontext():
-                result = evaluate(model, valid_loader, device, classes, spec=spec, evaluator=evaluator,
-                                  amp_dtype=amp_dtype)
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            train_sampler.set_epoch(epoch)
+            losses = train_one_epoch(train_model, train_loader, optimizer, scheduler, device, epoch, scaler=scaler,
+                                     amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, ema=ema, guard=guard,
+                                     total=iters_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                                 cuda_graphs=cfg.cuda_graphs)
+            train_seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": epoch, **losses, "skipped_steps": int(losses.get("skipped_steps", 0)),
+                                   "lr": optimizer.param_groups[0]["lr"],
+                                   "seconds": train_seconds, "map": math.nan, "map50": math.nan, "map75": math.nan}
+            result = None
+            if epoch % cfg.eval_interval == 0 or epoch == cfg.epochs:
+                with ema.swapped_in(model) if ema else contextlib.nullcontext():
+                    result = evaluate(model, valid_loader, device, classes, spec=spec, evaluator=evaluator,
+                                      amp_dtype=amp_dtype)
+                if main:
+                    row.update({k: v for k, v in result.summary().items()
+                                if k in ("map", "map50", "map75") or not math.isnan(v)}, eval_seconds=result.seconds)
             if main:
-                row.update({k: v for k, v in result.summary().items()
-                            if k in ("map", "map50", "map75") or not math.isnan(v)}, eval_seconds=result.seconds)
+                rows.append(row)
+                improved = result is not None and result.primary > best_map  # NaN never improves
+                if improved:
+                    best_map = result.primary
+                save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, cfg, improved,
+                           result)
+                write_csv(run_dir / "results.csv", rows)
+                plot_training_curves(rows, run_dir)
+                print(epoch_summary(row, losses, cfg.epochs))
+            if world > 1:
+                dist.barrier()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (core.errors.sigterm_as_interrupt): say how to continue
         if main:
-            rows.append(row)
-            improved = result is not None and result.primary > best_map  # NaN never improves
-            if improved:
-                best_map = result.primary
-            save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, cfg, improved,
-                       result)
-            write_csv(run_dir / "results.csv", rows)
-            plot_training_curves(rows, run_dir)
-            print(epoch_summary(row, losses, cfg.epochs))
-        if world > 1:
-            dist.barrier()
+            print(interrupted_message(run_dir, int(rows[-1]["epoch"]) if rows else None), file=sys.stderr)
+        raise
     if main:
         print(f"done: best mAP@.5:.95 {best_map:.4f}; outputs in {run_dir}")
     if world > 1:
         dist.destroy_process_group()
     return run_dir if main else None
+
+
+def interrupted_message(run_dir: Path, finished: int | None) -> str:
+    """What an interrupted run leaves (``finished``: its last finished epoch) and the command that continues it."""
+    last = run_dir / "last_model.pth"
+    if not finished or not last.is_file():
+        return f"interrupted before the first epoch finished: nothing to resume in {run_dir}; start the run again"
+    return (f"interrupted: {last} holds epoch {finished}; continue with: python train_detection.py --resume {last}")
 
 
 def epoch_summary(row: dict[str, Any], losses: dict[str, float], epochs: int) -> str:
@@ -351,10 +407,13 @@ def prepare_feature_cache(cfg: TrainConfig, model, train_ds, valid_ds, device: t
     valid_cache = FeatureCache(cfg.cache_features, flip=False, seed=cfg.seed,
                                cache_dir=run_dir / f"feature_cache_valid_rank{rank}")
     valid_cache.build(unwrap(model), valid_ds, valid_shard, show=main, **common)
+    where = cache.place(device)
+    valid_cache.place(device)
     if main:
         print(f"feature cache ({cfg.cache_features}): {len(cache)} training images x {1 + cache.flip} variants + "
               f"{len(valid_cache)} validation images, {(cache.nbytes + valid_cache.nbytes) / 2**20:.0f} MiB, "
-              f"built in {time.perf_counter() - t0:.1f}s")
+              f"built in {time.perf_counter() - t0:.1f}s"
+              + (f", kept in {where}" if cfg.cache_features == "ram" else ""))
     sampler = EpochSampler(len(shard), seed=cfg.seed, shuffle=True, indices=shard)
     pin = device.type == "cuda"
     if cfg.cache_features == "ram":

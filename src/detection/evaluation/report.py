@@ -84,7 +84,8 @@ def plot_per_class_ap(result: EvalResult, path: str | os.PathLike) -> Path:
     ax.set_xlabel("average precision")
     ax.set_title("Per-class AP (class (#GT))")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # above the plot, so it never covers a bar (the last class's bar sits where an inner legend would)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=len(series), fontsize=8, frameon=False)
     return _save(fig, path)
 
 
@@ -119,10 +120,14 @@ def plot_pr_curves(result: EvalResult, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def _epoch_axes(ax, ylabel: str, title: str) -> None:
-    """Shared styling of the per-epoch training plots."""
+def _epoch_axes(ax, ylabel: str, title: str, epochs: np.ndarray) -> None:
+    """Shared styling of the per-epoch training plots: whole-epoch ticks, half an epoch of margin (so one epoch is
+    the tick 1, not an autoscaled 0.945..1.050)."""
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    finite = epochs[np.isfinite(epochs)]
+    if len(finite):
+        ax.set_xlim(finite.min() - 0.5, finite.max() + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -151,21 +156,23 @@ def plot_training_curves(rows: Sequence[dict[str, Any]], out_dir: str | os.PathL
                     color="black" if total else None, label="total" if total else key[len("loss_"):])
             drawn = True
     if drawn:
-        _epoch_axes(ax, "loss (epoch mean)", "Training loss")
+        _epoch_axes(ax, "loss (epoch mean)", "Training loss", epochs)
     else:
         _empty(ax, "no loss values yet")
     loss_png = _save(fig, out / "train_loss.png")
 
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = False
+    scored = np.zeros(len(epochs), bool)
     for key, label, style in (("map", "mAP@[.5:.95]", "-"), ("map50", "mAP@.5", "-"), ("map75", "mAP@.75", "--")):
         vals = np.array([_finite(r.get(key)) for r in rows])
         ok = np.isfinite(vals) & np.isfinite(epochs)
         if ok.any():
             ax.plot(epochs[ok], vals[ok], style, marker="o", ms=4, label=label)
             drawn = True
+            scored |= ok
     if drawn:
-        _epoch_axes(ax, "mAP", "Validation mAP")
+        _epoch_axes(ax, "mAP", "Validation mAP", epochs[scored])
         ax.set_ylim(0, 1)
     else:
         _empty(ax, "no evaluation yet")

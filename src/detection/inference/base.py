@@ -67,14 +67,50 @@ class PredictorBase:
         """Original uint8 [3,H,W] -> resized uint8 model input on the device (resized on the GPU when there)."""
         return self.input_spec.preprocess(image.to(self.device, non_blocking=True), self.keep_aspect)
 
+    def preprocess_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Original uint8 [3,H,W] images of one input size -> the resized ``[B,3,h,w]`` uint8 batch on the device.
+
+        On a GPU, images of one original size (video frames, a camera) travel as one upload and are resized in one
+        call: decoded frames are height x width x channel in memory (``[3,H,W]`` views of them), so they are stacked
+        in that layout into a pinned buffer (one copy), uploaded without blocking and resized on the device as a
+        channels-last batch. Elsewhere each image is resized on its own, as the validation loader does."""
+        same = len({tuple(im.shape) for im in images}) == 1
+        if self.device.type != "cuda" or not same or len(images) == 1 and images[0].device.type == "cuda":
+            return torch.stack([self.preprocess(im) for im in images])
+        return self.input_spec.preprocess(self.upload(images), self.keep_aspect)
+
+    def upload(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Equal-size uint8 [3,H,W] host images -> one ``[B,3,H,W]`` device tensor (channels-last strides when the
+        images are HWC views), through a reused pinned buffer."""
+        hwc = all(im.permute(1, 2, 0).is_contiguous() for im in images)
+        parts = [im.permute(1, 2, 0) if hwc else im for im in images]
+        shape = (len(parts), *parts[0].shape)
+        buffers = self.__dict__.setdefault("_pinned", {})
+        buf = buffers.get(shape)
+        cuda = self.device.type == "cuda"
+        if buf is None:
+            buffers.clear()  # one size at a time (a folder of mixed sizes takes the per-image path)
+            buf = buffers[shape] = torch.empty(shape, dtype=torch.uint8, pin_memory=cuda)
+        elif self.__dict__.get("_upload_done") is not None:  # the last upload from it must be over before reuse
+            self._upload_done.synchronize()
+        torch.stack(parts, out=buf)
+        batch = buf.to(self.device, non_blocking=True) if cuda else buf.clone()
+        if cuda:
+            self._upload_done = torch.cuda.Event()
+            self._upload_done.record()
+        return batch.permute(0, 3, 1, 2) if hwc else batch
+
     def postprocess(self, raw: list[dict[str, torch.Tensor]], orig_sizes: Sequence[Sequence[int]]
                     ) -> list[dict[str, torch.Tensor]]:
-        """Boxes back to original (H, W) coordinates as float32 CPU tensors."""
+        """Boxes back to original (H, W) coordinates as float32 CPU tensors: the batch's detections come back in
+        one device-to-host copy, then map back on the host."""
+        counts = [int(det["scores"].shape[0]) for det in raw]
+        packed = torch.cat([torch.cat((det["boxes"].float(), det["scores"].float()[:, None],
+                                       det["labels"].float()[:, None]), dim=1) for det in raw]).cpu()
         preds = []
-        for det, hw in zip(raw, orig_sizes):
-            boxes = self.input_spec.boxes_to_original(det["boxes"].float(), hw, self.keep_aspect)
-            preds.append({"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(),
-                          "labels": det["labels"].to(torch.int64).cpu()})
+        for part, hw in zip(packed.split(counts), orig_sizes):
+            boxes = self.input_spec.boxes_to_original(part[:, :4], hw, self.keep_aspect)
+            preds.append({"boxes": boxes, "scores": part[:, 4].clone(), "labels": part[:, 5].to(torch.int64)})
         return preds
 
     def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -86,7 +122,7 @@ class PredictorBase:
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s:s + self.batch_size]
-                batch = torch.stack([self.preprocess(images[i]) for i in chunk])
+                batch = self.preprocess_batch([images[i] for i in chunk])
                 preds = self.postprocess(self.forward(batch), [images[i].shape[-2:] for i in chunk])
                 for i, p in zip(chunk, preds):
                     results[i] = p

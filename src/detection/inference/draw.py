@@ -64,16 +64,70 @@ def draw_detections(frame: np.ndarray, boxes: np.ndarray | torch.Tensor, labels:
     return frame
 
 
-def draw_text(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
-    """Overlay status lines (e.g. FPS) in the top-left corner on a dark background."""
-    h, w = frame.shape[:2]
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def _overlay_style(height: int, width: int) -> tuple[float, int, int]:
+    """(font scale, thickness, margin) of status lines: smaller than labels, never below a legible size."""
+    short = max(1, min(height, width))
+    scale = max(0.35, short / 1400)
+    return scale, max(1, round(scale * 1.5)), max(2, round(short / 200))
+
+
+def overlay_size(frame_hw: tuple[int, int], lines: Sequence[str]) -> tuple[int, int]:
+    """(width, height) in pixels of the status box ``draw_text`` draws for ``lines`` on a frame of this size."""
+    scale, thick, pad = _overlay_style(*frame_hw)
+    sizes = [cv2.getTextSize(t, _FONT, scale, thick) for t in lines]
+    return (max((tw for (tw, _), _ in sizes), default=0) + 2 * pad,
+            sum(th + base + pad for (_, th), base in sizes) + pad)
+
+
+def label_regions(frame_hw: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
+    """xyxy regions each detection occupies once drawn: its box plus the label strip above it."""
+    h, w = frame_hw
     _, scale, thick = _style(h, w)
-    y = 0
+    (_, th), base = cv2.getTextSize("Ag 0.00", _FONT, scale, thick)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+    boxes[:, 1] -= th + base + 4
+    return boxes
+
+
+def overlay_corner(frame_hw: tuple[int, int], size: tuple[int, int], boxes: np.ndarray,
+                   previous: str | None = None) -> str:
+    """The corner where a status box of ``size`` (w, h) hides the least of the drawn detections (``boxes`` xyxy,
+    label strips included). The ``previous`` corner is kept unless another hides less than half as much, so
+    the box does not jump around from frame to frame."""
+    h, w = frame_hw
+    bw, bh = size
+    regions = label_regions(frame_hw, boxes)
+
+    def hidden(corner: str) -> float:
+        x0 = 0 if corner.endswith("left") else w - bw
+        y0 = 0 if corner.startswith("top") else h - bh
+        iw = np.clip(np.minimum(regions[:, 2], x0 + bw) - np.maximum(regions[:, 0], x0), 0, None)
+        ih = np.clip(np.minimum(regions[:, 3], y0 + bh) - np.maximum(regions[:, 1], y0), 0, None)
+        return float((iw * ih).sum())
+
+    cost = {c: hidden(c) for c in CORNERS}
+    best = min(CORNERS, key=lambda c: cost[c])  # ties: the first in CORNERS (top-left, where people look)
+    if previous in cost and (cost[previous] == 0 or cost[best] >= 0.5 * cost[previous]):
+        return previous  # type: ignore[return-value]
+    return best
+
+
+def draw_text(frame: np.ndarray, lines: Sequence[str], corner: str = "top-left") -> np.ndarray:
+    """Overlay status lines (e.g. FPS) in a ``corner`` on a dark background, sized to the frame."""
+    h, w = frame.shape[:2]
+    scale, thick, pad = _overlay_style(h, w)
+    bw, bh = overlay_size((h, w), lines)
+    x0 = 0 if corner.endswith("left") else max(0, w - bw)
+    y0 = 0 if corner.startswith("top") else max(0, h - bh)
+    cv2.rectangle(frame, (x0, y0), (x0 + bw - 1, y0 + bh - 1), (0, 0, 0), -1)
+    y = y0 + pad
     for text in lines:
-        (tw, th), base = cv2.getTextSize(text, _FONT, scale, thick)
-        cv2.rectangle(frame, (0, y), (tw + 8, y + th + base + 8), (0, 0, 0), -1)
-        cv2.putText(frame, text, (4, y + th + 4), _FONT, scale, (255, 255, 255), thick, cv2.LINE_AA)
-        y += th + base + 8
+        (_, th), base = cv2.getTextSize(text, _FONT, scale, thick)
+        cv2.putText(frame, text, (x0 + pad, y + th), _FONT, scale, (255, 255, 255), thick, cv2.LINE_AA)
+        y += th + base + pad
     return frame
 
 
@@ -82,9 +136,15 @@ def tensor_to_bgr(image: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(image.detach().cpu().permute(1, 2, 0).numpy()[:, :, ::-1])
 
 
+def bgr_to_rgb(frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """BGR ``[H,W,3]`` uint8 (OpenCV) -> RGB, into ``out`` when given. One pass of ``cv2.cvtColor``: a copy
+    through a negative-stride view (``frame[:, :, ::-1]``) costs ~40x more on a 720p frame."""
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB, dst=out)
+
+
 def bgr_to_tensor(frame: np.ndarray) -> torch.Tensor:
-    """BGR ``[H,W,3]`` uint8 array (OpenCV) -> RGB uint8 ``[3,H,W]`` tensor."""
-    return torch.from_numpy(np.ascontiguousarray(frame[:, :, ::-1])).permute(2, 0, 1)
+    """BGR ``[H,W,3]`` uint8 array (OpenCV) -> RGB uint8 ``[3,H,W]`` tensor (a view of one converted copy)."""
+    return torch.from_numpy(bgr_to_rgb(frame)).permute(2, 0, 1)
 
 
 def draw_on_image(image: torch.Tensor, pred: dict[str, torch.Tensor], classes: Sequence[str]) -> np.ndarray:

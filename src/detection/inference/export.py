@@ -152,6 +152,13 @@ def _max_rel_diff(ref: Tensor, got: Tensor) -> float:
     return float((ref - got).abs().max() / max(1.0, float(ref.abs().max())))
 
 
+def half_unverified(why: str) -> str:
+    """What an fp16 export without a check leaves open, and how to get the check."""
+    return (f"{why}, and only that provider runs an fp16 graph: the graph passed onnx.checker, but its outputs were "
+            f"NOT compared with PyTorch's (an fp16 overflow or a wrong kernel would go unnoticed); pip install "
+            f"onnxruntime-gpu and export again to check it, or compare its boxes with the .pth's on a few images")
+
+
 def _verify(graph: ExportGraph, onnx_file: Path, example: Tensor, names: list[str], half: bool) -> dict[str, Any]:
     """Run the export with onnxruntime on ``example`` and compare every output with PyTorch's."""
     try:
@@ -161,14 +168,18 @@ def _verify(graph: ExportGraph, onnx_file: Path, example: Tensor, names: list[st
                         "(or pass --no-verify)") from None
 
     providers = ["CPUExecutionProvider"]
-    if example.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    available = ort.get_available_providers()
+    if example.device.type == "cuda" and "CUDAExecutionProvider" in available:
         providers.insert(0, "CUDAExecutionProvider")
     elif half:  # onnxruntime's CPU provider lacks fp16 kernels for most of the graph
-        return {"skipped": "an fp16 graph is checked on onnxruntime's CUDAExecutionProvider, which this "
-                           "onnxruntime lacks (pip install onnxruntime-gpu)"}
+        return {"skipped": half_unverified(f"this onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                                          f"(it has {', '.join(available)})")}
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(onnx_file), options, providers=providers)
+    if half and session.get_providers()[0] != "CUDAExecutionProvider":  # installed, but it could not start here
+        return {"skipped": half_unverified(f"onnxruntime {ort.__version__}'s CUDAExecutionProvider could not "
+                                          f"start (CUDA / cuDNN libraries it needs are missing)")}
     got = session.run(names, {INPUT_NAME: example.cpu().numpy()})
     with torch.inference_mode():
         ref = graph(example)

@@ -91,8 +91,7 @@ def infer_images(cfg: ImageInferConfig) -> dict[str, Any]:
             image = read_image(path)
         except UserError as exc:
             return Item(data=(i, path, rel, None), input=None, orig_hw=(0, 0), error=str(exc))
-        return Item(data=(i, path, rel, image), input=predictor.preprocess(image),
-                    orig_hw=(int(image.shape[1]), int(image.shape[2])))
+        return Item(data=(i, path, rel, image), input=image, orig_hw=(int(image.shape[1]), int(image.shape[2])))
 
     results: list[dict[str, Any]] = []
     skipped: list[Path] = []

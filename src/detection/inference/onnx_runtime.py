@@ -16,6 +16,11 @@ only by the float rounding of the head outputs. ``OnnxPredictor`` shares ``base.
 
 The sidecar ``<model>.onnx.json`` (``sidecar.py``; also stored in the ONNX file's metadata) is the checkpoint's model
 card plus the graph's shapes and the decoding thresholds.
+
+With onnxruntime's CUDA provider the predictor works on the GPU end to end, as the PyTorch one does: frames are
+uploaded and resized there, and the graph reads its input from and writes its outputs to GPU tensors through I/O
+binding (``session.io_binding()``), so nothing travels back to the host before the final boxes. On the CPU the
+graph takes and returns host arrays (``session.run``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ INPUT_NAME = "images"
 # per head, the raw outputs per anchor its registry entry declares; every graph then returns EXTRA_OUTPUTS
 HEAD_OUTPUTS = {name: kind.onnx_outputs for name, kind in HEAD_TYPES.items()}
 EXTRA_OUTPUTS = ANCHOR_OUTPUTS
+
+
+# onnxruntime's element types -> torch / numpy dtypes of the buffers outputs are bound to
+_ORT_TYPES = {"tensor(float)": (torch.float32, np.float32), "tensor(float16)": (torch.float16, np.float16),
+              "tensor(int64)": (torch.int64, np.int64), "tensor(int32)": (torch.int32, np.int32),
+              "tensor(uint8)": (torch.uint8, np.uint8)}
 
 
 def output_names(head: str) -> list[str]:
@@ -106,14 +117,16 @@ class OnnxPredictor(PredictorBase):
     size); ``score_thresh``, ``nms``, ``max_det`` override the exported defaults at run time. ``description``: the
     sidecar already read (``sidecar.read_sidecar``), else it is read here; ``expect``: the command line's claims,
     checked against its card as for a checkpoint.
-    Tensors given to and returned by the steps live on the CPU (``device``); onnxruntime copies to its provider.
+    ``io_binding`` (default: with the CUDA provider) binds the graph's input and outputs to torch tensors on
+    ``device`` instead of copying host arrays in and out; the steps' tensors then live on the GPU (``device``),
+    else on the CPU.
     """
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", imgsz: Sequence[int] | int | None = None,
                  letterbox: bool | None = None, score_thresh: float | None = None, nms: float | None = None,
                  max_det: int | None = None, batch_size: int | None = None, keep_aspect: bool = False,
                  precision: str | None = None, threads: int | None = None, expect: dict[str, Any] | None = None,
-                 description: OnnxDescription | None = None) -> None:
+                 description: OnnxDescription | None = None, io_binding: bool | None = None) -> None:
         ort = _onnxruntime(f"--model {model}")
 
         path = resolve_path(model)
@@ -153,8 +166,11 @@ class OnnxPredictor(PredictorBase):
             raise UserError(f"--model {model}: onnxruntime cannot load it ({first}); re-export it") from None
         self.provider = self.session.get_providers()[0]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        # steps' tensors stay on the CPU: onnxruntime takes and returns host arrays
-        self.device = torch.device("cpu")
+        on_gpu = self.provider == "CUDAExecutionProvider" and self.device_for_session.type == "cuda"
+        self.io_binding = on_gpu if io_binding is None else bool(io_binding)
+        # with the CUDA provider and I/O binding the steps' tensors live on the GPU; else host arrays go in and out
+        self.device = self.device_for_session if on_gpu and self.io_binding else torch.device("cpu")
+        self._bound: dict[tuple[int, ...], dict[str, Tensor]] = {}  # output buffers per input shape
         th = desc.thresholds
         self.decoder = DetectionDecoder(desc.card.detector.head, desc.card.detector.num_classes,
                                         th["score_thresh"] if score_thresh is None else score_thresh,
@@ -192,6 +208,8 @@ class OnnxPredictor(PredictorBase):
     # ------------------------------------------------------------------ steps
     def raw_outputs(self, batch: Tensor) -> dict[str, Tensor]:
         """The graph's outputs for a resized uint8 batch [B,3,h,w] (static-batch graphs: run in padded chunks)."""
+        if self.io_binding:
+            return self._raw_outputs_bound(batch)
         x = batch.cpu().contiguous().numpy()
         n = x.shape[0]
         step = self.static_batch or n
@@ -202,9 +220,52 @@ class OnnxPredictor(PredictorBase):
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
             out = self.session.run(self.output_names, {INPUT_NAME: chunk})
             parts.append({k: torch.from_numpy(v) for k, v in zip(self.output_names, out)})
+        return self._merge(parts, n)
+
+    def _merge(self, parts: list[dict[str, Tensor]], n: int) -> dict[str, Tensor]:
         merged = {k: torch.cat([p[k] for p in parts])[:n] for k in HEAD_OUTPUTS[self.decoder.head]}
         merged.update({k: parts[0][k] for k in EXTRA_OUTPUTS})
         return merged
+
+    def _raw_outputs_bound(self, batch: Tensor) -> dict[str, Tensor]:
+        """``raw_outputs`` through I/O binding: the graph reads the batch where it is (``device``) and writes into
+        torch tensors there, allocated once per input shape (the first run of a shape learns the output shapes)."""
+        x = batch.to(self.device).contiguous()
+        n = x.shape[0]
+        step = self.static_batch or n
+        kind = self.device.type
+        index = (self.device.index or 0) if kind == "cuda" else 0
+        if kind == "cuda":  # the graph runs on onnxruntime's own stream: the batch must be complete on torch's
+            torch.cuda.current_stream(self.device).synchronize()
+        parts: list[dict[str, Tensor]] = []
+        for s in range(0, n, step):
+            chunk = x[s:s + step]
+            if len(chunk) < step:  # a static batch is filled with copies of the last image, dropped in _merge
+                chunk = torch.cat([chunk, chunk[-1:].expand(step - len(chunk), *chunk.shape[1:])]).contiguous()
+            binding = self.session.io_binding()
+            binding.bind_input(INPUT_NAME, kind, index, np.uint8, list(chunk.shape), chunk.data_ptr())
+            outs = self._bound.get(tuple(chunk.shape))
+            if outs is None:  # first run of this shape: onnxruntime allocates, we learn shapes and types
+                for name in self.output_names:
+                    binding.bind_output(name, kind, index)
+                self.session.run_with_iobinding(binding)
+                binding.synchronize_outputs()
+                values = binding.get_outputs()
+                self._bound[tuple(chunk.shape)] = {
+                    name: torch.empty(v.shape(), dtype=_ORT_TYPES[v.data_type()][0], device=self.device)
+                    for name, v in zip(self.output_names, values)}
+                parts.append({name: torch.from_numpy(v.numpy()).to(self.device)
+                              for name, v in zip(self.output_names, values)})
+                continue
+            for name, t in outs.items():
+                binding.bind_output(name, kind, index, _numpy_dtype(t.dtype), list(t.shape), t.data_ptr())
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()  # written before torch reads them on its own stream
+            # the buffers are reused by the next chunk: keep a chunk's head outputs when more chunks follow (_merge
+            # copies them out in any case); the anchors are the same for every run of a shape
+            parts.append({name: t.clone() if step < n and name not in EXTRA_OUTPUTS else t
+                          for name, t in outs.items()})
+        return self._merge(parts, n)
 
     def forward(self, batch: Tensor) -> list[dict[str, Tensor]]:
         """Graph + decoding on a resized uint8 batch [B,3,h,w]; boxes in input coordinates. Timed."""
@@ -219,5 +280,9 @@ class OnnxPredictor(PredictorBase):
         shape = "dynamic size" if self.dynamic_hw else f"batch {self.static_batch}" if self.static_batch else ""
         return (f"{d.model_name} + {d.head} ({d.feature_extractor}), "
                 f"{len(self.classes) - 1} classes, imgsz {spec.imgsz[0]}x{spec.imgsz[1]} {self._mode()}, "
-                f"ONNX {self.model_path.name} ({shape or 'dynamic batch'}) on onnxruntime {self.provider} "
-                f"{self.precision}")
+                f"ONNX {self.model_path.name} ({shape or 'dynamic batch'}) on onnxruntime {self.provider}"
+                f"{' with I/O binding' if self.io_binding else ''} {self.precision}")
+
+
+def _numpy_dtype(dtype: torch.dtype) -> type:
+    return next(np_type for torch_type, np_type in _ORT_TYPES.values() if torch_type == dtype)

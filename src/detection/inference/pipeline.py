@@ -1,9 +1,14 @@
-"""Background decode -> batched forward -> background sink, with bounded queues (flat memory on long videos)."""
+"""Background decode -> batched ``predict`` -> background sink, with bounded queues (flat memory on long videos).
+
+Each stage runs in its own thread and clocks its own busy time (``StageClock``), so a run can say where its time
+went: the slowest stage bounds the end-to-end rate, and end-to-end over that bound is how well the stages overlap.
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -12,9 +17,64 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .predictor import Predictor
+    from .base import PredictorBase
 
 _END = object()
+
+
+class StageClock:
+    """Busy seconds and items of one pipeline stage (thread-safe enough: each clock is written by one thread)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.items = 0
+
+    def add(self, seconds: float, items: int = 1) -> None:
+        self.seconds += seconds
+        self.items += items
+
+    def time(self, items: int = 1) -> _Timed:
+        return _Timed(self, items)
+
+    @property
+    def ms_per_item(self) -> float:
+        return 1000.0 * self.seconds / self.items if self.items else 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {"seconds": round(self.seconds, 4), "items": self.items, "ms_per_frame": round(self.ms_per_item, 3),
+                "fps_alone": round(self.items / self.seconds, 2) if self.seconds > 0 else None}
+
+
+class _Timed:
+    def __init__(self, clock: StageClock, items: int) -> None:
+        self.clock, self.items = clock, items
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.clock.add(time.perf_counter() - self.t0, self.items)
+        return False
+
+
+class _TimedIterator:
+    """``iterable`` with the time each ``next`` takes added to ``clock`` (the work of the producing stage)."""
+
+    def __init__(self, iterable: Iterable[Any], clock: StageClock) -> None:
+        self._it, self._clock = iter(iterable), clock
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self._clock.seconds += time.perf_counter() - t0
+            raise
+        self._clock.add(time.perf_counter() - t0)
+        return item
 
 
 class BackgroundIterator:
@@ -107,22 +167,28 @@ class BackgroundWorker:
 
 @dataclass
 class Item:
-    """One unit through the pipeline: the caller's ``data`` (original image/frame), its model input (None when
-    it could not be read; ``error`` says why) and, after the forward, its prediction."""
+    """One unit through the pipeline: the caller's ``data`` (original image/frame), the image to predict (``input``:
+    original uint8 [3,H,W], RGB, on any device; None when it could not be read, ``error`` says why) and, after
+    the forward, its prediction. ``model_seconds``: this item's share of its batch's ``predict`` time (upload,
+    resize, forward, post-processing, download)."""
 
     data: Any
     input: torch.Tensor | None
     orig_hw: tuple[int, int]
     error: str | None = None
     pred: dict[str, torch.Tensor] | None = None
-    model_fps: float = 0.0
+    model_seconds: float = 0.0
 
 
-def run_pipeline(predictor: Predictor, items: Iterable[Item], sink: Callable[[Item], None],
-                 batch_size: int | None = None, queue_size: int | None = None) -> None:
-    """Decode/preprocess (``items``, iterated in a background thread) -> batched forward (this thread) ->
+def run_pipeline(predictor: PredictorBase, items: Iterable[Item], sink: Callable[[Item], None],
+                 batch_size: int | None = None, queue_size: int | None = None,
+                 clocks: dict[str, StageClock] | None = None) -> dict[str, StageClock]:
+    """Decode (``items``, iterated in a background thread) -> batched ``predictor.predict`` (this thread) ->
     ``sink`` (drawing/encoding, in another thread). Queues are bounded so memory stays flat on long videos.
     Items are delivered to ``sink`` in input order; unreadable ones (``input is None``) pass through untouched.
+
+    Returns the stage clocks ``decode`` (producing items), ``model`` (``predict``) and ``sink`` (filled into
+    ``clocks`` when given, so they survive an interrupt).
 
     When ``items`` ends early (a stop request, a closed stream) or a KeyboardInterrupt arrives, every item already
     taken from it still goes through the model and ``sink`` before this returns (or re-raises the interrupt), so
@@ -130,18 +196,29 @@ def run_pipeline(predictor: Predictor, items: Iterable[Item], sink: Callable[[It
     """
     bs = batch_size or predictor.batch_size
     qsize = queue_size or 2 * bs
-    source = BackgroundIterator(items, maxsize=qsize, name="decode")
-    worker = BackgroundWorker(sink, maxsize=qsize, name="encode")
+    clocks = clocks if clocks is not None else {}
+    for key in ("decode", "model", "sink"):
+        clocks.setdefault(key, StageClock())
+    sink_clock = clocks["sink"]
+
+    def timed_sink(item: Item) -> None:
+        with sink_clock.time():
+            sink(item)
+
+    source = BackgroundIterator(_TimedIterator(items, clocks["decode"]), maxsize=qsize, name="decode")
+    worker = BackgroundWorker(timed_sink, maxsize=qsize, name="sink")
     pending: list[Item] = []  # decoded, waiting for a full batch
     ready: deque[Item] = deque()  # predicted (or unreadable), waiting for the sink
 
     def forward_pending() -> None:
         if not pending:
             return
-        raw = predictor.forward(torch.stack([it.input for it in pending]))
-        fps = len(pending) / predictor.model_timer.last if predictor.model_timer.last > 0 else 0.0
-        for it, pred in zip(pending, predictor.postprocess(raw, [it.orig_hw for it in pending])):
-            it.pred, it.model_fps, it.input = pred, fps, None
+        t0 = time.perf_counter()
+        preds = predictor.predict([it.input for it in pending])  # boxes come back on the CPU: the batch is done
+        seconds = time.perf_counter() - t0
+        clocks["model"].add(seconds, len(pending))
+        for it, pred in zip(pending, preds):
+            it.pred, it.model_seconds, it.input = pred, seconds / len(pending), None
         ready.extend(pending)
         pending.clear()
 
@@ -158,9 +235,7 @@ def run_pipeline(predictor: Predictor, items: Iterable[Item], sink: Callable[[It
                 ready.append(it)
                 flush()
                 continue
-            if pending and pending[0].input.shape != it.input.shape:
-                flush()
-            pending.append(it)
+            pending.append(it)  # ``predict`` groups images of different input sizes itself
             if len(pending) >= bs:
                 flush()
     except KeyboardInterrupt:
@@ -171,3 +246,4 @@ def run_pipeline(predictor: Predictor, items: Iterable[Item], sink: Callable[[It
     finally:
         source.close()
         worker.close()
+    return clocks

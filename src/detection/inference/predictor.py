@@ -22,6 +22,7 @@ from ..checkpoint.card import describe_weights_source
 from ..checkpoint.source import ModelSource
 from ..core.cli import RuntimeOptions, config_from_args, parse_imgsz
 from ..core.errors import UserError
+from ..core.graphs import GraphedFunction, graphs_supported
 from ..core.paths import resolve_path
 from ..core.runtime import PRECISIONS, Stopwatch, autocast_context, inference_precision, select_device
 from .base import PredictorBase, score_floor
@@ -43,6 +44,8 @@ class Predictor(PredictorBase):
     ones). ``keep_aspect``: feed each image at the letterbox scale with padding only up to the model's size multiple
     (faster; not for SSD, whose default boxes need the training aspect ratio). ``compile``: torch.compile the
     backbone + neck, True with the inductor backend, else with ``compile`` as the backend (a name or callable).
+    ``cuda_graphs``: replay the fixed-shape forward from a CUDA graph per input shape (default: on CUDA unless
+    ``compile``; see ``core.graphs``).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | dict | PreparedCheckpoint, device: str | torch.device = "auto",
@@ -50,7 +53,7 @@ class Predictor(PredictorBase):
                  score_thresh: float | None = None, nms: float | None = None, max_det: int | None = None,
                  batch_size: int = 8, precision: str | None = None, keep_aspect: bool | None = None,
                  channels_last: bool | None = None, weights: str | None = None, expect: dict[str, Any] | None = None,
-                 compile: bool | str | Any = False) -> None:
+                 compile: bool | str | Any = False, cuda_graphs: bool | None = None) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(str(device))
         ckpt = (checkpoint if isinstance(checkpoint, PreparedCheckpoint)
                 else prepare_checkpoint(checkpoint, expect, imgsz))
@@ -75,6 +78,13 @@ class Predictor(PredictorBase):
             # The module forward actually calls: torchvision's detector runs self.backbone (DINOv3 + neck); the
             # box decoding / NMS after it is data-dependent Python that compiles to nothing useful.
             self.model.backbone.compile(backend="inductor" if compile is True else compile, dynamic=False)
+        # CUDA graphs for the fixed-shape part (normalize, backbone, neck, head): one launch instead of hundreds,
+        # which is what batch-1 latency on a GPU is made of. Post-processing (data-dependent sizes) stays eager.
+        use_graphs = graphs_supported(self.device) and not compile if cuda_graphs is None else bool(cuda_graphs)
+        self.cuda_graphs = use_graphs and graphs_supported(self.device)
+        self._head_forward = (GraphedFunction(self.model.head_forward, name="detector forward",
+                                              context=lambda: autocast_context(self.device, self.precision, cache=False))
+                              if self.cuda_graphs else None)
         self.model_timer = Stopwatch(self.device)
 
     # ------------------------------------------------------------------ settings
@@ -92,9 +102,11 @@ class Predictor(PredictorBase):
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with self.model_timer.time(len(batch)), self._autocast():
-            out = self.model(batch)
-        return out
+        with self.model_timer.time(len(batch)):
+            if self._head_forward is not None:  # autocast is the graph's own (its cache off, as capture needs)
+                return self.model.detect(self._head_forward(batch), batch.shape[-2:])
+            with self._autocast():
+                return self.model(batch)
 
     def describe(self) -> str:
         d, spec, prov = self.card.detector, self.input_spec, self.card.provenance
@@ -138,6 +150,7 @@ class PredictConfig:
     nms: float | None = None
     max_det: int | None = None
     compile: bool = False
+    cuda_graphs: bool | None = None
     out_dir: str | None = None
     show: bool = False
     no_save: bool = False
@@ -179,31 +192,47 @@ class HalfAction(argparse.Action):
             setattr(namespace, self.dest, "fp16")
 
 
-def add_predictor_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by infer_det_image.py and infer_det_video.py (the reference's names first)."""
+def add_predictor_args(parser: argparse.ArgumentParser, command: str = "image") -> None:
+    """Flags shared by infer_det_image.py (``command="image"``) and infer_det_video.py (``"video"``), the
+    reference's names first; the help says what each command does with them."""
     g = parser.add_argument_group("model")
     ModelSource.add_to(g, model_help="detector checkpoint (.pth from train_detection.py or the reference project; "
                                      ".onnx export)")
+    imgsz = parser._option_string_actions["--imgsz"]  # one value or two, though argparse shows N [N ...]
+    imgsz.metavar = "SIZE"
+    imgsz.help = ("model input size: SIZE | W H (one value: square; two at most); default: the checkpoint's "
+                  "(reference checkpoints: 640)")
+    video = command == "video"
     g.add_argument("--threshold", "--score-thresh", dest="threshold", type=float, default=0.5,
-                   help="score a detection needs to be drawn, written to label files and counted (video: to start "
-                        "a track); predictions.json keeps detections down to the checkpoint's evaluation threshold")
+                   help="score a detection needs to be drawn, counted and written to --save-json / --save-mot; "
+                        "with --track, the score a track starts from (lower ones keep tracks alive)" if video else
+                        "score a detection needs to be drawn, counted and written to label files (--save-labels); "
+                        "predictions.json keeps detections down to the checkpoint's evaluation threshold")
     g.add_argument("--nms", type=float, default=None, help="NMS IoU threshold (default: the checkpoint's)")
     g.add_argument("--max-det", type=int, default=None, help="max detections per image (default: the checkpoint's)")
     g.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint's letterbox/stretch resize (default: as trained)")
     g.add_argument("--keep-aspect", action="store_true",
-                   help="faster: letterbox scale with padding only to the model's size multiple (not for SSD)")
+                   help="faster: letterbox scale with padding only to the model's size multiple; for checkpoints "
+                        "trained with --letterbox (others refuse it), not SSD")
     g = parser.add_argument_group("runtime")
     RuntimeOptions.add_to(g, precision_help="autocast precision; auto = a fixed rule per device (README: image "
                                             "inference), so a checkpoint gives the same boxes on the same machine",
                           batch=None, batch_help="images per forward (default: 8 on CUDA, 1 on CPU)")
     g.add_argument("--half", dest="precision", action=HalfAction, help="older spelling of --precision fp16 (CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone + neck (slow first batch)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the forward from a CUDA graph per input size: one launch instead of hundreds, "
+                        "the batch-1 / camera speed-up on a GPU (default: on with CUDA unless --compile)")
     g = parser.add_argument_group("output")
+    stem = "video" if video else "run"
     g.add_argument("--out-dir", default=None,
-                   help="output folder, relative to the working directory (default: outputs/inference/<run>_N)")
+                   help=f"output folder, relative to the working directory (default: outputs/inference/{stem}_N, "
+                        f"the first N not taken yet)")
     g.add_argument("--show", action="store_true", help="show results in a window (needs a display)")
-    g.add_argument("--no-save", action="store_true", help="do not write annotated images/video")
+    g.add_argument("--no-save", action="store_true",
+                   help="write no annotated video (nothing drawn or encoded unless --show)" if video else
+                   "write no annotated images")
 
 
 def add_checkpoint_args(group: Any) -> None:
@@ -260,7 +289,8 @@ def _build_torch_predictor(cfg: PredictConfig, keep_low_scores: bool) -> Predict
     score_thresh = score_floor(cfg.threshold, ckpt.card.detector.score_thresh, keep_low_scores)
     return Predictor(ckpt, device=device, imgsz=cfg.imgsz, letterbox=cfg.letterbox,
                      score_thresh=score_thresh, nms=cfg.nms, max_det=cfg.max_det, batch_size=batch,
-                     precision=cfg.precision, keep_aspect=cfg.keep_aspect, weights=weights, compile=cfg.compile)
+                     precision=cfg.precision, keep_aspect=cfg.keep_aspect, weights=weights, compile=cfg.compile,
+                     cuda_graphs=cfg.cuda_graphs)
 
 
 def display_available() -> tuple[bool, str]:

@@ -1,12 +1,14 @@
-"""Video inference (the body of ``infer_det_video.py``): frames (thread) -> batched Predictor forward -> track,
-draw, encode and write per-frame results (thread), with bounded queues.
+"""Video inference (the body of ``infer_det_video.py``): decode (thread) -> batched ``predict`` -> track, draw and
+write per-frame results (thread) -> encode (thread), with bounded queues; ``--no-save`` without ``--show`` neither
+draws nor encodes. ``summary.json``'s ``stages`` and the last line printed say where the time went per stage.
 
 The detector returns detections down to the checkpoint's evaluation score threshold. Without ``--track`` those
 scoring at least ``--threshold`` are drawn; with ``--track`` all of them feed ByteTrack (low scores help it keep
 tracks through dips) and the tracked objects are drawn with their IDs (``tracking.py``). The output keeps the
 source's fps and exact frame size (``video_io.open_writer``); Ctrl-C or a source that ends early still leaves a
-finalized, playable video and a ``summary.json`` with the number of frames written. A bad source fails before
-any output file exists.
+finalized, playable video and a ``summary.json`` with the number of frames written; a file that ends before the
+frames its container announces gets a warning there and on the terminal. A bad source fails before any output
+file exists.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,11 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
-from ..core.errors import UserError
+from ..core.errors import ToolkitWarning, UserError
 from ..core.paths import increment_path
 from ..data.video_io import CODEC_CHOICES, DEFAULT_FPS, FrameSource, Writer, open_source, open_writer
-from .draw import bgr_to_tensor, draw_detections, draw_text
-from .pipeline import Item, run_pipeline
+from .draw import bgr_to_tensor, draw_detections, draw_text, overlay_corner, overlay_size
+from .pipeline import BackgroundWorker, Item, StageClock, run_pipeline
 from .predictor import PredictConfig, build_predictor, display_available, filter_detections
 from .tracking import TrackConfig, Tracked, Tracker
 
@@ -55,17 +58,29 @@ class VideoInferConfig:
             raise UserError(f"--codec {self.codec!r}: choose from {', '.join(CODEC_CHOICES)}")
 
 
-class RateMeter:
-    """Frames per second over a sliding window of the last ``window`` frames."""
+class FpsWindow:
+    """The overlay's two rates over the same last ``window`` frames: model (each frame's share of its batch's
+    ``predict`` time: upload, resize, forward, post-processing, download) and end to end (frames reaching the
+    drawing stage per second of wall time)."""
 
     def __init__(self, window: int = 30) -> None:
+        self.window = window
         self.times: deque[float] = deque(maxlen=window + 1)
+        self.model: deque[float] = deque(maxlen=window)
 
-    def tick(self) -> float:
-        self.times.append(time.perf_counter())
-        if len(self.times) < 2:
-            return 0.0
-        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+    def update(self, model_seconds: float, now: float | None = None) -> tuple[float, float]:
+        """Add one frame; return (model FPS, end-to-end FPS) over the last ``window`` frames (0 until known)."""
+        self.times.append(time.perf_counter() if now is None else now)
+        self.model.append(model_seconds)
+        n = len(self.times) - 1  # intervals between arrivals; the model shares of the same frames
+        if n < 1:
+            return 0.0, 0.0
+        model_s = sum(list(self.model)[-n:])
+        return (n / model_s if model_s > 0 else 0.0), n / max(self.times[-1] - self.times[0], 1e-9)
+
+    def lines(self, model_fps: float, e2e_fps: float) -> list[str]:
+        frames = len(self.times) - 1
+        return [f"model: {model_fps:.1f} FPS", f"end-to-end: {e2e_fps:.1f} FPS", f"(last {frames} frames)"]
 
 
 def probe_video(path: str | Path) -> dict[str, Any]:
@@ -99,12 +114,20 @@ def frame_records(index: int, timestamp: float, boxes: np.ndarray, scores: np.nd
     return record, mot
 
 
+STAGE_ORDER = ("decode", "model", "track", "draw", "results", "encode")
+
+
 def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, max_frames: int | None = None,
                   show: bool = False, progress: bool = True, overlay: bool = True, threshold: float | None = None,
                   track: TrackConfig | None = None, json_path: Path | None = None, mot_path: Path | None = None,
                   codec: str = "auto") -> dict[str, Any]:
     """Run the detector over ``source``; write the annotated video to ``out_stem``.<ext> (None: don't write),
     per-frame JSON Lines to ``json_path`` and MOTChallenge rows to ``mot_path`` (None: don't).
+
+    Stages, each in its own thread with bounded queues between them: decode (+ BGR->RGB into the model's input
+    buffer) -> batched ``predictor.predict`` -> track, results, draw -> encode. Nothing is drawn when there is
+    neither a video to write nor a window to show, and nothing encoded without a video to write. The summary's
+    ``stages`` says where the time went (busy ms per frame of each stage; the slowest bounds the end-to-end rate).
 
     ``threshold``: draw detections scoring at least this (None: all the predictor returns); ``track``: link them
     into tracks instead. Returns the summary; a KeyboardInterrupt ends the run early with everything finalized.
@@ -125,25 +148,36 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
         files.append(mot_file)
     total = source.total if max_frames is None else min(source.total or max_frames, max_frames)
     bar = tqdm(total=total, unit="frame", desc="video", disable=not progress)
-    e2e = RateMeter()
+    window = FpsWindow()
     stop = threading.Event()
-    done = {"frames": 0, "detections": 0, "track_seconds": 0.0}
+    done = {"frames": 0, "detections": 0}
+    corner: list[str | None] = [None]
     interrupted = False
     classes = list(predictor.classes)
+    clocks: dict[str, StageClock] = {k: StageClock() for k in STAGE_ORDER}
+    draw = writer is not None or show
+    qsize = 2 * predictor.batch_size
 
     def prepare(indexed: tuple[int, float, np.ndarray]) -> Item:
+        # in the decode thread: one cv2.cvtColor pass gives the model's RGB input as an HWC array, which the
+        # predictor uploads as it is (a [3,H,W] view, no reordering copy); the BGR frame is drawn on and encoded
         index, timestamp, frame = indexed
-        return Item(data=(index, timestamp, frame), input=predictor.preprocess(bgr_to_tensor(frame)),
-                    orig_hw=frame.shape[:2])
+        return Item(data=(index, timestamp, frame), input=bgr_to_tensor(frame), orig_hw=frame.shape[:2])
+
+    def encode(frame: np.ndarray) -> None:
+        with clocks["encode"].time():
+            writer.write(frame)  # type: ignore[union-attr]
+
+    encoder = BackgroundWorker(encode, maxsize=qsize, name="encode") if writer is not None else None
 
     def sink(item: Item) -> None:
         index, timestamp, frame = item.data
         pred = item.pred
         ids = held = None
         if tracker is not None:
-            t0 = time.perf_counter()
-            tracked: Tracked = tracker.update(pred["boxes"].numpy(), pred["scores"].numpy(), pred["labels"].numpy())
-            done["track_seconds"] += time.perf_counter() - t0
+            with clocks["track"].time():
+                tracked: Tracked = tracker.update(pred["boxes"].numpy(), pred["scores"].numpy(),
+                                                  pred["labels"].numpy())
             boxes, scores, labels, ids, held = tracked.boxes, tracked.scores, tracked.labels, tracked.ids, tracked.held
         else:
             if threshold is not None:
@@ -151,18 +185,23 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
             boxes, scores, labels = pred["boxes"].numpy(), pred["scores"].numpy(), pred["labels"].numpy()
         done["detections"] += len(boxes)
         if json_file is not None or mot_file is not None:
-            record, mot = frame_records(index, timestamp, boxes, scores, labels, classes, ids, held)
-            if json_file is not None:
-                json_file.write(record + "\n")
-            if mot_file is not None and mot:
-                mot_file.write("\n".join(mot) + "\n")
-        if writer is not None or show:
-            draw_detections(frame, boxes, labels, scores, classes, ids=ids)
-            fps = e2e.tick()
-            if overlay:
-                draw_text(frame, [f"model {item.model_fps:.1f} FPS", f"end-to-end {fps:.1f} FPS"])
-            if writer is not None:
-                writer.write(frame)
+            with clocks["results"].time():
+                record, mot = frame_records(index, timestamp, boxes, scores, labels, classes, ids, held)
+                if json_file is not None:
+                    json_file.write(record + "\n")
+                if mot_file is not None and mot:
+                    mot_file.write("\n".join(mot) + "\n")
+        if draw:
+            with clocks["draw"].time():
+                model_fps, e2e_fps = window.update(item.model_seconds)
+                if overlay:  # drawn first, in the corner it hides least: the detections' labels stay on top
+                    lines = window.lines(model_fps, e2e_fps)
+                    size = overlay_size(frame.shape[:2], lines)
+                    corner[0] = overlay_corner(frame.shape[:2], size, boxes, corner[0])
+                    draw_text(frame, lines, corner[0])
+                draw_detections(frame, boxes, labels, scores, classes, ids=ids)
+            if encoder is not None:
+                encoder.submit(frame)  # the frame itself: drawn in place, encoded once, never copied
             if show:
                 cv2.imshow("detections", frame)
                 if cv2.waitKey(1) & 0xFF == ord("q"):
@@ -174,7 +213,11 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
     ok = False
     try:
         try:
-            run_pipeline(predictor, (prepare(f) for f in source.frames(max_frames, stop)), sink)
+            try:
+                run_pipeline(predictor, (prepare(f) for f in source.frames(max_frames, stop)), sink, clocks=clocks)
+            finally:
+                if encoder is not None:
+                    encoder.close()  # every drawn frame encoded before the container is finalized
         except KeyboardInterrupt:  # Ctrl-C (or a source that raises it): keep and finalize what was written
             interrupted = True
         ok = done["frames"] > 0
@@ -194,13 +237,20 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
     model_fps = predictor.model_timer.rate
     frames = done["frames"]
     e2e_fps = frames / elapsed if elapsed > 0 else 0.0
+    stages = stage_summary(clocks, predictor.model_timer, frames, elapsed)
+    warnings_: list[str] = []
+    short = None if interrupted else source.shortfall()
+    if short:
+        warnings_.append(short)
     summary: dict[str, Any] = {
         "source": source.name, "frames": frames, "width": source.width, "height": source.height,
         "fps": source.fps, "fps_from_source": source.fps_known, "interrupted": interrupted,
-        "skipped_unreadable_frames": list(source.skipped),
+        "frames_expected": source.total, "frames_read": source.read, "decoder": source.decoder,
+        "skipped_unreadable_frames": list(source.skipped), "warnings": warnings_,
         "mean_model_fps": round(model_fps, 3), "mean_end_to_end_fps": round(e2e_fps, 3),
         "end_to_end_over_model": round(e2e_fps / model_fps, 3) if model_fps else 0.0,
-        "seconds": round(elapsed, 3), "threshold": threshold, "detections_drawn": done["detections"],
+        "seconds": round(elapsed, 3), "stages": stages, "threshold": threshold,
+        "detections_drawn": done["detections"],
         "output": str(writer.path) if writer is not None and ok else None,
         "video": None, "json": str(json_path) if json_path else None, "mot": str(mot_path) if mot_path else None,
         "device": str(getattr(predictor, "device", "")), "precision": getattr(predictor, "precision", None),
@@ -216,8 +266,44 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
             "min_hits": track.min_hits, "unique_track_ids": sum(per_label.values()),
             "unique_track_ids_per_class": {classes[k] if 0 <= k < len(classes) else str(k): v
                                            for k, v in sorted(per_label.items())},
-            "ms_per_frame": round(1000 * done["track_seconds"] / max(frames, 1), 3)}
+            "ms_per_frame": round(clocks["track"].ms_per_item, 3)}
     return summary
+
+
+def stage_summary(clocks: dict[str, StageClock], model_timer: Any, frames: int, wall: float) -> dict[str, Any]:
+    """Where the time went: each stage that ran, its busy time (ms per frame, and the FPS it would reach alone),
+    the model's forward share (``model_timer``), wall time, and end-to-end FPS over the slowest stage's bound."""
+    out: dict[str, Any] = {k: clocks[k].summary() for k in STAGE_ORDER if clocks[k].items}
+    if "model" in out and model_timer.items:
+        out["model"]["forward_ms_per_frame"] = round(1000.0 * model_timer.seconds / model_timer.items, 3)
+    ran = {k: clocks[k].ms_per_item for k in out}
+    slowest = max(ran, key=ran.get) if ran else None
+    e2e = frames / wall if wall > 0 else 0.0
+    bound = 1000.0 / ran[slowest] if slowest and ran[slowest] > 0 else 0.0
+    out["wall"] = {"seconds": round(wall, 4), "ms_per_frame": round(1000.0 * wall / frames, 3) if frames else None,
+                   "end_to_end_fps": round(e2e, 2)}
+    out["slowest_stage"] = slowest
+    out["end_to_end_over_slowest_stage"] = round(e2e / bound, 3) if bound else None
+    return out
+
+
+def stage_line(stages: dict[str, Any]) -> str:
+    """One line: busy ms per frame of each stage, then wall time and end-to-end FPS."""
+    parts = []
+    for k in STAGE_ORDER:
+        if k not in stages:
+            continue
+        text = f"{k} {stages[k]['ms_per_frame']:.2f}"
+        if k == "model" and "forward_ms_per_frame" in stages[k]:
+            text += f" (forward {stages[k]['forward_ms_per_frame']:.2f})"
+        parts.append(text)
+    wall = stages["wall"]
+    ratio = stages.get("end_to_end_over_slowest_stage")
+    tail = (f"; slowest: {stages['slowest_stage']}, end to end at {ratio:.0%} of its rate"
+            if ratio is not None else "")
+    per_frame = f"{wall['ms_per_frame']:.2f} ms/frame = " if wall["ms_per_frame"] else ""
+    return (f"time per frame (ms, busy per stage): {' | '.join(parts) or 'none'} -> wall {per_frame}"
+            f"{wall['end_to_end_fps']:.1f} FPS{tail}")
 
 
 def infer_video(cfg: VideoInferConfig) -> dict[str, Any]:
@@ -262,11 +348,17 @@ def infer_video(cfg: VideoInferConfig) -> dict[str, Any]:
     tracks = ""
     if "tracking" in summary:
         per = summary["tracking"]["unique_track_ids_per_class"]
-        tracks = f"; {summary['tracking']['unique_track_ids']} tracks ({', '.join(f'{k} {n}' for k, n in per.items())})"
+        classes = f" ({', '.join(f'{k} {n}' for k, n in per.items())})" if per else ""
+        tracks = f"; {summary['tracking']['unique_track_ids']} tracks{classes}"
     skipped = summary["skipped_unreadable_frames"]
-    print(f"{summary['frames']} frames{' (interrupted)' if summary['interrupted'] else ''}"
+    expected = summary["frames_expected"]
+    of = f" of {expected} announced" if expected and summary["warnings"] else ""  # a truncated file
+    print(f"{summary['frames']}{of} frames{' (interrupted)' if summary['interrupted'] else ''}"
           f"{f', {len(skipped)} unreadable skipped' if skipped else ''} at {summary['width']}x{summary['height']} "
           f"{summary['fps']:g} fps; model {summary['mean_model_fps']:.2f} FPS, end-to-end "
           f"{summary['mean_end_to_end_fps']:.2f} FPS{tracks}; video: {summary['output'] or '(not saved)'}; "
           f"summary: {summary['summary']}")
+    print(stage_line(summary["stages"]))
+    for note in summary["warnings"]:
+        warnings.warn(note, ToolkitWarning, stacklevel=2)
     return summary

@@ -102,11 +102,35 @@ class DinoDetector:
             self.backbone._cached = previous
 
     def forward(self, images, targets=None):
-        """torchvision's forward, except for padded ground truth (``losses.PaddedTargets``): then the training
-        losses come from ``batched_losses``, so DDP / ``torch.compile`` wrappers still go through ``forward``."""
+        """torchvision's forward, except for padded ground truth (``losses.PaddedTargets``: the training losses
+        come from ``batched_losses``, so DDP / ``torch.compile`` wrappers still go through ``forward``) and for
+        inference on a ``[B, 3, H, W]`` batch (``head_forward`` then ``detect``: the same detections, in two parts
+        of which the first has fixed shapes and can be captured in a CUDA graph)."""
         if isinstance(targets, PaddedTargets):
             return self.batched_losses(images, targets)
+        if targets is None and not self.training and isinstance(images, Tensor):
+            return self.detect(self.head_forward(images), images.shape[-2:])
         return super().forward(images, targets)  # type: ignore[misc]
+
+    def head_forward(self, images: Tensor) -> tuple[dict[str, Tensor], tuple[int, int], tuple[tuple[int, int], ...]]:
+        """Normalize + pad, backbone, neck and head for a ``[B, 3, H, W]`` batch of equal-size images (uint8 or
+        float): the head's raw outputs ``{name: [B, N, ...]}``, the padded input size and each level's grid.
+        Fixed shapes, no host synchronisation."""
+        image_list, _ = self.transform(images)
+        features = list(self.backbone(image_list.tensors).values())
+        outputs = dict(self.head(features))
+        return outputs, tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in features)
+
+    def detect(self, raw: tuple[dict[str, Tensor], tuple[int, int], tuple[tuple[int, int], ...]],
+               image_size: Sequence[int]) -> list[dict[str, Tensor]]:
+        """``head_forward``'s output -> detections per image in input coordinates, clipped to ``image_size``
+        (h, w), the unpadded size every image of the batch has (torchvision's post-processing for the batch at
+        once, ``head_kind.detect``)."""
+        outputs, padded_hw, levels = raw
+        first = next(iter(outputs.values()))
+        anchors = self._anchors_at(padded_hw, levels, first.device)
+        sizes = [(int(image_size[0]), int(image_size[1]))] * first.shape[0]
+        return self.head_kind.detect(self, outputs, anchors, [h * w for h, w in levels], sizes)
 
     def batched_losses(self, images: Tensor, targets: PaddedTargets) -> dict[str, Tensor]:
         """The training losses torchvision's forward computes, for a ``[B, 3, H, W]`` batch of equal-size images,
@@ -116,21 +140,26 @@ class DinoDetector:
         image_list, _ = self.transform(images)
         features = list(self.backbone(image_list.tensors).values())
         head_outputs = self.head(features)
-        anchors = self._anchors_for(image_list, features)
+        anchors = self._anchors_at(tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in features),
+                                   features[0].device)
         per_level = [f.shape[-2] * f.shape[-1] for f in features]
         kind = self.head_kind
         return kind.loss(head_outputs, anchors, per_level, targets.boxes, targets.labels, targets.valid,
                          **kind.loss_options(self))
 
-    def _anchors_for(self, image_list, features: list[Tensor]) -> Tensor:
-        """One image's anchors ``[N, 4]`` (the same for every image of an equal-size batch); they depend only on
-        shapes, so they are computed once per input shape (torchvision regenerates them every step)."""
-        key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in features),
-               image_list.tensors.device)
+    def _anchors_at(self, padded_hw: tuple[int, int], levels: tuple[tuple[int, int], ...],
+                    device: torch.device) -> Tensor:
+        """One image's anchors ``[N, 4]`` (the same for every image of an equal-size batch) for an input padded to
+        ``padded_hw`` with feature grids ``levels``; they depend only on shapes, so they are computed once per
+        input shape (torchvision regenerates them every step)."""
+        key = (tuple(padded_hw), tuple(levels), device)
         cache = self.__dict__.setdefault("_anchor_cache", {})
         if key not in cache:
-            first = type(image_list)(image_list.tensors[:1], image_list.image_sizes[:1])
-            cache[key] = self.anchor_generator(first, [f[:1] for f in features])[0].detach()
+            from torchvision.models.detection.image_list import ImageList
+
+            image = ImageList(torch.zeros(1, 3, *padded_hw, device=device), [tuple(padded_hw)])
+            grids = [torch.zeros(1, 1, h, w, device=device) for h, w in levels]
+            cache[key] = self.anchor_generator(image, grids)[0].detach()
         return cache[key]
 
     def postprocess_detections(self, head_outputs, anchors, image_sizes) -> list[dict[str, Tensor]]:

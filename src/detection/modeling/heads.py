@@ -244,16 +244,23 @@ class HeadType:
         """Raw outputs (``output_names``, e.g. an exported graph's) -> detections in input coordinates, clipped to
         ``image_size`` (h, w), the unpadded size every image of the batch has; ``decoder`` from ``decoder()``."""
         head_outputs = {k: outputs[k].float() for k in self.onnx_outputs}
-        anchors = outputs["anchors"].float()
         n = head_outputs["cls_logits"].shape[0]
         sizes = [(int(image_size[0]), int(image_size[1]))] * n
         with torch.inference_mode():
-            # the per-level split RetinaNet.forward / FCOS.forward do before their postprocess_detections
             hw = [int(v) for v in outputs["level_sizes"].tolist()]
-            per_location = head_outputs["cls_logits"].shape[1] // sum(hw)
-            per_level = [v * per_location for v in hw]
-            split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
-            return decoder.postprocess_detections(split, [list(anchors.split(per_level))] * n, sizes)
+            return self.detect(decoder, head_outputs, outputs["anchors"].float(), hw, sizes)
+
+    def detect(self, model: DinoDetector, head_outputs: dict[str, Tensor], anchors: Tensor, level_sizes: Sequence[int],
+               image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """What torchvision's ``forward`` does after the head in eval mode: raw outputs ``{name: [B, N, ...]}`` and
+        one image's ``anchors`` ``[N, 4]`` -> ``model.postprocess_detections`` per image; ``level_sizes``: the
+        locations of each level's grid."""
+        # the per-level split RetinaNet.forward / FCOS.forward do before their postprocess_detections
+        per_location = head_outputs["cls_logits"].shape[1] // sum(level_sizes)
+        per_level = [v * per_location for v in level_sizes]
+        split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+        n = len(image_sizes)
+        return model.postprocess_detections(split, [list(anchors.split(per_level))] * n, image_sizes)
 
 
 class RetinaNetType(HeadType):
@@ -334,8 +341,12 @@ class SSDType(HeadType):
         head_outputs = {k: outputs[k].float() for k in self.onnx_outputs}
         n = head_outputs["cls_logits"].shape[0]
         sizes = [(int(image_size[0]), int(image_size[1]))] * n
-        with torch.inference_mode():  # SSD decodes all levels at once
-            return decoder.postprocess_detections(head_outputs, [outputs["anchors"].float()] * n, sizes)
+        with torch.inference_mode():
+            return self.detect(decoder, head_outputs, outputs["anchors"].float(), [], sizes)
+
+    def detect(self, model, head_outputs, anchors, level_sizes, image_sizes):
+        # SSD decodes all levels at once (no per-level split)
+        return model.postprocess_detections(head_outputs, [anchors] * len(image_sizes), image_sizes)
 
 
 class FCOSType(HeadType):

@@ -43,6 +43,10 @@ def build_hub(repo: Path, hub_function: str, overrides: dict[str, Any] | None, w
         kwargs["weights"] = str(weights_path)
     try:
         return torch.hub.load(str(repo), hub_function, source="local", **kwargs)
+    except ModuleNotFoundError as exc:  # the clone's own dependencies are not part of this toolkit's
+        missing = exc.name or str(exc)
+        raise UserError(f"official DINOv3 code in {repo} needs the Python module {missing!r}, which is not installed; "
+                        f"pip install -r {repo / 'requirements.txt'}") from None
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UserError(f"official DINOv3 code in {repo} could not build {hub_function} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc

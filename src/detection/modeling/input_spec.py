@@ -107,10 +107,16 @@ class InputSpec:
         return _boxes_to_original(boxes, orig_hw, self.imgsz, self.letterbox or keep_aspect)
 
     def check_keep_aspect(self) -> None:
-        """UserError when ``keep_aspect`` cannot be used (fixed-aspect SSD models)."""
+        """UserError when ``keep_aspect`` cannot be used: fixed-aspect SSD models, and models that see stretched
+        inputs (trained without ``--letterbox``): ``keep_aspect`` feeds letterboxed content at another scale and
+        shape than they learned, which costs most of their accuracy."""
         if self.fixed_aspect:
             raise UserError("--keep-aspect: this SSD model's default boxes are fractions of the input, so it must "
                             f"see the training aspect ratio {self.imgsz[0]}:{self.imgsz[1]}; drop --keep-aspect")
+        if not self.letterbox:
+            raise UserError("--keep-aspect: this model was trained on stretched inputs (without --letterbox) and "
+                            "would see letterboxed ones, losing most of its accuracy; drop --keep-aspect (it suits "
+                            "checkpoints trained with --letterbox)")
 
     def describe(self) -> str:
         mode = "letterbox" if self.letterbox else "stretch"

@@ -130,7 +130,7 @@ class DataReport:
     clamped_boxes: int = 0
     dropped_boxes: int = 0
     size_mismatch: int = 0  # annotation's image size differs from the image file
-    no_label_file: int = 0  # YOLO images without a label file (kept as background images)
+    no_label_file: int = 0  # images without a label file / XML (kept as background images)
     unmatched_annotations: list[str] = field(default_factory=list)  # label files / COCO annotations without an image
     unknown_classes: Counter = field(default_factory=Counter)
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -151,7 +151,7 @@ class DataReport:
             out.append(f"{len(self.unmatched_annotations)} annotation(s) without an image ignored "
                        f"(first: {self.unmatched_annotations[0]})")
         if self.no_label_file:
-            out.append(f"{self.no_label_file} image(s) without a label file, used as background images")
+            out.append(f"{self.no_label_file} image(s) without a label file or XML, used as background images")
         if self.size_mismatch:
             out.append(f"{self.size_mismatch} annotated image size(s) differ from the image; the image size was used")
         return out

@@ -153,8 +153,10 @@ def _read_one(spec: SampleSpec, policy: ReadPolicy) -> tuple[Record, tuple[int, 
         raise BadSample(spec[2])
     if img is None:
         raise BadSample(f"annotation {xml} has no matching image (expected {Path(xml).stem}.jpg/.png/... beside the images)")
-    if xml is None:
-        raise BadSample(f"image {img} has no annotation XML ({Path(img).stem}.xml); an image without objects still needs an XML")
+    if xml is None:  # a background image, as in every format (counted in the report)
+        size = policy.header_size(Path(img))
+        policy.report.no_label_file += 1
+        return make_record(Path(img), Path(img).name, [], [], [], size), None
     objects, xml_size = parse_voc_xml(Path(xml))
     size = policy.header_size(Path(img))
     boxes, labels, difficult = [], [], []

@@ -41,6 +41,8 @@ echo
 echo "Demo finished in $((SECONDS - START)) s. Outputs:"
 echo "  dataset            $DATA  (config $DATA/shapes.yaml, video $DATA/demo.mp4)"
 echo "  training run       $RUN  (best_model.pth, results.csv, train_loss.png, map.png, per_class_ap.csv)"
+echo "  plots              $RUN  (confusion_matrix.png, f1_curve.png, val_pred_epoch_N.jpg, train_batch0.jpg)"
+echo "  TensorBoard logs   $RUN/tensorboard  (view: tensorboard --logdir outputs/img_det)"
 echo "  annotated images   $INFER  (predictions.json)"
 echo "  annotated video    $VIDEO_OUT"
 echo "  tracked video      $TRACK_OUT  (demo.mp4 with track IDs, demo.jsonl, demo.mot.txt, summary.json)"

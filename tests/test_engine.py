@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -218,6 +219,45 @@ def test_feature_cache_training_matches_image_training(tmp_path):
         from_cache = model(cached_images, cached_targets)
     for k in direct:
         assert from_cache[k].item() == pytest.approx(direct[k].item(), rel=2e-2)
+
+
+def test_disk_feature_cache_is_reused_until_the_data_changes(tmp_path, capsys):
+    """A second start in the same run folder with the same data and model runs no backbone forward and reads the
+    same maps; an edited training annotation rebuilds the training cache (the validation one is still reused)."""
+    from src.detection.data.datasets import build_datasets, load_data_config
+    from src.detection.engine.config import TrainConfig
+    from src.detection.engine.training import prepare_feature_cache
+
+    data = _tiny_data(tmp_path, n_train=4, n_valid=2)
+    cfg = TrainConfig().replace(cache_features="disk", augment="flip", batch=2, workers=0)
+    run_dir = tmp_path / "run"
+
+    def start():
+        train_ds, valid_ds = build_datasets(load_data_config(data.path), imgsz=(64, 64), augment="flip",
+                                            verbose=False)
+        model = _tiny_model(len(data.classes), (64, 64))
+        forward, calls = model.backbone_features, []
+        model.backbone_features = lambda images: calls.append(len(images)) or forward(images)
+        loader, _, valid_loader = prepare_feature_cache(cfg, model, train_ds, valid_ds, torch.device("cpu"), run_dir,
+                                                        rank=0, world=1, main=True)
+        return sum(calls), loader.dataset, valid_loader.dataset, capsys.readouterr().out, train_ds
+
+    images, first, _, out, train_ds = start()
+    assert images == 4 * 2 + 2 and "reusing" not in out  # both flips of 4 training images, 2 validation images
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}
+    boxes = first[0][1]["boxes"]
+    again, second, valid, out, _ = start()
+    assert again == 0 and out.count("reusing feature cache (key ") == 2 and valid.reused and second.reused
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")} == files  # read, not rewritten
+    assert second.nbytes == first.nbytes > 0 and torch.equal(second[0][1]["boxes"], boxes)
+
+    xml = train_ds.records[0].annotation
+    xmin = int(ET.parse(xml).find("object/bndbox/xmin").text)
+    xml.write_text(xml.read_text().replace(f"<xmin>{xmin}<", f"<xmin>{xmin + 1}<", 1))  # one box edge moves
+    rebuilt, third, valid, out, _ = start()
+    assert rebuilt == 4 * 2 and out.count("reusing feature cache (key ") == 1 and valid.reused
+    assert not third.reused and third.key != second.key
+    assert not torch.equal(third[0][1]["boxes"], boxes)
 
 
 def test_padded_shards_give_every_rank_the_same_number_of_steps():

@@ -191,7 +191,8 @@ def test_reference_vits16_ssd_checkpoint_in_every_command(fixtures_dir: Path, tm
     assert out.returncode == 0, out.stderr[-2000:]
     assert "reference-project checkpoint" in out.stdout and (tmp_path / "out" / "predictions.json").is_file()
     # evaluate and the video command in-process (their parsers, the same code path as their CLIs)
-    from src.detection.commands.evaluate import build_parser, eval_config_from_args, evaluate_checkpoint
+    from src.detection.commands.evaluate import build_parser, eval_config_from_args
+    from src.detection.engine.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(eval_config_from_args(build_parser().parse_args([*flags, "--workers", "0"])))
     assert result.n_images == 2

@@ -7,12 +7,11 @@ from src.detection.core.errors import UserError
 from src.detection.core.runtime import inference_precision
 
 
-@pytest.mark.parametrize("capability, half, expected", [((9, 0), False, "bf16"), ((8, 6), False, "bf16"),
-                                                        ((7, 5), False, "fp16"), ((9, 0), True, "fp16")])
-def test_inference_auto_on_cuda_is_bf16_where_native_else_fp16(monkeypatch, capability, half, expected):
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 6), "bf16"), ((7, 5), "fp16")])
+def test_inference_auto_on_cuda_is_bf16_where_native_else_fp16(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert inference_precision("auto", torch.device("cuda", 0), backbone_params=28_000_000, half=half) == expected
+    assert inference_precision("auto", torch.device("cuda", 0), backbone_params=28_000_000) == expected
     assert inference_precision("fp32", torch.device("cuda", 0), backbone_params=28_000_000) == "fp32"
 
 

@@ -12,7 +12,10 @@ Stored forms (``format_version``):
    ``head_convs`` (torchvision's 4 convs per branch) and no ``head_separable`` (dense convs); ONNX sidecars keep the
    config in a ``detector`` section. Training options are ``train_config`` or, earliest, the parser's ``args``
    (``amp`` for ``precision``).
-2. the same fields, the input only in ``input``; sidecars flat like ``meta``.
+2. the same fields, the input only in ``input``; sidecars flat like ``meta``. Optional, and absent from cards of
+   models never scored by training: ``best_threshold`` (the score threshold with the highest F1 over all classes at
+   IoU 0.5 on the validation split, what ``--threshold auto`` uses) and ``best_threshold_f1`` (that F1). Older
+   readers ignore them, so they need no new format version.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ class ModelCard:
     labels: LabelMap
     provenance: Provenance = Provenance()
     format_version: int = FORMAT_VERSION
+    best_threshold: float | None = None  # None: not known (see the module docstring)
+    best_threshold_f1: float | None = None
 
     @classmethod
     def from_model(cls, model: nn.Module, classes: list[str], letterbox: bool | None = None,
@@ -163,6 +168,9 @@ class ModelCard:
         d.pop("imgsz", None)  # ``input`` holds it
         d.update(self.labels.to_dict())
         d.update(self.provenance.to_dict())
+        if self.best_threshold is not None:  # absent rather than None: a card without one stores what it always did
+            d.update(best_threshold=float(self.best_threshold),
+                     best_threshold_f1=None if self.best_threshold_f1 is None else float(self.best_threshold_f1))
         return d
 
     # ------------------------------------------------------------------ checks
@@ -237,7 +245,9 @@ def _card(meta: dict[str, Any], where: str, version: int) -> ModelCard:
                                 source=meta.get("source") or "ours")
     except ValueError as exc:
         raise UserError(f"{where}: invalid metadata ({exc}); re-save it with train_detection.py") from None
-    return ModelCard(DetectorConfig.from_dict(meta), labels, provenance, version)
+    best, f1 = meta.get("best_threshold"), meta.get("best_threshold_f1")
+    return ModelCard(DetectorConfig.from_dict(meta), labels, provenance, version,
+                     best_threshold=None if best is None else float(best), best_threshold_f1=None if f1 is None else float(f1))
 
 
 def training_options(payload: Mapping[str, Any], known: Collection[str] | None = None) -> dict[str, Any]:

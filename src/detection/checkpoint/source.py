@@ -12,8 +12,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.choices import FEATURE_EXTRACTORS, HEADS
 from ..core.cli import config_from_args, parse_imgsz
-from ..modeling.config import FEATURE_EXTRACTORS, HEADS
 
 
 @dataclass

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checkpoint.source import ModelSource
+from ..core.choices import METRICS
 from ..core.cli import OutputOptions, RuntimeOptions, new_parser
 from ..core.errors import run_cli
-from ..evaluation.metrics import METRICS
 
 if TYPE_CHECKING:  # imported where used: after parsing, so --help and flag errors skip them
-    from ..engine.evaluation import EvalConfig
+    from ..engine.evaluation import EvalConfig, EvalReport
     from ..evaluation.metrics import EvalResult
 
 
@@ -55,27 +55,34 @@ def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
                       runtime=RuntimeOptions.from_args(args), score_thresh=args.threshold)
 
 
-def report(result: EvalResult, out: OutputOptions | None) -> None:
-    """Print the table; write per_class_ap.csv and the plots into a new result folder under ``out``."""
+def report(result: EvalResult, out: OutputOptions | None, evaluation: EvalReport | None = None) -> None:
+    """Print the table; write per_class_ap.csv and the plots into a new result folder under ``out`` (with
+    ``evaluation``, a ``--model`` pass: also the confusion matrix and the F1 curve, and the best threshold line)."""
     from ..evaluation.report import format_table, save_results
 
     print(format_table(result))
+    if evaluation is not None:
+        print(f"{evaluation.f1.describe()} (IoU 0.5; inference: --threshold {evaluation.f1.best_threshold:.3f})")
     if out is not None:
         out_dir: Path = out.run_dir("eval")  # created only now: a failed evaluation leaves no folder behind
         paths = save_results(result, out_dir)
+        if evaluation is not None:
+            paths += evaluation.save(out_dir)
         print(f"wrote {', '.join(p.name for p in paths)} to {out_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..engine.evaluation import evaluate_checkpoint
+    from ..engine.evaluation import evaluate_checkpoint_report
     from ..evaluation.predictions import evaluate_predictions
 
+    evaluation = None
     if args.model:
-        result = evaluate_checkpoint(eval_config_from_args(args))
+        evaluation = evaluate_checkpoint_report(eval_config_from_args(args))
+        result = evaluation.result
     else:
         result = evaluate_predictions(args.predictions, args.config, args.metric)
-    report(result, OutputOptions.from_args(args, exist_ok=True))
+    report(result, OutputOptions.from_args(args, exist_ok=True), evaluation)
     return 0
 
 

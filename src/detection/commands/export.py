@@ -10,18 +10,22 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from ..checkpoint.source import ModelSource
+from ..core.choices import DEFAULT_OPSET, EXPORT_FORMATS, MAX_OPSET, MIN_OPSET
 from ..core.cli import config_from_args, new_parser
 from ..core.errors import ToolkitWarning, run_cli
-from ..inference.export import DEFAULT_OPSET, FORMATS, MAX_OPSET, MIN_OPSET, ExportConfig, export_onnx
-from ..inference.predictor import add_checkpoint_args
+
+if TYPE_CHECKING:
+    from ..inference.export import ExportConfig
 
 
 def build_export_parser() -> argparse.ArgumentParser:
     parser = new_parser(
         description="Export a detector checkpoint to ONNX (+ a JSON description) for onnxruntime.")
     parser.add_argument("--model", required=True, help="detector checkpoint (.pth from train_detection.py)")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="export format")
+    parser.add_argument("--format", default="onnx", choices=EXPORT_FORMATS, help="export format")
     parser.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="SIZE",
                         help="input size of the graph: SIZE | W H (one value: square; two at most); default: the "
                              "checkpoint's")
@@ -36,7 +40,7 @@ def build_export_parser() -> argparse.ArgumentParser:
                         help="folder for <checkpoint name>.onnx; None = the checkpoint's folder")
     parser.add_argument("--output", default=None, help="exact .onnx file to write (overrides --out-dir)")
     parser.add_argument("--device", default="auto", help="auto (cuda with --half, else cpu) | cpu | cuda | cuda:N")
-    add_checkpoint_args(parser.add_argument_group("model"))
+    ModelSource.add_claims_to(parser.add_argument_group("model"))  # what inference.predictor.add_checkpoint_args adds
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip running the export with onnxruntime against PyTorch (default: it is checked; an "
                              "fp16 export only where onnxruntime has its CUDA provider)")
@@ -44,11 +48,15 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 
 def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
+    from ..inference.export import ExportConfig  # after parsing: --help does not import torch
+
     return config_from_args(ExportConfig, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = export_config_from_args(build_export_parser().parse_args(argv))
+    from ..inference.export import export_onnx
+
     result = export_onnx(cfg)
     b, _, h, w = result["input_shape"]
     shape = ("[batch,3,height,width]" if result["dynamic_hw"] else f"[batch,3,{h},{w}]") if cfg.dynamic \
@@ -62,6 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{result['sidecar'].name} in {result['seconds']:.1f}s; {checked}")
     print(f"run it: python infer_det_image.py --model {result['onnx']} --input <images>")
     return 0
+
+
+def __getattr__(name: str) -> Any:
+    """``ExportConfig`` / ``export_onnx`` as names of this module too, loaded on first use."""
+    if name in ("ExportConfig", "export_onnx"):
+        from ..inference import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

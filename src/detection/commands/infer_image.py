@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..core.cli import config_from_args, new_parser
 from ..core.errors import run_cli
 from ..data.annotations import LABEL_FORMATS
-from ..inference.images import ImageInferConfig, infer_images
 from ..inference.predictor import add_predictor_args, predict_config_from_args
+
+if TYPE_CHECKING:
+    from ..inference.images import ImageInferConfig
 
 
 def build_image_parser() -> argparse.ArgumentParser:
@@ -28,12 +31,26 @@ def build_image_parser() -> argparse.ArgumentParser:
 
 
 def image_config_from_args(args: argparse.Namespace) -> ImageInferConfig:
+    from ..inference.images import ImageInferConfig  # after parsing: --help does not load the image pipeline
+
     return config_from_args(ImageInferConfig, args, predict=predict_config_from_args(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    summary = infer_images(image_config_from_args(build_image_parser().parse_args(argv)))
+    cfg = image_config_from_args(build_image_parser().parse_args(argv))
+    from ..inference.images import infer_images
+
+    summary = infer_images(cfg)
     return 0 if summary["complete"] else 130  # interrupted: what was done is written, but the run is not complete
+
+
+def __getattr__(name: str) -> Any:
+    """``infer_images`` as a name of this module too, loaded on first use."""
+    if name == "infer_images":
+        from ..inference.images import infer_images
+
+        return infer_images
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

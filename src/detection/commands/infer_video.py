@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from ..core.choices import CODEC_CHOICES
 from ..core.cli import config_from_args, new_parser
 from ..core.errors import run_cli
-from ..data.video_io import CODEC_CHOICES
 from ..inference.predictor import add_predictor_args, predict_config_from_args
-from ..inference.video import VideoInferConfig, infer_video
+
+if TYPE_CHECKING:
+    from ..inference.video import VideoInferConfig
 
 
 def build_video_parser() -> argparse.ArgumentParser:
@@ -40,11 +43,16 @@ def build_video_parser() -> argparse.ArgumentParser:
 
 
 def video_config_from_args(args: argparse.Namespace) -> VideoInferConfig:
+    from ..inference.video import VideoInferConfig  # after parsing: --help does not load OpenCV
+
     return config_from_args(VideoInferConfig, args, predict=predict_config_from_args(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    summary = infer_video(video_config_from_args(build_video_parser().parse_args(argv)))
+    cfg = video_config_from_args(build_video_parser().parse_args(argv))
+    from ..inference.video import infer_video
+
+    summary = infer_video(cfg)
     return 130 if summary["interrupted"] else 0  # interrupted: what was done is finalized, but the run is not complete
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from ..core.cli import new_parser
 from ..core.errors import run_cli
 from ..data.annotations import LABEL_FORMATS
-from ..data.synthetic import generate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                          "shapes (24 fps) and its MOTChallenge ground truth <out-dir>/demo_gt.txt")
     args = ap.parse_args(argv)
     from ..core.paths import resolve_path
+    from ..data.synthetic import generate_dataset  # after parsing: --help does not load OpenCV
 
     out = resolve_path(args.out_dir)
     cfg = generate_dataset(out, args.train, args.valid, imgsz=args.imgsz, seed=args.seed, format=args.format)

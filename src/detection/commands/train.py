@@ -14,10 +14,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..core.choices import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS, METRICS, PRECISIONS, PRESETS
 from ..core.cli import OutputOptions, RuntimeOptions, new_parser
 from ..core.errors import run_cli
-from ..core.runtime import PRECISIONS
-from ..data.transforms import PRESETS
 from ..engine.config import (
     AMP_ALIASES,
     CACHE_MODES,
@@ -27,8 +26,7 @@ from ..engine.config import (
     SCHEDULERS,
     TrainConfig,
 )
-from ..evaluation.metrics import METRICS
-from ..modeling.config import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS
+from ..engine.loggers import DEFAULT_LOGGERS, LOGGERS
 
 
 def _lower(value: str) -> str:
@@ -151,6 +149,13 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="evaluate every N epochs (and at "
                    "the end)")
     g.add_argument("--metric", default=d.metric, choices=METRICS, help="metric that picks best_model.pth")
+    g.add_argument("--patience", type=int, default=d.patience, metavar="N",
+                   help="stop after N evaluations without improvement of --metric (last_model.pth stays resumable); "
+                        "0 = off")
+    g.add_argument("--logger", nargs="+", action="extend", default=None, choices=LOGGERS, metavar="NAME",
+                   help=f"experiment loggers, several allowed ({', '.join(LOGGERS)}); results.csv is always "
+                        f"written; TensorBoard logs go to <run>/tensorboard. Default: {' '.join(DEFAULT_LOGGERS)} "
+                        f"(--logger csv turns TensorBoard off)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --model on the validation split of --config and exit (--model-name, --head, "
                         "--imgsz, ... describe a reference-project checkpoint)")

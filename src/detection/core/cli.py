@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .choices import PRECISIONS
 from .errors import UserError
 from .paths import increment_path, resolve_path
 
@@ -77,8 +78,6 @@ class RuntimeOptions:
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        from .runtime import PRECISIONS  # here, not at the top: a parser without these flags never imports torch
-
         check_choice("--precision", self.precision, PRECISIONS)
         check_at_least("--batch", self.batch, 1)
         check_at_least("--workers", self.workers, 0)
@@ -87,7 +86,6 @@ class RuntimeOptions:
     def add_to(cls, parser: Any, *, precision_help: str, batch: int | None, batch_help: str,
                workers: int | None = None, workers_help: str = "data loading processes") -> None:
         """Add the flags to ``parser`` (or an argument group); ``workers=None`` leaves ``--workers`` out."""
-        from .runtime import PRECISIONS
         parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=precision_help)
         parser.add_argument("--batch", type=int, default=batch, help=batch_help)

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .choices import PRECISIONS
 from .errors import UserError
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CPU_BF16_MIN_BACKBONE_PARAMS = 20_000_000
 
 
@@ -91,13 +91,13 @@ def amp_settings(amp: str | None, device: torch.device) -> tuple[torch.dtype | N
     return torch.bfloat16, None
 
 
-def inference_precision(precision: str | None, device: torch.device, backbone_params: int, half: bool = False) -> str:
+def inference_precision(precision: str | None, device: torch.device, backbone_params: int) -> str:
     """The autocast precision inference runs in (``auto``/None: see the module docstring)."""
     cuda = device.type == "cuda"
     if precision in (None, "auto"):
         if cuda:
-            precision = "bf16" if cuda_bf16_native(device) and not half else "fp16"
-        elif cpu_bf16_supported() and (half or backbone_params >= CPU_BF16_MIN_BACKBONE_PARAMS):
+            precision = "bf16" if cuda_bf16_native(device) else "fp16"
+        elif cpu_bf16_supported() and backbone_params >= CPU_BF16_MIN_BACKBONE_PARAMS:
             precision = "bf16"
         else:
             precision = "fp32"

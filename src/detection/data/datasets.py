@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 
+from ..core.choices import DEFAULT_AUGMENT
 from ..core.errors import ToolkitWarning, UserError
 from ..core.io import read_yaml
 from ..core.paths import resolve_path
@@ -40,7 +41,7 @@ from .formats.common import (  # re-exported: the reader's building blocks are p
 )
 from .formats.voc import parse_voc_xml
 from .image_io import image_size, read_image, undecodable_images
-from .transforms import DEFAULT_AUGMENT, build_transform
+from .transforms import build_transform
 
 __all__ = [
     "FORMATS", "BadSample", "DataConfig", "DataReport", "DetectionDataset", "ReadPolicy", "Record", "SplitSource",

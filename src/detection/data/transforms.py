@@ -20,10 +20,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
+from ..core.choices import PRESETS
 from ..core.errors import UserError
 
-PRESETS = ("none", "flip", "ssd", "strong")
-DEFAULT_AUGMENT = "flip"
 PAD_VALUE = 114  # grey padding (letterbox, zoom-out, multi-scale crop)
 
 _FILL = {tv_tensors.Image: PAD_VALUE, "others": 0}

@@ -33,12 +33,12 @@ import numpy as np
 # failures ourselves. Must be set before the first VideoCapture; a user's own setting wins.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
+from ..core.choices import CODEC_CHOICES
 from ..core.errors import UserError
 from ..core.paths import resolve_path
 from .image_io import IMAGE_EXTS, image_size
 
 DEFAULT_FPS = 30.0
-CODEC_CHOICES = ("auto", "h264", "vp9", "opencv")
 # OpenCV fallback: (fourcc, extension) in order of preference; mp4v is in every OpenCV FFmpeg build.
 CV_CODECS = (("mp4v", ".mp4"), ("avc1", ".mp4"), ("XVID", ".avi"), ("MJPG", ".avi"))
 

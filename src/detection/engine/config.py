@@ -16,13 +16,12 @@ from typing import Any
 
 import yaml
 
+from ..core.choices import DEFAULT_AUGMENT, METRICS, PRESETS, check_cacheable
 from ..core.cli import OutputOptions, RuntimeOptions, check_at_least, check_choice, parse_imgsz
 from ..core.errors import UserError
 from ..core.io import read_yaml, write_text_atomic
-from ..data.transforms import DEFAULT_AUGMENT, PRESETS
-from ..evaluation.metrics import METRICS
 from ..modeling.config import DetectorConfig
-from .feature_cache import check_cacheable
+from .loggers import DEFAULT_LOGGERS, parse_loggers
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "multistep")
@@ -33,7 +32,7 @@ AMP_ALIASES = {"none": "fp32"}  # the older --amp spelling of --precision
 # What a resumed run may change (typed flags only); everything else comes from the checkpoint, because it shapes
 # the model, the data, the optimiser state or the LR schedule's per-iteration position.
 RESUME_OVERRIDABLE = frozenset({"epochs", "workers", "device", "eval_interval", "precision", "compile", "cuda_graphs",
-                                "max_nonfinite"})
+                                "max_nonfinite", "patience", "logger"})
 # Options that say what to do now (start / find / evaluate a run), not how it trains: not stored with the run
 # (so --cfg on a run's args.yaml starts it afresh), and never "ignored" on resume.
 NOT_STORED = frozenset({"resume", "eval_only", "model", "name", "exist_ok"})
@@ -115,6 +114,8 @@ class TrainConfig:
     # evaluation and outputs
     eval_interval: int = 1
     metric: str = "coco"
+    patience: int = 0  # evaluations without improvement of the metric before stopping; 0 = never stop early
+    logger: list[str] = field(default_factory=lambda: list(DEFAULT_LOGGERS))
     eval_only: bool = False
     model: str | None = None
     resume: str | None = None
@@ -124,13 +125,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.optimizer = str(self.optimizer).lower()
         self.lr_steps = [int(s) for s in (self.lr_steps or [])]
+        self.logger = list(parse_loggers(self.logger))
         for name, allowed in (("augment", PRESETS), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                               ("metric", METRICS)):
             check_choice(f"--{_flag(name)}", getattr(self, name), allowed)
         for name, allowed in (("cache_features", CACHE_MODES), ("compile", COMPILE_BACKENDS)):
             if getattr(self, name) is not None:
                 check_choice(f"--{_flag(name)}", getattr(self, name), allowed)
-        for name, low in (("epochs", 1), ("eval_interval", 1), ("max_nonfinite", 1), ("unfreeze_last", 0)):
+        for name, low in (("epochs", 1), ("eval_interval", 1), ("max_nonfinite", 1), ("unfreeze_last", 0),
+                          ("patience", 0)):
             check_at_least(f"--{_flag(name)}", getattr(self, name), low)
         if not 0.0 < self.layer_decay <= 1.0:
             raise UserError(f"--layer-decay {self.layer_decay}: must be in (0, 1] (1 = the same LR for every layer)")

@@ -5,12 +5,19 @@ split is cached the same way (no flip), so evaluation runs only neck + head too.
 Cached samples are exactly the live pipeline's: each variant is made by the training transform itself with its
 random flip decided (flip first, then the resize / letterbox padding at the bottom-right), and the flip decision
 for ``(seed, epoch, index)`` is the coin the live ``RandomHorizontalFlip`` draws for that sample.
+
+A disk cache is kept in its folder with the content hash of everything its files depend on (``cache_key``), and a
+later build with the same key (a resumed run, a restart in the same run folder) reuses it instead of running the
+backbone again.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -22,20 +29,13 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from ..core.errors import UserError
-from ..core.runtime import autocast_context
+from ..core.io import write_text_atomic
+from ..core.runtime import autocast_context, unwrap
 from ..data.sampling import sample_seed
 
-CACHEABLE_AUGMENTS = ("none", "flip")
 FLIP_P = 0.5  # transforms.build_transform's RandomHorizontalFlip probability (checked when a cache is built)
-
-
-def check_cacheable(augment: str, trains_backbone: bool) -> None:
-    if trains_backbone:
-        raise UserError("--cache-features needs a frozen backbone; drop --cache-features, or --fine-tune / "
-                        "--unfreeze-last (the backbone's features change while it trains)")
-    if augment not in CACHEABLE_AUGMENTS:
-        raise UserError(f"--cache-features works with --augment none or flip (got {augment!r}): other augmentations "
-                        f"change the image every epoch, so its features cannot be reused")
+DISK_FORMAT = 1  # the layout of a disk cache's files; part of its key
+KEY_FILE = "cache.json"  # written last: a folder without it (an interrupted build) is never reused
 
 
 def forced_flip(transform: Any, flip: bool) -> v2.Compose:
@@ -64,6 +64,50 @@ def is_flipped(seed: int, epoch: int, index: int) -> bool:
     ``EpochSeededDataset`` seeded it from ``(seed, epoch, index)`` (``torch.rand(1) < p`` flips)."""
     g = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
     return bool(torch.rand(1, generator=g) < FLIP_P)
+
+
+def cache_key(model, dataset, indices: Sequence[int], flip: bool, device: torch.device,
+              amp_dtype: torch.dtype | None) -> str | None:
+    """Content hash of what cached maps and targets depend on: each image's path, size and modification time and
+    its annotation (the parsed record), the classes and the dataset's transform (size, letterbox, flip), the
+    backbone (name, implementation, feature maps, input normalization, the weights file's path, size and time, or
+    the weights themselves when randomly initialised) and the precision and device type it runs with. Not the
+    seed: the flip coin is drawn when reading. None for a dataset without records (nothing to key on)."""
+    records = getattr(dataset, "records", None)
+    if records is None:
+        return None
+    model = unwrap(model)
+    cfg = model.config
+    h = hashlib.sha256()
+
+    def add(*parts: Any) -> None:
+        h.update(repr(parts).encode())
+
+    add(DISK_FORMAT, flip, device.type, str(amp_dtype), [int(i) for i in indices])
+    add(cfg.model_name, cfg.backbone_impl, cfg.feature_extractor, cfg.arch_overrides, tuple(cfg.imgsz),
+        cfg.letterbox, cfg.mean, cfg.std, cfg.size_multiple)
+    add(repr(getattr(dataset, "transform", None)), list(getattr(dataset, "classes", [])),
+        *(getattr(dataset, k, None) for k in ("include_difficult", "skip_bad_samples", "drop_bad_images")))
+    source = getattr(model.dino, "weights_source", None)
+    add(source, _file_stamp(source.get("path")) if source and source.get("path") else None)
+    if not source:  # random init: the weights themselves (small models, tests)
+        for name, tensor in model.dino.state_dict().items():
+            add(name, tuple(tensor.shape), str(tensor.dtype))
+            h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    for i in dict.fromkeys(int(i) for i in indices):
+        r = records[i]
+        add(str(r.image), _file_stamp(r.image), r.name, tuple(r.size), r.image_id, str(r.annotation))
+        for array in (r.boxes, r.labels, r.difficult):
+            h.update(memoryview(array.tobytes()))
+    return h.hexdigest()
+
+
+def _file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _as_list(batch: list) -> list:
@@ -99,6 +143,8 @@ class FeatureCache(Dataset):
         self.targets: dict[bool, list[dict[str, Any]]] = {}
         self.dropped: set[int] = set()
         self.nbytes = 0
+        self.key: str | None = None  # disk mode: the content hash the folder's files were built for
+        self.reused = False  # disk mode: the last build found its files already there
 
     # -- building
     @torch.inference_mode()
@@ -106,12 +152,20 @@ class FeatureCache(Dataset):
               amp_dtype: torch.dtype | None = None, show: bool = True) -> None:
         """Run the frozen backbone once over ``dataset[indices]`` - each variant through ``dataset``'s own transform
         with the flip decided - and store fp16 maps. Repeated indices (DDP padding) are computed once; samples the
-        dataset drops (``None``: undecodable evaluation images) are left out, as the live loader leaves them out."""
+        dataset drops (``None``: undecodable evaluation images) are left out, as the live loader leaves them out.
+
+        Disk mode: a folder already holding a complete cache with the same ``cache_key`` is reused as it is
+        (``reused``); any other folder is rebuilt."""
         self.indices = list(dict.fromkeys(int(i) for i in indices))
         self.row = {i: r for r, i in enumerate(self.indices)}
         self.dropped: set[int] = set()
+        self.nbytes, self.reused = 0, False
         if self.mode == "disk":
             assert self.cache_dir is not None
+            self.key = cache_key(model, dataset, self.indices, self.flip, device, amp_dtype)
+            if self._load_disk_state():
+                self.reused = True
+                return
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             self.cache_dir.mkdir(parents=True)
         variants = (False, True) if self.flip else (False,)
@@ -151,6 +205,27 @@ class FeatureCache(Dataset):
                 self.nbytes += sum(f.numel() * f.element_size() for f in feats)
             if self.mode == "ram":
                 self.targets[flipped] = targets  # type: ignore[assignment]
+        if self.mode == "disk" and self.key is not None:
+            write_text_atomic(self.cache_dir / KEY_FILE, json.dumps(
+                {"key": self.key, "indices": self.indices, "dropped": sorted(self.dropped), "nbytes": self.nbytes}))
+
+    def _load_disk_state(self) -> bool:
+        """Take ``dropped`` / ``nbytes`` from a complete disk cache built for ``self.key``; False if there is none."""
+        if self.key is None:
+            return False
+        try:
+            state = json.loads((self.cache_dir / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        if state.get("key") != self.key or state.get("indices") != self.indices:
+            return False
+        dropped = {int(i) for i in state.get("dropped", [])}
+        variants = (0, 1) if self.flip else (0,)
+        if not all((self.cache_dir / f"{i}_{v}.pt").is_file() for i in self.indices if i not in dropped
+                   for v in variants):
+            return False
+        self.dropped, self.nbytes = dropped, int(state.get("nbytes", 0))
+        return True
 
     def place(self, device: torch.device, share: float = 0.5) -> str:
         """Keep a RAM cache where the training step reads it fastest: in the GPU's memory when it takes at most

@@ -27,7 +27,6 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.io import write_text_atomic
-from ..core.runtime import is_main_process
 
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 DEFAULT_LOGGERS = ("csv", "tensorboard")
@@ -44,6 +43,13 @@ def parse_loggers(values: str | Iterable[str] | None) -> tuple[str, ...]:
     if bad:
         raise UserError(f"--logger {bad[0]!r} is not valid; choose from {', '.join(LOGGERS)} (several allowed)")
     return tuple(dict.fromkeys(["csv", *names]))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no DDP); imported when called: the parsers import this module's names without torch."""
+    from ..core.runtime import is_main_process as main
+
+    return main()
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
@@ -99,7 +105,19 @@ class TensorBoardLogger(ExperimentLogger):
             self.writer.add_scalar(k, v, step)
 
     def log_image(self, tag, image, step):
-        self.writer.add_image(tag, _check_image(image), step, dataformats="HWC")
+        # JPEG, not add_image's PNG: a 1300 px mosaic of photos encodes ~20x faster and is ~5x smaller (the image
+        # plugin serves any encoding it recognises)
+        import io
+
+        from PIL import Image
+        from torch.utils.tensorboard.summary import Summary
+
+        arr = _check_image(image)
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=90)
+        encoded = Summary.Image(height=arr.shape[0], width=arr.shape[1], colorspace=3,
+                                encoded_image_string=buf.getvalue())
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
 
     def log_pr_curve(self, tag, recall, precision, step):
         r, p = _resample(recall, precision)

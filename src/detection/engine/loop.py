@@ -21,6 +21,15 @@ from ..evaluation.metrics import DetectionEvaluator
 from ..modeling.losses import PaddedTargets, pad_targets
 
 
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device`` as training runs it: on a GPU the backbone in channels-last, its fast layout there
+    (the layout inference uses; the neck and head stay NCHW, which GroupNorm needs to avoid layout copies)."""
+    model = model.to(device)
+    if device.type == "cuda":
+        unwrap(model).dino.to(memory_format=torch.channels_last)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------- optimisation
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]

@@ -46,16 +46,22 @@ from ..data.datasets import (
     save_transformed_samples,
 )
 from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
-from ..evaluation.metrics import DetectionEvaluator, EvalResult
+from ..evaluation.metrics import EvalResult
+from ..evaluation.mosaic import batch_mosaic, prediction_mosaic, sample_ids, save_jpg
 from ..evaluation.report import format_table, plot_training_curves, save_results
+from ..modeling.anchor_fit import ANCHOR_HEADS, anchor_fit, dataset_input_boxes, model_anchors
 from ..modeling.builder import build_detector
 from ..modeling.detector import count_parameters
 from .config import TrainConfig, resume_config
-from .evaluation import EvalConfig, evaluate_checkpoint
+from .early_stopping import EarlyStopping
+from .evaluation import EvalConfig, EvalReport, ReportingEvaluator, evaluate_checkpoint
 from .feature_cache import CachedBatches, FeatureCache, collate_cached
-from .loop import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from .loggers import ExperimentLogger, build_loggers
+from .loop import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, place_model, train_one_epoch
 
 CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "eval_seconds", "skipped_steps"]
+VAL_SAMPLES = 8  # validation images drawn with their predictions at every evaluation
+ANCHOR_FIT_MAX_BOXES = 20_000  # the anchor-fit line at the start estimates on a sample of this many boxes
 
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
@@ -206,7 +212,7 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
         if ignored and main:
             print(f"note: --resume keeps the run's {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
                   f"it may change only --epochs, --workers, --device, --eval-interval, --precision, --compile, "
-                  f"--max-nonfinite")
+                  f"--max-nonfinite, --patience, --logger")
         run_dir = ckpt_path.parent
         done = int(resume_ckpt.get("epoch") or 0)
         if done >= cfg.epochs:  # checked before anything is built or written: a finished run stays as it is
@@ -220,8 +226,8 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
     classes = data_cfg.classes
 
     torch.manual_seed(cfg.seed)  # identical head initialisation on every rank and every (re)start
-    model = build_detector(cfg.detector_config(len(classes)), weights=cfg.weights, verbose=main,
-                           repo_dir=cfg.repo_dir).to(device)
+    model = place_model(build_detector(cfg.detector_config(len(classes)), weights=cfg.weights, verbose=main,
+                                       repo_dir=cfg.repo_dir), device)
     # the run records the head it built, not "the default", so a later change of defaults cannot break its resume
     cfg = cfg.replace(head_convs=model.config.head_convs, head_separable=model.config.head_separable)
     configure_trainable(model, cfg, verbose=main)
@@ -245,6 +251,10 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
         if data_cfg.visualize_transformed_images:
             paths = save_transformed_samples(train_ds, run_dir / "transformed_samples")
             print(f"wrote {len(paths)} augmented samples to {run_dir / 'transformed_samples'}")
+        if model.config.head in ANCHOR_HEADS:
+            fit = anchor_fit(dataset_input_boxes(train_ds, spec.imgsz, spec.letterbox), model_anchors(model, spec.imgsz),
+                             max_boxes=ANCHOR_FIT_MAX_BOXES, seed=cfg.seed)
+            print(fit.describe())
 
     amp_dtype, scaler = amp_settings(cfg.runtime.precision, device)
     if cfg.cache_features:  # the image loaders are replaced by ones over cached backbone maps
@@ -264,19 +274,36 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
     scheduler = build_scheduler(optimizer, schedule=cfg.scheduler, epochs=cfg.epochs, iters_per_epoch=iters_per_epoch,
                                 warmup_epochs=cfg.warmup_epochs, warmup_iters=cfg.warmup_iters, steps=cfg.lr_steps)
     ema = ModelEMA(model, decay=cfg.ema_decay) if cfg.ema else None
-    evaluator = DetectionEvaluator(classes, metric=cfg.metric)
+    val_ids = sample_ids(len(valid_ds), VAL_SAMPLES)
+    evaluator = ReportingEvaluator(classes, cfg.metric, cfg.detector.score_thresh, val_ids)
+    early = EarlyStopping(cfg.patience)
 
     start_epoch, best_map = 1, -1.0
     rows = read_csv(run_dir / "results.csv") if resume_ckpt else []
     if resume_ckpt is not None:
         start_epoch, best_map = restore_training_state(resume_ckpt, model, optimizer, scheduler, scaler, ema)
+        if resume_ckpt.get("early_stopping"):
+            early.load_state_dict(resume_ckpt["early_stopping"])
         rows = [r for r in rows if r.get("epoch", 0) < start_epoch]
         if main:
             print(f"resuming {run_dir.name} at epoch {start_epoch}/{cfg.epochs} (best mAP {best_map:.4f})")
     if main:
         cfg.save_yaml(run_dir / "args.yaml")
+    # a resumed run continues the same logs: TensorBoard drops what the interrupted run logged from start_epoch on
+    logger = build_loggers(cfg.logger, run_dir, resume_step=start_epoch if resume_ckpt is not None else None,
+                           config=cfg.to_dict())
+    if main:
+        if resume_ckpt is None:
+            mosaic = train_batch_mosaic(train_ds, cfg, classes)
+            save_jpg(mosaic, run_dir / "train_batch0.jpg")
+            logger.log_image("train/batch0", mosaic, 0)
+        if "tensorboard" in cfg.logger:
+            print(f"TensorBoard logs in {run_dir / 'tensorboard'}: tensorboard --logdir {run_dir.parent}")
+    val_images: dict[int, torch.Tensor] = {}  # the sampled validation images, decoded once
+    best_line = ""
 
     guard = NonFiniteGuard(cfg.max_nonfinite)
+    stopped = False
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -290,34 +317,109 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
                                    "lr": optimizer.param_groups[0]["lr"],
                                    "seconds": train_seconds, "map": math.nan, "map50": math.nan, "map75": math.nan}
             result = None
+            report: EvalReport | None = None
             if epoch % cfg.eval_interval == 0 or epoch == cfg.epochs:
                 with ema.swapped_in(model) if ema else contextlib.nullcontext():
                     result = evaluate(model, valid_loader, device, classes, spec=spec, evaluator=evaluator,
                                       amp_dtype=amp_dtype)
+                report = evaluator.report()
                 if main:
                     row.update({k: v for k, v in result.summary().items()
                                 if k in ("map", "map50", "map75") or not math.isnan(v)}, eval_seconds=result.seconds)
+                    row.update(best_f1=report.f1.best_f1, best_threshold=report.f1.best_threshold)
             if main:
                 rows.append(row)
                 improved = result is not None and result.primary > best_map  # NaN never improves
                 if improved:
                     best_map = result.primary
-                save_epoch(run_dir, model, meta, optimizer, scheduler, scaler, ema, epoch, best_map, cfg, improved,
-                           result)
+                if result is not None:
+                    stopped = early.step(result.primary, epoch)
+                # the card of this epoch's weights records the threshold found for them
+                epoch_meta = {**meta, **report.threshold_meta()} if report is not None else meta
+                save_epoch(run_dir, model, epoch_meta, optimizer, scheduler, scaler, ema, epoch, best_map, cfg,
+                           improved, result, extra={"early_stopping": early.state_dict()})
                 write_csv(run_dir / "results.csv", rows)
                 plot_training_curves(rows, run_dir)
+                log_epoch(logger, row, report, run_dir, epoch, classes, valid_ds, val_images)
+                if improved and report is not None:
+                    report.save(run_dir)
+                    best_line = f"{report.f1.describe()} at epoch {epoch}"
                 print(epoch_summary(row, losses, cfg.epochs))
+                if stopped:
+                    print(f"{early.message()}; {run_dir / 'last_model.pth'} holds epoch {epoch}: continue with "
+                          f"python train_detection.py --resume {run_dir / 'last_model.pth'} --patience "
+                          f"{2 * cfg.patience} (or 0: off)")
             if world > 1:
+                holder = [stopped]  # every rank stops at the same epoch
+                dist.broadcast_object_list(holder)
+                stopped = bool(holder[0])
                 dist.barrier()
+            if stopped:
+                break
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (core.errors.sigterm_as_interrupt): say how to continue
         if main:
             print(interrupted_message(run_dir, int(rows[-1]["epoch"]) if rows else None), file=sys.stderr)
         raise
+    finally:
+        logger.close()
     if main:
         print(f"done: best mAP@.5:.95 {best_map:.4f}; outputs in {run_dir}")
+        if best_line:
+            print(f"{best_line}; stored in best_model.pth (inference: --threshold auto); confusion_matrix.png, "
+                  f"f1_curve.png in {run_dir}")
     if world > 1:
         dist.destroy_process_group()
     return run_dir if main else None
+
+
+def train_batch_mosaic(train_ds, cfg: TrainConfig, classes: list[str]):
+    """The first training batch of epoch 1 (rank 0's share) as augmented and seeded for training, with its boxes:
+    an HxWx3 uint8 picture. Seeded per sample like the loader, so it leaves the run's random state untouched."""
+    sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True)
+    sampler.set_epoch(1)
+    seeded = EpochSeededDataset(train_ds, cfg.seed)
+    keys = list(sampler)[:min(16, cfg.runtime.batch)]
+    return batch_mosaic([s for s in (seeded[k] for k in keys) if s is not None], classes)
+
+
+def scalar_tag(key: str) -> str:
+    """A results.csv column's experiment-logger tag: ``train/`` (losses, lr, skipped steps), ``time/`` (seconds)
+    or ``metrics/``; the part after the slash is the column name."""
+    if key.startswith("loss") or key in ("train_loss", "lr", "skipped_steps"):
+        return f"train/{key}"
+    if key.endswith("seconds"):
+        return f"time/{key}"
+    return f"metrics/{key}"
+
+
+def log_epoch(logger: ExperimentLogger, row: dict[str, Any], report: EvalReport | None, run_dir: Path, epoch: int,
+              classes: list[str], valid_ds, val_images: dict[int, torch.Tensor]) -> None:
+    """The epoch's results.csv row (numbers only) to the experiment loggers; after an evaluation also per-class AP,
+    PR curves and the validation images with ground truth beside predictions (``val_pred_epoch_N.jpg``)."""
+    logger.log_scalars(epoch, {scalar_tag(k): v for k, v in row.items()
+                               if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v)})
+    if report is None:
+        return
+    per_class = {}
+    for r in report.result.per_class:
+        for key in ("ap50", "ap", "ap_voc07", "ap_voc12"):
+            if math.isfinite(r[key]):
+                per_class[f"{key}/{r['class']}"] = r[key]
+    logger.log_scalars(epoch, per_class)
+    for name, (recall, precision) in report.result.pr_curves.items():
+        logger.log_pr_curve(f"pr/{name}", recall, precision, epoch)
+    if report.samples:
+        from ..data.image_io import read_image
+
+        ids = list(report.samples)
+        for i in ids:
+            if i not in val_images:
+                val_images[i] = read_image(valid_ds.records[i].image)
+        # drawn at the best-F1 threshold of this evaluation: what --threshold auto would show
+        picture = prediction_mosaic([val_images[i] for i in ids], [report.samples[i][1] for i in ids],
+                                    [report.samples[i][0] for i in ids], classes, report.f1.best_threshold)
+        save_jpg(picture, run_dir / f"val_pred_epoch_{epoch}.jpg")
+        logger.log_image("val/predictions", picture, epoch)
 
 
 def interrupted_message(run_dir: Path, finished: int | None) -> str:
@@ -340,11 +442,13 @@ def epoch_summary(row: dict[str, Any], losses: dict[str, float], epochs: int) ->
 
 
 def save_epoch(run_dir: Path, model, meta, optimizer, scheduler, scaler, ema, epoch: int, best_map: float,
-               cfg: TrainConfig, improved: bool, result) -> None:
+               cfg: TrainConfig, improved: bool, result, extra: dict[str, Any] | None = None) -> None:
+    """last_model.pth (and best_model.pth when ``improved``); ``extra``: more training state for the payload."""
     payload = build_payload(model, meta, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             ema=ema.state_dict() if ema else None, epoch=epoch, best_metric=best_map,
                             include_backbone=not cfg.no_save_backbone)
     payload["train_config"] = cfg.to_dict()
+    payload.update(extra or {})
     save_checkpoint(run_dir / "last_model.pth", payload)
     if improved:
         if ema is not None:  # best_model.pth is for inference: the averaged weights it was scored with
@@ -410,9 +514,13 @@ def prepare_feature_cache(cfg: TrainConfig, model, train_ds, valid_ds, device: t
     where = cache.place(device)
     valid_cache.place(device)
     if main:
+        for c in (cache, valid_cache):
+            if c.reused:  # disk: the folder already held these maps (same data, model and settings)
+                print(f"reusing feature cache (key {c.key[:12]}) in {c.cache_dir}")
+        built = "reused" if cache.reused and valid_cache.reused else "built"
         print(f"feature cache ({cfg.cache_features}): {len(cache)} training images x {1 + cache.flip} variants + "
               f"{len(valid_cache)} validation images, {(cache.nbytes + valid_cache.nbytes) / 2**20:.0f} MiB, "
-              f"built in {time.perf_counter() - t0:.1f}s"
+              f"{built} in {time.perf_counter() - t0:.1f}s"
               + (f", kept in {where}" if cfg.cache_features == "ram" else ""))
     sampler = EpochSampler(len(shard), seed=cfg.seed, shuffle=True, indices=shard)
     pin = device.type == "cuda"

@@ -27,3 +27,31 @@ class DatasetEvaluator(ABC):
     @abstractmethod
     def evaluate(self) -> Any:
         """The results over everything processed (under torch.distributed: on rank 0, ``None`` elsewhere)."""
+
+
+class EvaluatorGroup(DatasetEvaluator):
+    """Fans one evaluation pass out to several evaluators: the ``primary`` one's result is the pass's result,
+    the others (confusion matrix, a sample of predictions, ...) see the same batches and keep their own results
+    (``results``: one per evaluator, in order, primary first). ``evaluate`` calls every evaluator in the same order
+    on every rank, so evaluators that gather under torch.distributed stay in step."""
+
+    def __init__(self, primary: DatasetEvaluator, *others: DatasetEvaluator) -> None:
+        self.evaluators = [primary, *others]
+        self.results: list[Any] = [None] * len(self.evaluators)
+
+    @property
+    def primary(self) -> DatasetEvaluator:
+        return self.evaluators[0]
+
+    def reset(self) -> None:
+        for ev in self.evaluators:
+            ev.reset()
+        self.results = [None] * len(self.evaluators)
+
+    def process(self, predictions: Sequence[dict[str, Any]], targets: Sequence[dict[str, Any]]) -> None:
+        for ev in self.evaluators:
+            ev.process(predictions, targets)
+
+    def evaluate(self) -> Any:
+        self.results = [ev.evaluate() for ev in self.evaluators]
+        return self.results[0]

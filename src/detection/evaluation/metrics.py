@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from ..core.choices import METRICS
 from ..core.errors import UserError
 from .evaluator import DatasetEvaluator
 
-METRICS = ("coco", "voc07", "voc12", "all")
 VOC_IOU = 0.5
 
 

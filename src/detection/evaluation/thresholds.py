@@ -72,6 +72,8 @@ class F1Curves:
     f1_all: np.ndarray
     best_threshold: float  # exact, from every distinct score (``best_f1_threshold``)
     best_f1: float
+    best_precision: float = float("nan")  # pooled, at exactly ``best_threshold``
+    best_recall: float = float("nan")
 
     @property
     def f1_mean(self) -> np.ndarray:
@@ -80,9 +82,8 @@ class F1Curves:
         return self.f1[has].mean(axis=0) if has.any() else np.zeros(len(self.thresholds))
 
     def describe(self) -> str:
-        i = int(np.argmin(np.abs(self.thresholds - self.best_threshold)))
         return (f"best score threshold {self.best_threshold:.3f}: F1 {self.best_f1:.3f} over all classes "
-                f"(precision {self.precision_all[i]:.3f}, recall {self.recall_all[i]:.3f} at {self.thresholds[i]:.2f})")
+                f"(precision {self.best_precision:.3f}, recall {self.best_recall:.3f})")
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -146,9 +147,11 @@ def f1_curves(scores: Any, labels: Any, tp: Any, n_gt: Any, classes: Sequence[st
     total = int(n_gt[1:].sum())
     p_all, r_all, f_all = _prf(*_counts(scores, tp, thresholds), total)
     best_t, best_f = best_f1_threshold(scores, tp, total)
+    # precision / recall at exactly the best threshold (the grid's nearest point may hold other detections)
+    best_p, best_r, _ = _prf(*_counts(scores, tp, np.array([best_t])), total)
     stack = (lambda k: np.stack([p[k] for p in per])) if per else (lambda k: np.zeros((0, len(thresholds))))
     return F1Curves(names, np.asarray(thresholds, np.float64), stack(0), stack(1), stack(2), n_gt[1:len(names) + 1],
-                    p_all, r_all, f_all, best_t, best_f)
+                    p_all, r_all, f_all, best_t, best_f, float(best_p[0]), float(best_r[0]))
 
 
 def f1_curves_from_evaluator(evaluator: Any) -> F1Curves:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..checkpoint.build import prepare_checkpoint
 from ..checkpoint.card import ModelCard
+from ..core.choices import DEFAULT_OPSET, EXPORT_FORMATS, MAX_OPSET, MIN_OPSET
 from ..core.cli import parse_imgsz
 from ..core.errors import UserError
 from ..core.io import atomic_paths
@@ -44,9 +45,7 @@ from .onnx_runtime import HEAD_OUTPUTS, INPUT_NAME, output_names
 from .predictor import Predictor, checkpoint_claims
 from .sidecar import METADATA_KEY, OnnxDescription, sidecar_path
 
-FORMATS = ("onnx",)
-DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime >= 1.14 runs it
-MIN_OPSET, MAX_OPSET = 14, 20  # 20: the TorchScript exporter's newest
+FORMATS = EXPORT_FORMATS
 PROTOBUF_LIMIT = 2 * 1024 ** 3  # one ONNX file holds at most 2 GB (protobuf)
 
 

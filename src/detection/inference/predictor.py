@@ -132,10 +132,13 @@ class PredictConfig:
 
     ``threshold``: the score a detection needs to be drawn, written to label files and counted; the model itself
     returns detections down to the checkpoint's evaluation threshold for predictions.json (``build_predictor``).
+    ``"auto"``: the checkpoint's best-F1 threshold (``build_predictor`` replaces it by the number).
+    ``slice`` (W, H): run on overlapping tiles of that size (``slicing.SlicedPredictor``), ``slice_overlap`` apart,
+    plus the whole image with ``slice_full``, merged by ``slice_merge``.
     """
 
     model: str
-    threshold: float = 0.5
+    threshold: float | str = 0.5
     imgsz: tuple[int, int] | None = None
     model_name: str | None = None
     config: str | None = None
@@ -154,12 +157,20 @@ class PredictConfig:
     out_dir: str | None = None
     show: bool = False
     no_save: bool = False
+    slice: tuple[int, int] | None = None
+    slice_overlap: float = 0.2
+    slice_merge: str = "nms"
+    slice_full: bool = True
 
     def __post_init__(self) -> None:
         if self.imgsz is not None:
             self.imgsz = parse_imgsz(self.imgsz)
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise UserError(f"--threshold {self.threshold}: a score threshold is in [0, 1]")
+        self.threshold = _threshold(self.threshold, error=UserError)
+        if self.slice is not None:
+            from .slicing import SlicedPredictor
+
+            self.slice = (int(self.slice[0]), int(self.slice[1])) if len(self.slice) == 2 else tuple(self.slice)
+            SlicedPredictor(None, self.slice, self.slice_overlap, merge=self.slice_merge)  # checks the settings
         if self.batch is not None and int(self.batch) < 1:
             raise UserError(f"--batch {self.batch}: at least 1")
         if self.precision not in PRECISIONS:
@@ -172,6 +183,31 @@ class PredictConfig:
     def resolved_out_dir(self) -> Path | None:
         """``--out-dir`` relative to the working directory first, then the repository root."""
         return resolve_path(self.out_dir) if self.out_dir else None
+
+
+def _threshold(value: Any, error: type[Exception] = argparse.ArgumentTypeError) -> float | str:
+    """``--threshold``: a score in [0, 1] or ``auto`` (the checkpoint's best-F1 threshold)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise error(f"--threshold {value}: pass a score in [0, 1] or auto") from None
+    if not 0.0 <= number <= 1.0:
+        raise error(f"--threshold {value}: a score threshold is in [0, 1] (or auto)")
+    return number
+
+
+def auto_threshold(card: Any, model: str) -> float:
+    """What ``--threshold auto`` means for a model with card ``card``: its stored best-F1 threshold."""
+    if card is None or card.best_threshold is None:
+        raise UserError(f"--threshold auto: {model} stores no best score threshold (trained before it was recorded, "
+                        f"or a reference-project checkpoint); pass a number, e.g. the one python -m "
+                        f"src.detection.evaluate --model <checkpoint> prints, or retrain")
+    f1 = "" if card.best_threshold_f1 is None else f" (F1 {card.best_threshold_f1:.3f})"
+    print(f"--threshold auto: {card.best_threshold:.3f}, the checkpoint's best-F1 score threshold on its "
+          f"validation split{f1}")
+    return float(card.best_threshold)
 
 
 def predict_config_from_args(args: argparse.Namespace) -> PredictConfig:
@@ -203,11 +239,13 @@ def add_predictor_args(parser: argparse.ArgumentParser, command: str = "image") 
     imgsz.help = ("model input size: SIZE | W H (one value: square; two at most); default: the checkpoint's "
                   "(reference checkpoints: 640)")
     video = command == "video"
-    g.add_argument("--threshold", "--score-thresh", dest="threshold", type=float, default=0.5,
+    g.add_argument("--threshold", "--score-thresh", dest="threshold", type=_threshold, default=0.5,
                    help="score a detection needs to be drawn, counted and written to --save-json / --save-mot; "
-                        "with --track, the score a track starts from (lower ones keep tracks alive)" if video else
+                        "with --track, the score a track starts from (lower ones keep tracks alive); auto: the "
+                        "checkpoint's best-F1 threshold" if video else
                         "score a detection needs to be drawn, counted and written to label files (--save-labels); "
-                        "predictions.json keeps detections down to the checkpoint's evaluation threshold")
+                        "predictions.json keeps detections down to the checkpoint's evaluation threshold; auto: the "
+                        "best-F1 threshold training stored in the checkpoint")
     g.add_argument("--nms", type=float, default=None, help="NMS IoU threshold (default: the checkpoint's)")
     g.add_argument("--max-det", type=int, default=None, help="max detections per image (default: the checkpoint's)")
     g.add_argument("--letterbox", action=argparse.BooleanOptionalAction, default=None,
@@ -215,6 +253,15 @@ def add_predictor_args(parser: argparse.ArgumentParser, command: str = "image") 
     g.add_argument("--keep-aspect", action="store_true",
                    help="faster: letterbox scale with padding only to the model's size multiple; for checkpoints "
                         "trained with --letterbox (others refuse it), not SSD")
+    g = parser.add_argument_group("sliced inference (small objects in large images)")
+    g.add_argument("--slice", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="run the model on overlapping W x H pixel tiles (about the model's input size) and merge "
+                        "the boxes: finds objects the whole-image resize shrinks away; one forward per tile")
+    g.add_argument("--slice-overlap", type=float, default=0.2, help="overlap between neighbouring tiles (fraction)")
+    g.add_argument("--slice-merge", default="nms", choices=("nms", "wbf"),
+                   help="merge the tiles' boxes by class-wise NMS or weighted box fusion")
+    g.add_argument("--slice-full", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the whole image (keeps large objects that tiles cut apart)")
     g = parser.add_argument_group("runtime")
     RuntimeOptions.add_to(g, precision_help="autocast precision; auto = a fixed rule per device (README: image "
                                             "inference), so a checkpoint gives the same boxes on the same machine",
@@ -262,6 +309,11 @@ def build_predictor(cfg: PredictConfig, keep_low_scores: bool = False, verbose: 
     filter with ``filter_detections(pred, cfg.threshold)`` before drawing.
     """
     if str(cfg.model).lower().endswith(".onnx"):
+        if cfg.threshold == "auto":
+            from .sidecar import read_sidecar
+
+            path = resolve_path(cfg.model)
+            cfg.threshold = auto_threshold(read_sidecar(path).card if path.is_file() else None, cfg.model)
         try:
             from .onnx_runtime import OnnxPredictor
         except ModuleNotFoundError as exc:
@@ -273,6 +325,13 @@ def build_predictor(cfg: PredictConfig, keep_low_scores: bool = False, verbose: 
         predictor = OnnxPredictor.from_config(cfg, keep_low_scores=keep_low_scores)
     else:
         predictor = _build_torch_predictor(cfg, keep_low_scores)
+    if cfg.slice is not None:
+        from .slicing import SlicedPredictor
+
+        d = predictor.card.detector  # tiles merge at the model's own NMS IoU; the merged boxes are all kept
+        predictor = SlicedPredictor(predictor, cfg.slice, overlap=cfg.slice_overlap, include_full=cfg.slice_full,
+                                    merge=cfg.slice_merge, merge_iou=d.nms if cfg.nms is None else cfg.nms,
+                                    max_det=cfg.max_det)
     if verbose:
         print(f"model: {predictor.describe()}")
     return predictor
@@ -282,6 +341,8 @@ def _build_torch_predictor(cfg: PredictConfig, keep_low_scores: bool) -> Predict
     device = select_device(cfg.device)
     batch = cfg.batch or (8 if device.type == "cuda" else 1)
     ckpt = prepare_checkpoint(resolve_path(cfg.model), cfg.expect(), cfg.imgsz)
+    if cfg.threshold == "auto":
+        cfg.threshold = auto_threshold(ckpt.card, cfg.model)
     weights = cfg.weights
     if weights and ckpt.card.provenance.includes_backbone:
         print(f"note: --weights {weights} ignored: the checkpoint already contains the backbone weights")

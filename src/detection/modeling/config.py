@@ -8,16 +8,17 @@ The heads are those of the registry (``heads.py``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..core.choices import BACKBONE_IMPLS, FEATURE_EXTRACTORS, HEADS
 from ..core.cli import check_choice, parse_imgsz
 from ..core.errors import UserError
-from .heads import HEAD_TYPES, LEGACY_HEAD_CONVS, MAX_HEAD_CONVS
-from .input_spec import InputSpec
 
-HEADS = tuple(HEAD_TYPES)
-FEATURE_EXTRACTORS = ("multi", "last")
-BACKBONE_IMPLS = ("timm", "hub")
+if TYPE_CHECKING:
+    from .input_spec import InputSpec
+
+# The head registry (heads.py) and the input spec import torch: they are imported where a config needs them, so
+# the training parser, which builds a default config, stays light.
 CHOICES = {"head": HEADS, "feature_extractor": FEATURE_EXTRACTORS, "backbone_impl": BACKBONE_IMPLS}
 
 
@@ -82,8 +83,8 @@ class DetectorConfig:
         self.head_convs = _check_head_convs(self.head_convs, self.head)
         if self.head_separable is not None:
             self.head_separable = bool(self.head_separable)
-            if self.head_separable and not HEAD_TYPES[self.head].has_tower:
-                raise UserError(f"--head-separable: the {HEAD_TYPES[self.head].title} head has no conv tower "
+            if self.head_separable and not _head(self.head).has_tower:
+                raise UserError(f"--head-separable: the {_head(self.head).title} head has no conv tower "
                                 f"(one conv per level); drop it")
 
     @property
@@ -93,8 +94,10 @@ class DetectorConfig:
         if self.size_multiple is None or self.mean is None or self.std is None:
             raise ValueError("this DetectorConfig is not resolved yet: use build_detector(cfg).input_spec "
                              "(or model.config.input_spec)")
+        from .input_spec import InputSpec
+
         return InputSpec(self.imgsz, self.letterbox, self.size_multiple, self.mean, self.std,
-                         fixed_aspect=HEAD_TYPES[self.head].fixed_aspect)
+                         fixed_aspect=_head(self.head).fixed_aspect)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, not tuples) so it survives ``torch.load(weights_only=True)`` and YAML.
@@ -109,7 +112,7 @@ class DetectorConfig:
         d["input"] = {"imgsz": list(d["imgsz"]), "letterbox": self.letterbox, "size_multiple": self.size_multiple,
                       "mean": None if self.mean is None else list(self.mean),
                       "std": None if self.std is None else list(self.std),
-                      "fixed_aspect": HEAD_TYPES[self.head].fixed_aspect}
+                      "fixed_aspect": _head(self.head).fixed_aspect}
         return d
 
     @classmethod
@@ -129,11 +132,19 @@ class DetectorConfig:
 _INPUT_FIELDS = ("letterbox", "mean", "std", "size_multiple")
 
 
+def _head(name: str) -> Any:
+    from .heads import HEAD_TYPES
+
+    return HEAD_TYPES[name]
+
+
 def _check_head_convs(value: Any, head: str) -> int | None:
     if value is None:
         return None
-    if not HEAD_TYPES[head].has_tower:
-        raise UserError(f"--head-convs {value}: the {HEAD_TYPES[head].title} head has no conv tower (one conv per "
+    from .heads import LEGACY_HEAD_CONVS, MAX_HEAD_CONVS
+
+    if not _head(head).has_tower:
+        raise UserError(f"--head-convs {value}: the {_head(head).title} head has no conv tower (one conv per "
                         f"level); drop --head-convs")
     if not 0 <= int(value) <= MAX_HEAD_CONVS:
         raise UserError(f"--head-convs {value}: use 0..{MAX_HEAD_CONVS} conv layers per head branch "

@@ -211,7 +211,6 @@ def gpu_rows(model, ckpt: Path, frame_wh: tuple[int, int], imgsz: int, device: t
         return len(out)
 
     eager_rate = _rate(eager_loop, reps)
-    del eager
     for bs in (1, 8, 32):
         p = Predictor(ckpt, device=device, batch_size=bs)
         n = 16 if bs == 1 else 32

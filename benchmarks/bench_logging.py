@@ -31,7 +31,7 @@ GOAL = 0.98  # epoch time with csv only / with csv + tensorboard: logging costs 
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"train": 32, "valid": 16, "imgsz": 96, "epochs": 3, "reps": 2}
-    return {"train": 128, "valid": 32, "imgsz": 160, "epochs": 4, "reps": 3}
+    return {"train": 128, "valid": 32, "imgsz": 160, "epochs": 4, "reps": 4}
 
 
 def epoch_walls(config: Path, out_dir: Path, loggers: list[str], s: dict[str, Any], device: str
@@ -84,11 +84,12 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
         root = Path(tmp)
         with contextlib.redirect_stdout(io.StringIO()):
             config = generate_dataset(root / "shapes", s["train"], s["valid"], imgsz=s["imgsz"], seed=0)
-        for rep in range(s["reps"]):  # interleaved: both sides see the same machine load
-            walls, logs = epoch_walls(config, root / f"rep{rep}", ["csv"], s, device)
-            plain, log_s["csv"] = plain + walls, log_s["csv"] + logs
-            walls, logs = epoch_walls(config, root / f"rep{rep}", ["csv", "tensorboard"], s, device)
-            logged, log_s["tensorboard"] = logged + walls, log_s["tensorboard"] + logs
+        sides = (["csv"], ["csv", "tensorboard"])
+        for rep in range(s["reps"]):  # interleaved, the order alternating: both see the same machine load
+            for loggers in sides if rep % 2 == 0 else sides[::-1]:
+                walls, logs = epoch_walls(config, root / f"rep{rep}", loggers, s, device)
+                (logged if "tensorboard" in loggers else plain).extend(walls)
+                log_s[loggers[-1]].extend(logs)
     torch.set_num_threads(torch_threads)
     note = (f"{s['train']} train / {s['valid']} valid synthetic images at {s['imgsz']} px, FCOS on "
             f"dinov3_convnext_atto, batch 8, evaluation every epoch; epochs 2-{s['epochs']} of {s['reps']} runs each; "

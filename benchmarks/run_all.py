@@ -1,6 +1,6 @@
 """``make bench``: run every benchmark, print ONE Markdown table and save it to ``outputs/bench/<timestamp>.md``.
 
-    python -m benchmarks.run_all [--quick] [--only train,eval,infer,memory,tracking,video,demo] [--device auto|cpu|cuda] [--out-dir DIR]
+    python -m benchmarks.run_all [--quick] [--only train,eval,infer,memory,tracking,video,logging,demo] [--device auto|cpu|cuda] [--out-dir DIR]
 
 Each bench module exposes ``run(quick, ...) -> list[dict]`` rows ``{name, baseline, ours, ratio, goal}`` (see
 ``benchmarks/common.py``). Modules whose ``run`` takes a ``device`` run on the CPU and, when a GPU is present,
@@ -36,6 +36,7 @@ BENCHES = {
     "memory": "benchmarks.bench_video_memory",
     "tracking": "benchmarks.bench_tracking",
     "video": "benchmarks.bench_video",
+    "logging": "benchmarks.bench_logging",
     "demo": "benchmarks.bench_demo",
 }
 

@@ -22,8 +22,6 @@ ENTRY = {
     "convert": ["-m", "src.detection.convert"],
     "synthetic": ["-m", "src.detection.synthetic"],
 }
-# The inference parsers take their flags from inference.predictor, which defines the PyTorch Predictor beside them.
-PREDICTOR_MODULE = pytest.mark.xfail(strict=True, reason="add_predictor_args lives beside the torch Predictor")
 
 
 def help_run(command: str) -> tuple[str, set[str]]:
@@ -37,9 +35,8 @@ def help_run(command: str) -> tuple[str, set[str]]:
     return out.stdout, imported & HEAVY
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "export", "analyze", "convert", "synthetic",
-                                     pytest.param("infer_image", marks=PREDICTOR_MODULE),
-                                     pytest.param("infer_video", marks=PREDICTOR_MODULE)])
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "analyze", "convert", "synthetic", "infer_image",
+                                     "infer_video"])
 def test_help_imports_no_heavy_library(command):
     text, imported = help_run(command)
     assert text.startswith("usage:") and "--help" in text

@@ -304,7 +304,7 @@ HEADLESS_BUILD = "General configuration for OpenCV\n  GUI:                      
 @pytest.mark.parametrize("build", ["installed", "gui", "headless"])
 def test_display_available_with_and_without_a_display(monkeypatch: pytest.MonkeyPatch, build: str) -> None:
     """Both OpenCV builds (opencv-python and opencv-python-headless, common on GPU images), whichever is installed."""
-    from src.detection.inference.predictor import display_available
+    from src.detection.inference.options import display_available
 
     if build != "installed":
         monkeypatch.setattr(cv2, "getBuildInformation", lambda: GUI_BUILD if build == "gui" else HEADLESS_BUILD)
@@ -391,7 +391,7 @@ def test_half_is_folded_into_precision_while_parsing() -> None:
     import dataclasses
 
     from src.detection.commands.infer_image import build_image_parser
-    from src.detection.inference.predictor import PredictConfig, predict_config_from_args
+    from src.detection.inference.options import PredictConfig, predict_config_from_args
 
     def precision(*flags: str) -> str:
         args = build_image_parser().parse_args(["-i", "x.jpg", "--model", "m.pth", *flags])

@@ -11,7 +11,7 @@ from src.detection.commands.export import build_export_parser
 from src.detection.commands.infer_image import build_image_parser
 from src.detection.commands.infer_video import build_video_parser
 from src.detection.core.errors import UserError
-from src.detection.inference.predictor import predict_config_from_args
+from src.detection.inference.options import predict_config_from_args
 
 
 def option_help(parser, flag: str) -> str:

@@ -197,7 +197,8 @@ def test_reference_vits16_ssd_checkpoint_in_every_command(fixtures_dir: Path, tm
     result = evaluate_checkpoint(eval_config_from_args(build_parser().parse_args([*flags, "--workers", "0"])))
     assert result.n_images == 2
     from src.detection.commands.infer_video import build_video_parser
-    from src.detection.inference.predictor import build_predictor, predict_config_from_args
+    from src.detection.inference.options import predict_config_from_args
+    from src.detection.inference.predictor import build_predictor
 
     args = build_video_parser().parse_args(["--input", "clip.mp4", *flags])
     predictor = build_predictor(predict_config_from_args(args), verbose=False)

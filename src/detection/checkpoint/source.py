@@ -55,8 +55,9 @@ class ModelSource:
         ``config=False`` for commands whose ``--config`` is their dataset."""
         if model_help is not None:
             parser.add_argument("--model", required=required, help=model_help)
-        parser.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="N",
-                            help="model input size W [H]; default: the checkpoint's (reference checkpoints: 640)")
+        parser.add_argument("--imgsz", type=int, nargs="+", default=None, metavar="SIZE",
+                            help="model input size: SIZE | W H (one value: square; two at most); default: the "
+                                 "checkpoint's (reference checkpoints: 640)")
         cls.add_claims_to(parser, config=config)
 
     @staticmethod

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.cli import config_from_args, new_parser
 from ..core.errors import run_cli
 from ..data.annotations import LABEL_FORMATS
-from ..inference.predictor import add_predictor_args, predict_config_from_args
+from ..inference.options import add_predictor_args, predict_config_from_args
 
 if TYPE_CHECKING:
     from ..inference.images import ImageInferConfig

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..core.choices import CODEC_CHOICES
 from ..core.cli import config_from_args, new_parser
 from ..core.errors import run_cli
-from ..inference.predictor import add_predictor_args, predict_config_from_args
+from ..inference.options import add_predictor_args, predict_config_from_args
 
 if TYPE_CHECKING:
     from ..inference.video import VideoInferConfig

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import draw_bounding_boxes
 
 from ..core.io import atomic_write
 from .evaluator import DatasetEvaluator
@@ -93,6 +92,8 @@ def draw(image: torch.Tensor, boxes: Any, labels: Any, classes: Sequence[str], s
          color: tuple[int, int, int] | None = None, panel: int = PANEL) -> torch.Tensor:
     """``image`` (uint8 [3,H,W]) scaled to ``panel`` px with the boxes drawn: ``class`` or ``class score``
     labels, one colour per class (or ``color`` for all)."""
+    import cv2  # OpenCV's text: ~20x faster than PIL's font rendering, which dominated a mosaic's cost
+
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = [int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()]
     image, boxes = _fit(torch.as_tensor(image), boxes, panel)
@@ -101,8 +102,18 @@ def draw(image: torch.Tensor, boxes: Any, labels: Any, classes: Sequence[str], s
     names = [classes[c] if 0 <= c < len(classes) else str(c) for c in labels]
     if scores is not None:
         names = [f"{n} {float(s):.2f}" for n, s in zip(names, torch.as_tensor(scores).reshape(-1).tolist())]
-    colors = [color or class_color(c) for c in labels]
-    return draw_bounding_boxes(image, boxes, labels=names, colors=colors, width=2)
+    canvas = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    h = canvas.shape[0]
+    for (x1, y1, x2, y2), c, name in zip(boxes.round().int().tolist(), labels, names):
+        rgb = color or class_color(c)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), rgb, 2)
+        (tw, th), base = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+        ty = y1 if y1 - th - base >= 0 else min(h - 1, y1 + th + base)  # above the box, or inside at the top
+        cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty), rgb, -1)
+        dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140
+        cv2.putText(canvas, name, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                    (0, 0, 0) if dark else (255, 255, 255), 1, cv2.LINE_AA)
+    return torch.from_numpy(canvas).permute(2, 0, 1)
 
 
 def _grid(panels: list[torch.Tensor], cols: int, pad: int = 4) -> np.ndarray:

@@ -42,7 +42,8 @@ from ..core.io import atomic_paths
 from ..core.paths import resolve_path
 from ..core.runtime import select_device
 from .onnx_runtime import HEAD_OUTPUTS, INPUT_NAME, output_names
-from .predictor import Predictor, checkpoint_claims
+from .options import checkpoint_claims
+from .predictor import Predictor
 from .sidecar import METADATA_KEY, OnnxDescription, sidecar_path
 
 FORMATS = EXPORT_FORMATS

@@ -25,8 +25,9 @@ from ..core.errors import UserError
 from ..core.paths import increment_path
 from ..data.annotations import LABEL_FORMATS, LabelWriter
 from ..data.image_io import find_images, read_image
+from .options import PredictConfig, display_available
 from .pipeline import Item, run_pipeline
-from .predictor import PredictConfig, build_predictor, display_available, filter_detections
+from .predictor import build_predictor, filter_detections
 
 
 @dataclass

@@ -29,8 +29,9 @@ from ..core.errors import ToolkitWarning, UserError
 from ..core.paths import increment_path
 from ..data.video_io import CODEC_CHOICES, DEFAULT_FPS, FrameSource, Writer, open_source, open_writer
 from .draw import bgr_to_tensor, draw_detections, draw_text, overlay_corner, overlay_size
+from .options import PredictConfig, display_available
 from .pipeline import BackgroundWorker, Item, StageClock, run_pipeline
-from .predictor import PredictConfig, build_predictor, display_available, filter_detections
+from .predictor import build_predictor, filter_detections
 from .tracking import TrackConfig, Tracked, Tracker
 
 

@@ -120,7 +120,7 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
                    help="torch.compile the training forward (backend; eager/aot_eager are for debugging)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
                    help="replay each training step from a CUDA graph (one launch for the whole step; GPU, "
-                        "bf16/fp32, AdamW, one process, no --compile). Default: on where that holds")
+                        "bf16/fp32, AdamW, one process, no --compile, frozen backbone). Default: on where that holds")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="number of epochs")

@@ -13,8 +13,10 @@ which is how a stream-ordered caller uses them. Anything that fails to capture f
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,8 +85,11 @@ class GraphedFunction:
             graph = self._capture(args)
         except Exception as exc:  # a capture failure must not stop inference or training: run eagerly instead
             self.failed = True
-            warnings.warn(f"CUDA graph capture of the {self.name} failed ({type(exc).__name__}: {exc}); "
-                          f"running it without CUDA graphs", stacklevel=2)
+            ours = [f for f in traceback.extract_tb(exc.__traceback__) if "/src/detection/" in f.filename]
+            where = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else ""
+            warnings.warn(f"CUDA graph capture of the {self.name} failed{where} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running it without CUDA graphs",
+                          stacklevel=2)
             torch.cuda.synchronize()
             return self._eager(args)
         self.graphs[key] = graph

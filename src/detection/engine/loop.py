@@ -244,7 +244,8 @@ class GraphedTrainStep:
     """The training step (forward, losses, backward, gradient clipping, fused AdamW step) replayed from a CUDA graph
     per batch signature (``core.graphs``): on a GPU the step's ~2,000 small kernels cost more to launch than to
     run, and a graph launches them at once. Eligible when nothing in the step needs the host: CUDA, a fused
-    optimizer that skips non-finite steps itself, no GradScaler (bf16 or fp32), no DDP, no ``torch.compile``.
+    optimizer that skips non-finite steps itself, no GradScaler (bf16 or fp32), no DDP, no ``torch.compile``, a
+    frozen backbone.
 
     The learning rate enters the captured optimizer step as a device tensor that each call refreshes from the
     scheduler's float (group ``lr`` stays a float, so checkpoints and schedulers are unchanged).
@@ -265,9 +266,10 @@ class GraphedTrainStep:
                  scaler: Any) -> bool:
         from ..core.graphs import graphs_supported
 
+        # a frozen backbone only: a partly trained one has not been captured cleanly (a host copy inside the step)
         return (graphs_supported(device) and scaler is None and skips_on_device(optimizer) and
                 isinstance(optimizer, torch.optim.AdamW) and not is_distributed() and
-                not hasattr(model, "_orig_mod") and unwrap(model) is model)
+                not hasattr(model, "_orig_mod") and unwrap(model) is model and getattr(model.dino, "frozen", True))
 
     def __call__(self, images: torch.Tensor, targets: PaddedTargets, features: list[torch.Tensor] | None):
         for t, g in zip(self.lrs, self.optimizer.param_groups):

@@ -57,7 +57,16 @@ from .early_stopping import EarlyStopping
 from .evaluation import EvalConfig, EvalReport, ReportingEvaluator, evaluate_checkpoint
 from .feature_cache import CachedBatches, FeatureCache, collate_cached
 from .loggers import ExperimentLogger, build_loggers
-from .loop import ModelEMA, NonFiniteGuard, build_optimizer, build_scheduler, evaluate, place_model, train_one_epoch
+from .loop import (
+    GraphedTrainStep,
+    ModelEMA,
+    NonFiniteGuard,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    place_model,
+    train_one_epoch,
+)
 
 CSV_FIELDS = ["epoch", "train_loss", "map", "map50", "map75", "lr", "seconds", "eval_seconds", "skipped_steps"]
 VAL_SAMPLES = 8  # validation images drawn with their predictions at every evaluation
@@ -270,6 +279,9 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
 
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.backbone_lr,
                                 layer_decay=cfg.layer_decay)
+    if main and cfg.cuda_graphs is not False and GraphedTrainStep.eligible(train_model, optimizer, device, scaler):
+        print("training step: replayed from a CUDA graph per batch shape, captured after 2 warm-up steps "
+              "(--no-cuda-graphs: launch kernel by kernel)")
     iters_per_epoch = len(train_loader)
     scheduler = build_scheduler(optimizer, schedule=cfg.scheduler, epochs=cfg.epochs, iters_per_epoch=iters_per_epoch,
                                 warmup_epochs=cfg.warmup_epochs, warmup_iters=cfg.warmup_iters, steps=cfg.lr_steps)

@@ -349,7 +349,7 @@ def fcos_loss(cls_logits: Tensor, bbox_regression: Tensor, bbox_ctrness: Tensor,
 
     with torch.no_grad():
         reg_targets = box_coder.encode(anchors, matched_gt)
-        left_right, top_bottom = reg_targets[..., [0, 2]], reg_targets[..., [1, 3]]
+        left_right, top_bottom = reg_targets[..., 0::2], reg_targets[..., 1::2]  # slices: a list index is a host copy
         ctrness_target = torch.sqrt((left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
                                     * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0]))
         ctrness_target = torch.where(foreground, ctrness_target, 0.0)

@@ -60,8 +60,7 @@ def settings(quick: bool, device: str = "cpu") -> dict[str, Any]:
     reference head). On CUDA the full run uses the batch sizes GPU users train with (8 and 32)."""
     if device.startswith("cuda") and not quick:
         return dict(model_name="dinov3_convnext_tiny", imgsz=640, batches=(8, 32), steps={8: 4, 32: 2}, reps=3,
-                    warmup=2, n_images=64, epoch_images=128, epoch_batch=32, epochs=3, variants=True,
-                    full_epoch=True)
+                    warmup=2, n_images=64, epoch_images=128, epoch_batch=32, epochs=3, variants=True)
     if quick:
         return dict(model_name="dinov3_convnext_atto", imgsz=160, batches=(2, 8), steps={2: 2, 8: 1}, reps=2,
                     warmup=1, n_images=16, epoch_images=16, epoch_batch=8, epochs=3, variants=True)
@@ -453,8 +452,6 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
         rows += cache_rows(s, config, dev, root)
         if s["variants"]:
             rows += cache_rows(s, config, dev, root, feature_extractor="last", goal="info")
-        if s.get("full_epoch"):
-            rows.append(full_epoch_row(root, dev))
     for r in rows:  # a NaN would make every ratio meaningless: fail loudly instead
         for key in ("baseline", "ours", "ratio"):
             if not math.isfinite(r[key]) and r.get("unit") != "syncs":

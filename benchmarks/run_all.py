@@ -1,6 +1,6 @@
 """``make bench``: run every benchmark, print ONE Markdown table and save it to ``outputs/bench/<timestamp>.md``.
 
-    python -m benchmarks.run_all [--quick] [--only train,eval,infer,memory,tracking,video,logging,demo] [--device auto|cpu|cuda] [--out-dir DIR]
+    python -m benchmarks.run_all [--quick] [--only train,epoch,eval,infer,memory,tracking,video,logging,demo] [--device auto|cpu|cuda] [--out-dir DIR]
 
 Each bench module exposes ``run(quick, ...) -> list[dict]`` rows ``{name, baseline, ours, ratio, goal}`` (see
 ``benchmarks/common.py``). Modules whose ``run`` takes a ``device`` run on the CPU and, when a GPU is present,
@@ -31,6 +31,7 @@ from src.detection.core.paths import resolve_path
 
 BENCHES = {
     "train": "benchmarks.bench_train",
+    "epoch": "benchmarks.bench_epoch",
     "eval": "benchmarks.bench_eval",
     "infer": "benchmarks.bench_infer",
     "memory": "benchmarks.bench_video_memory",

@@ -17,6 +17,6 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "$WHAT" in
   tests) $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/tests.txt" ;;
-  bench) $PY -m benchmarks.run_all --device cuda --only "${ONLY:-train,infer,video,demo}" --out-dir "$OUT" ;;
+  bench) $PY -m benchmarks.run_all --device cuda --only "${ONLY:-train,epoch,infer,video,demo}" --out-dir "$OUT" ;;
   *) echo "usage: scripts/gpu_session.sh tests|bench OUT_DIR" >&2; exit 2 ;;
 esac

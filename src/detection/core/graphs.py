@@ -13,6 +13,7 @@ which is how a stream-ordered caller uses them. Anything that fails to capture f
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 import warnings
 from collections.abc import Callable
@@ -66,8 +67,6 @@ class GraphedFunction:
         self.failed = False
 
     def _ctx(self):
-        import contextlib
-
         return self.context() if self.context is not None else contextlib.nullcontext()
 
     def __call__(self, *args: Any) -> Any:

@@ -323,7 +323,7 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
             losses = train_one_epoch(train_model, train_loader, optimizer, scheduler, device, epoch, scaler=scaler,
                                      amp_dtype=amp_dtype, clip_grad=cfg.clip_grad, ema=ema, guard=guard,
                                      total=iters_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                                 cuda_graphs=cfg.cuda_graphs)
+                                     cuda_graphs=cfg.cuda_graphs)
             train_seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": epoch, **losses, "skipped_steps": int(losses.get("skipped_steps", 0)),
                                    "lr": optimizer.param_groups[0]["lr"],

@@ -161,3 +161,20 @@ def test_cuda_graph_training_step_captures_once_and_never_syncs():
     model_copy = copy.deepcopy(model)
     assert graphed_step_for(model_copy, build_optimizer(model_copy, "sgd", 1e-3, 1e-4), device, None, 0.0, None,
                             None) is None  # SGD: no capturable fused step here
+
+
+def test_postprocess_maps_a_batch_like_each_image_alone(checkpoint):
+    """One copy back and one box mapping for frames of one size (per image for mixed sizes) give exactly what
+    mapping each image's detections alone gives."""
+    p = Predictor(checkpoint, device="cpu", score_thresh=0.05, batch_size=4)
+    same = frames(3, seed=3)
+    mixed = [*frames(1, 72, 120, seed=4), *frames(1, 90, 60, seed=5), *frames(1, 40, 100, seed=6)]
+    for imgs in (same, mixed):
+        sizes = [im.shape[-2:] for im in imgs]
+        raw = p.forward(torch.stack([p.preprocess(im) for im in imgs]))
+        ours = p.postprocess(raw, sizes)
+        assert sum(len(d["scores"]) for d in ours) > 0
+        for det, hw, got in zip(raw, sizes, ours):
+            assert torch.equal(got["boxes"], p.input_spec.boxes_to_original(det["boxes"].float(), hw))
+            assert torch.equal(got["scores"], det["scores"].float())
+            assert torch.equal(got["labels"], det["labels"].to(torch.int64))

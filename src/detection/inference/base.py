@@ -107,11 +107,14 @@ class PredictorBase:
         counts = [int(det["scores"].shape[0]) for det in raw]
         packed = torch.cat([torch.cat((det["boxes"].float(), det["scores"].float()[:, None],
                                        det["labels"].float()[:, None]), dim=1) for det in raw]).cpu()
-        preds = []
-        for part, hw in zip(packed.split(counts), orig_sizes):
-            boxes = self.input_spec.boxes_to_original(part[:, :4], hw, self.keep_aspect)
-            preds.append({"boxes": boxes, "scores": part[:, 4].clone(), "labels": part[:, 5].to(torch.int64)})
-        return preds
+        sizes = [(int(hw[0]), int(hw[1])) for hw in orig_sizes]
+        if len(set(sizes)) == 1:  # frames of one video or camera: one mapping for the whole batch
+            boxes = self.input_spec.boxes_to_original(packed[:, :4], sizes[0], self.keep_aspect).split(counts)
+        else:
+            boxes = [self.input_spec.boxes_to_original(part[:, :4], hw, self.keep_aspect)
+                     for part, hw in zip(packed.split(counts), sizes)]
+        scores, labels = packed[:, 4].split(counts), packed[:, 5].to(torch.int64).split(counts)
+        return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
 
     def predict(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections for original uint8 [3,H,W] images, in their own coordinates (batched by input size)."""

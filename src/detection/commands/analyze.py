@@ -18,6 +18,7 @@ import numpy as np
 
 from ..core.cli import new_parser
 from ..core.errors import run_cli
+from ..core.io import save_figure
 from ..core.paths import increment_path, resolve_path
 
 if TYPE_CHECKING:  # imported where used: --help must not import torch (seconds)
@@ -116,11 +117,7 @@ def save_plots(classes: list[str], stats: dict[str, dict[str, Any]], out_dir: Pa
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def analyze_dataset(config: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[str, list[Path]]:

@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -61,6 +61,19 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig: Any) -> Path:
+    """Write a matplotlib figure atomically (format from the suffix) and close it: the one place plots are saved."""
+    import matplotlib.pyplot as plt  # here: core imports no plotting library at start-up
+
+    path = Path(path)
+    try:
+        with atomic_paths(path) as (tmp,):
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.io import atomic_paths
+from ..core.io import save_figure
 
 HEATMAP_BINS = 50
 
@@ -108,10 +108,7 @@ class LabelStats:
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        with atomic_paths(path) as (tmp,):
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-        return Path(path)
+        return save_figure(fig, path, dpi=100)
 
 
 def _log_bins(values: np.ndarray) -> np.ndarray:

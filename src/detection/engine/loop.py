@@ -240,6 +240,24 @@ class NonFiniteGuard:
                             f"lower --lr, add --clip-grad, or drop --amp fp16")
 
 
+def backward_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, finite: torch.Tensor,
+                      clip_grad: float, on_device: bool) -> None:
+    """Backward, gradient clipping and the optimizer step; ``on_device``: a fused optimizer skips the step itself
+    when ``finite`` (a 0/1 device tensor) is 0, so nothing waits for the host. Shared by the eager and the graphed
+    step."""
+    loss.backward()
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(trainable_parameters(model), clip_grad)
+    if not on_device:
+        optimizer.step()
+        return
+    optimizer.found_inf = 1 - finite
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 class GraphedTrainStep:
     """The training step (forward, losses, backward, gradient clipping, fused AdamW step) replayed from a CUDA graph
     per batch signature (``core.graphs``): on a GPU the step's ~2,000 small kernels cost more to launch than to
@@ -276,6 +294,22 @@ class GraphedTrainStep:
             t.fill_(float(g["lr"]))
         return self.graphed(images, targets, features)
 
+    @contextlib.contextmanager
+    def _device_lr(self):
+        """While capturing, the optimizer step reads the LR from device memory that ``__call__`` refreshes."""
+        if not torch.cuda.is_current_stream_capturing():
+            yield
+            return
+        groups = self.optimizer.param_groups
+        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        for g, t in zip(groups, self.lrs):
+            g["lr"], g["capturable"] = t, True
+        try:
+            yield
+        finally:
+            for g, (lr, cap) in zip(groups, saved):
+                g["lr"], g["capturable"] = lr, cap
+
     def _step(self, images: torch.Tensor, targets: PaddedTargets, features: list[torch.Tensor] | None):
         cache_ctx = contextlib.nullcontext() if features is None else self.model.cached_features(features)
         with cache_ctx:
@@ -283,22 +317,8 @@ class GraphedTrainStep:
         loss = sum(loss_dict.values())
         finite = torch.isfinite(loss.detach()).all().to(torch.float32)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_grad > 0:
-            nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.clip_grad)
-        capturing = torch.cuda.is_current_stream_capturing()
-        groups = self.optimizer.param_groups
-        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
-        if capturing:  # the captured kernels read the LR from device memory that __call__ refreshes
-            for g, t in zip(groups, self.lrs):
-                g["lr"], g["capturable"] = t, True
-        self.optimizer.found_inf = 1 - finite
-        try:
-            self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf
-            for g, (lr, cap) in zip(groups, saved):
-                g["lr"], g["capturable"] = lr, cap
+        with self._device_lr():
+            backward_and_step(self.model, self.optimizer, loss, finite, self.clip_grad, on_device=True)
         # detached: a reference to the autograd graph kept past the step would tie its gradient-accumulation
         # nodes to this step's stream
         return {k: v.detach() for k, v in loss_dict.items()}, loss.detach(), finite
@@ -364,49 +384,33 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         targets = padded_targets(batch[1], device)
         # feature cache: fp16 maps, cast once by the model to its input dtype
         features = [f.to(device, non_blocking=True) for f in batch[2]] if len(batch) > 2 else None
-        if graphed is not None:
+        if graphed is not None:  # eligible only where the optimizer skips on the device (on_device)
             loss_dict, loss, finite = graphed(images, targets, features)
-            keys = keys or list(loss_dict)
-            if scheduler is not None:
-                scheduler.step()
-            if ema is not None:
-                ema.update(model, finite)
-            guard.observe(finite)
-            sums = _add_step(sums, loss_dict, loss, finite, keys)
-            if (i + 1) % log_interval == 0:
-                read_back()
-            continue
-        cache_ctx = contextlib.nullcontext() if features is None else unwrap(model).cached_features(features)
-        with cache_ctx, autocast_context(device, amp_dtype):
-            loss_dict = model(images, targets)
-        keys = keys or list(loss_dict)
-        loss = sum(loss_dict.values())
-        # All ranks must agree on skipping, otherwise DDP deadlocks in the next all-reduce.
-        finite = torch.isfinite(loss.detach()).all().to(torch.float32)
-        if is_distributed():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        optimizer.zero_grad(set_to_none=True)
-        if not on_device and not guard.check(finite.item() == 1.0, epoch):
-            skipped_host += 1
-            if scheduler is not None:
-                scheduler.step()
-            continue
-        if scaler is not None:  # GradScaler skips non-finite steps itself (without a sync for fused optimizers)
-            scaler.scale(loss).backward()
-            if clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainable_parameters(model), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
         else:
-            loss.backward()
-            if clip_grad > 0:
-                nn.utils.clip_grad_norm_(trainable_parameters(model), clip_grad)
-            if on_device:
-                optimizer.found_inf = 1 - finite
-            optimizer.step()
-            if on_device:
-                del optimizer.found_inf
+            cache_ctx = contextlib.nullcontext() if features is None else unwrap(model).cached_features(features)
+            with cache_ctx, autocast_context(device, amp_dtype):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            # All ranks must agree on skipping, otherwise DDP deadlocks in the next all-reduce.
+            finite = torch.isfinite(loss.detach()).all().to(torch.float32)
+            if is_distributed():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            optimizer.zero_grad(set_to_none=True)
+            if not on_device and not guard.check(finite.item() == 1.0, epoch):
+                skipped_host += 1
+                if scheduler is not None:
+                    scheduler.step()
+                continue
+            if scaler is not None:  # GradScaler skips non-finite steps itself (without a sync for fused optimizers)
+                scaler.scale(loss).backward()
+                if clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(trainable_parameters(model), clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                backward_and_step(model, optimizer, loss, finite, clip_grad, on_device)
+        keys = keys or list(loss_dict)
         if scheduler is not None:
             scheduler.step()
         if ema is not None:

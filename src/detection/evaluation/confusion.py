@@ -34,7 +34,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..core.errors import UserError
-from ..core.io import atomic_paths, write_text_atomic
+from ..core.io import save_figure, write_text_atomic
 from .evaluator import DatasetEvaluator
 
 BACKGROUND = "background"
@@ -206,7 +206,4 @@ class ConfusionMatrix(DatasetEvaluator):
                         ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
                                 color="white" if v > 0.6 * top else "black")
         fig.tight_layout()
-        with atomic_paths(path) as (tmp,):
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        return Path(path)
+        return save_figure(fig, path, dpi=110)

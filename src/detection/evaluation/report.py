@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..core.io import save_figure  # noqa: E402
+
 if TYPE_CHECKING:
     from .metrics import EvalResult
 
@@ -27,11 +29,7 @@ _MAX_CURVE_POINTS = 2000  # PR curves can have 100k+ points; the picture does no
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _empty(ax: plt.Axes, text: str) -> None:

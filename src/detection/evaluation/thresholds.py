@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.io import atomic_paths, write_text_atomic
+from ..core.io import save_figure, write_text_atomic
 
 GRID = np.round(np.linspace(0.0, 1.0, 101), 2)  # thresholds of the curves and the CSV (exact hundredths)
 
@@ -123,10 +123,7 @@ class F1Curves:
         ax.grid(alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         fig.tight_layout()
-        with atomic_paths(path) as (tmp,):
-            fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
-        plt.close(fig)
-        return Path(path)
+        return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def f1_curves(scores: Any, labels: Any, tp: Any, n_gt: Any, classes: Sequence[str], ignored: Any = None,

@@ -37,6 +37,8 @@ class PredictorBase:
     keep_aspect: bool
     device: torch.device
     batch_size: int
+    _pinned: dict[tuple[int, ...], torch.Tensor] | None = None  # upload's reused pinned buffer (one size at a time)
+    _upload_done: torch.cuda.Event | None = None  # when the last upload from that buffer finished
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -85,13 +87,15 @@ class PredictorBase:
         hwc = all(im.permute(1, 2, 0).is_contiguous() for im in images)
         parts = [im.permute(1, 2, 0) if hwc else im for im in images]
         shape = (len(parts), *parts[0].shape)
-        buffers = self.__dict__.setdefault("_pinned", {})
+        if self._pinned is None:
+            self._pinned = {}
+        buffers = self._pinned
         buf = buffers.get(shape)
         cuda = self.device.type == "cuda"
         if buf is None:
             buffers.clear()  # one size at a time (a folder of mixed sizes takes the per-image path)
             buf = buffers[shape] = torch.empty(shape, dtype=torch.uint8, pin_memory=cuda)
-        elif self.__dict__.get("_upload_done") is not None:  # the last upload from it must be over before reuse
+        elif self._upload_done is not None:  # the last upload from it must be over before reuse
             self._upload_done.synchronize()
         torch.stack(parts, out=buf)
         batch = buf.to(self.device, non_blocking=True) if cuda else buf.clone()

@@ -364,7 +364,8 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
     data_cfg = load_data_config(config)
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
-        train_ds, valid_ds, loader, sampler, _ = data_loaders(args, data_cfg, InputSpec((imgsz, imgsz)), 0, 1)
+        train_ds, valid_ds, loader, sampler, _ = data_loaders(args, data_cfg, InputSpec((imgsz, imgsz)), 0, 1,
+                                                            device)
     model, opt, sched = build_ours(args, device, iters_per_epoch=len(loader))
     cached: dict[str, Any] = {}
 

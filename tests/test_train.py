@@ -161,6 +161,8 @@ def test_user_mistakes_give_one_line(tmp_path: Path, shapes: Path, run_main, tin
         (["--config", str(shapes), "--model-name", "dinov3_convnext_huge"], "dinov3_convnext_tiny"),
         (["--config", str(shapes), "--weights", "nope.pth"], "nope.pth"),
         (["--config", str(shapes), *tiny_train_args, "--augment", "ssd", "--cache-features", "ram"], "--cache-features"),
+        (["--config", str(shapes), *tiny_train_args, "--augment", "strong", "--resize-on-device"],
+         "--resize-on-device"),
         (["--eval-only"], "--model"),
         (["--eval-only", "--model", str(tmp_path / "missing.pth"), "--config", str(shapes)], "missing.pth"),
     ]
@@ -171,6 +173,22 @@ def test_user_mistakes_give_one_line(tmp_path: Path, shapes: Path, run_main, tin
         assert len(lines) == 1 and needle in lines[0], (args, out.stderr)
     runs = tmp_path / "runs"
     assert not runs.exists() or not any(runs.iterdir()), "a failed start must not leave run folders behind"
+
+
+def test_resizing_on_the_device_trains_as_the_loader_resize(shapes: Path, tmp_path: Path, train, tiny_train_args,
+                                                             read_results):
+    """The same run with the images resized in the loader and by the training step (on the CPU here: the equal
+    pixels make equal losses and scores; the pipelines themselves are compared in test_device_resize.py)."""
+    rows = {}
+    for flag in ("--resize-on-device", "--no-resize-on-device"):
+        out = train(["--config", str(shapes), *tiny_train_args, "--epochs", "1", "--out-dir", str(tmp_path),
+                     "--name", flag.lstrip("-"), "--precision", "fp32", "--device", "cpu", "--augment", "flip", flag])
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ("resized on cpu in batches" in out.stdout) == (flag == "--resize-on-device")
+        rows[flag] = read_results(tmp_path / flag.lstrip("-"))[0]
+    deferred, loader = rows["--resize-on-device"], rows["--no-resize-on-device"]
+    assert deferred["train_loss"] == pytest.approx(loader["train_loss"], rel=1e-5)
+    assert deferred["map"] == pytest.approx(loader["map"], abs=1e-4) and loader["train_loss"] > 0
 
 
 def test_eval_only_scores_a_checkpoint(shapes: Path, tmp_path: Path, run_main, tiny_train_args, read_results):

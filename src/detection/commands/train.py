@@ -107,6 +107,10 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
                    help="compute frozen backbone features once, for training and validation images (augment "
                         "none/flip; not with a trained backbone). ram: kept in GPU memory when they fit in half "
                         "of it, else pinned host memory; disk: files in the run folder")
+    g.add_argument("--resize-on-device", action=argparse.BooleanOptionalAction, default=d.resize_on_device,
+                   help="loader workers only decode (and run --augment ssd's photometric/zoom/crop); flip and "
+                        "resize run on the training device in batches. Default: on a GPU, where it frees the "
+                        "CPU workers; on a CPU the workers resize in parallel with the step")
 
     g = p.add_argument_group("runtime")
     RuntimeOptions.add_to(g, precision_help="autocast: auto = bf16 where the GPU/CPU runs it natively, fp16 + "

@@ -29,6 +29,7 @@ from ..core.choices import DEFAULT_AUGMENT
 from ..core.errors import ToolkitWarning, UserError
 from ..core.io import read_yaml
 from ..core.paths import resolve_path
+from .device_resize import collate_pending
 from .formats import FORMATS, yolo
 from .formats.common import (  # re-exported: the reader's building blocks are part of this module's API
     SKIP_HINT,
@@ -241,6 +242,8 @@ class DetectionDataset(Dataset):
             "orig_labels": ann["labels"],
             "orig_difficult": ann["difficult"],
         }
+        if self.transform is not None and "resize" in tgt:  # the image is resized later (``device_resize``)
+            target["resize"] = tgt["resize"]
         return image, target
 
 
@@ -340,7 +343,8 @@ def load_ground_truth(
 
 
 def collate_fn(batch: Sequence[tuple[torch.Tensor, dict] | None]) -> tuple[torch.Tensor | list[torch.Tensor], list[dict]]:
-    """Stack images to uint8 [B,3,H,W] (all equal after a resize transform); a list if sizes differ.
+    """Stack images to uint8 [B,3,H,W] (all equal after a resize transform); a list if sizes differ; a
+    ``device_resize.ResizeBatch`` (and the targets in its order) for samples whose resize is left to the device.
     ``None`` samples (images evaluation could not decode) are left out; a batch of only those gives ([], [])."""
     failed = next((b for b in batch if isinstance(b, _WorkerFailure)), None)
     if failed is not None:
@@ -348,6 +352,8 @@ def collate_fn(batch: Sequence[tuple[torch.Tensor, dict] | None]) -> tuple[torch
     batch = [b for b in batch if b is not None]
     images = [b[0] for b in batch]
     targets = [b[1] for b in batch]
+    if targets and "resize" in targets[0]:  # resized later, on the device (``device_resize``)
+        return collate_pending(images, targets)
     if images and all(im.shape == images[0].shape for im in images):
         return torch.stack(images), targets
     return images, targets

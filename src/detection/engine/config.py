@@ -32,7 +32,7 @@ AMP_ALIASES = {"none": "fp32"}  # the older --amp spelling of --precision
 # What a resumed run may change (typed flags only); everything else comes from the checkpoint, because it shapes
 # the model, the data, the optimiser state or the LR schedule's per-iteration position.
 RESUME_OVERRIDABLE = frozenset({"epochs", "workers", "device", "eval_interval", "precision", "compile", "cuda_graphs",
-                                "max_nonfinite", "patience", "logger"})
+                                "resize_on_device", "max_nonfinite", "patience", "logger"})
 # Options that say what to do now (start / find / evaluate a run), not how it trains: not stored with the run
 # (so --cfg on a run's args.yaml starts it afresh), and never "ignored" on resume.
 NOT_STORED = frozenset({"resume", "eval_only", "model", "name", "exist_ok"})
@@ -93,6 +93,7 @@ class TrainConfig:
     ignore_unknown_classes: bool = False
     skip_bad_samples: bool = False
     cache_features: str | None = None
+    resize_on_device: bool | None = None  # None: on a GPU (data.device_resize)
     runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(batch=8, workers=4))
     # optimisation
     epochs: int = 30

@@ -128,6 +128,7 @@ def evaluate_checkpoint_report(cfg: EvalConfig) -> EvalReport:
     """``evaluate_checkpoint`` with the confusion matrix and F1 curves of the same pass."""
     from ..checkpoint import build_model, load_checkpoint, prepare_checkpoint, training_options
     from ..data.datasets import build_dataloader, build_datasets, load_data_config
+    from ..data.device_resize import deferred_view
     from .loop import evaluate
 
     src, run = cfg.source, cfg.runtime
@@ -147,6 +148,8 @@ def evaluate_checkpoint_report(cfg: EvalConfig) -> EvalReport:
     _, valid_ds = build_datasets(data_cfg, imgsz=spec.imgsz, augment="none", letterbox=spec.letterbox,
                                  ignore_unknown_classes=train.get("ignore_unknown_classes") or None,
                                  skip_bad_samples=train.get("skip_bad_samples") or None, splits=("valid",))
+    if dev.type == "cuda":  # the loader workers only decode; the GPU resizes in batches
+        valid_ds = deferred_view(valid_ds) or valid_ds
     loader = build_dataloader(valid_ds, run.batch or 8, run.workers or 0)
     evaluator = ReportingEvaluator(classes, cfg.metric, float(model.score_thresh))
     evaluate(model, loader, dev, classes, spec=spec, evaluator=evaluator, amp_dtype=precision)

@@ -45,6 +45,7 @@ from ..data.datasets import (
     load_data_config,
     save_transformed_samples,
 )
+from ..data.device_resize import deferred_view
 from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
 from ..evaluation.metrics import EvalResult
 from ..evaluation.mosaic import batch_mosaic, prediction_mosaic, sample_ids, save_jpg
@@ -52,7 +53,7 @@ from ..evaluation.report import format_table, plot_training_curves, save_results
 from ..modeling.anchor_fit import ANCHOR_HEADS, anchor_fit, dataset_input_boxes, model_anchors
 from ..modeling.builder import build_detector
 from ..modeling.detector import count_parameters
-from .config import TrainConfig, resume_config
+from .config import RESUME_OVERRIDABLE, TrainConfig, resume_config
 from .early_stopping import EarlyStopping
 from .evaluation import EvalConfig, EvalReport, ReportingEvaluator, evaluate_checkpoint
 from .feature_cache import CachedBatches, FeatureCache, collate_cached
@@ -132,9 +133,11 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int):
+def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int, device: torch.device | None = None):
     """Training loader (epoch-seeded, padded shards) and validation loader (sharded, no padding), both resizing
-    as input spec ``spec`` (the model's ``input_spec``) says."""
+    as input spec ``spec`` (the model's ``input_spec``) says: on ``device`` with ``--resize-on-device`` (default: on
+    a GPU), the loader workers then only decode (``data.device_resize``). The returned datasets resize in the
+    loader (pictures, anchor fit, feature cache)."""
     batch, workers = cfg.runtime.batch, cfg.runtime.workers
     train_ds, valid_ds = build_datasets(data_cfg, imgsz=spec.imgsz, augment=cfg.augment, letterbox=spec.letterbox,
                                         include_difficult=cfg.include_difficult,
@@ -146,9 +149,22 @@ def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int):
         drop_undecodable(ds, skip, progress=rank == 0, verbose=rank == 0)
         if len(ds) == 0:
             raise UserError(f"{ds.name}: no image could be decoded; check the image files")
+    live_train, live_valid = train_ds, valid_ds
+    on_device = cfg.resize_on_device if cfg.resize_on_device is not None else (
+        device is not None and device.type == "cuda")
+    if on_device and not cfg.cache_features:  # a cache replaces these loaders with its own
+        live_train, live_valid = deferred_view(train_ds), deferred_view(valid_ds)
+        if live_train is None:
+            if cfg.resize_on_device:
+                raise UserError(f"--resize-on-device: --augment {cfg.augment} rescales and crops the resized image, "
+                                f"which the loader does; drop --resize-on-device or use --augment none/flip/ssd")
+            live_train = train_ds
+        if rank == 0:
+            print(f"data: images resized on {device or 'the device'} in batches; loader workers decode"
+                  + ("" if live_train is not train_ds else " and resize training images (--augment strong)"))
     train_sampler = EpochSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=rank, world_size=world)
-    train_loader = build_dataloader(EpochSeededDataset(train_ds, cfg.seed), batch, workers, sampler=train_sampler)
-    valid_loader = build_dataloader(valid_ds, batch, workers, sampler=ShardSampler(len(valid_ds), rank, world))
+    train_loader = build_dataloader(EpochSeededDataset(live_train, cfg.seed), batch, workers, sampler=train_sampler)
+    valid_loader = build_dataloader(live_valid, batch, workers, sampler=ShardSampler(len(valid_ds), rank, world))
     return train_ds, valid_ds, train_loader, train_sampler, valid_loader
 
 
@@ -220,8 +236,7 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
         cfg, ignored = resume_config(saved, cfg, None if typed is None else frozenset(typed))
         if ignored and main:
             print(f"note: --resume keeps the run's {', '.join('--' + k.replace('_', '-') for k in ignored)}; "
-                  f"it may change only --epochs, --workers, --device, --eval-interval, --precision, --compile, "
-                  f"--max-nonfinite, --patience, --logger")
+                  f"it may change only {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDABLE))}")
         run_dir = ckpt_path.parent
         done = int(resume_ckpt.get("epoch") or 0)
         if done >= cfg.epochs:  # checked before anything is built or written: a finished run stays as it is
@@ -244,7 +259,7 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
     meta = model_meta(model, classes, spec.letterbox, weights=cfg.weights, category_ids=data_cfg.category_ids)
     meta["augment"] = cfg.augment
 
-    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(cfg, data_cfg, spec, rank, world)
+    train_ds, valid_ds, train_loader, train_sampler, valid_loader = data_loaders(cfg, data_cfg, spec, rank, world, device)
     if run_dir is None:  # created only once model and data are known to be fine: no empty folders on errors
         if main:
             run_dir = cfg.output.run_dir("run")

@@ -203,6 +203,9 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         wide, wide_opt, wide_sched = build_ours(args.replace(fpn_channels=2 * args.detector.fpn_channels), device,
                                                 iters_per_epoch=100)
         models["wide"] = wide
+        torch.manual_seed(0)
+        branches, branches_opt, branches_sched = build_ours(args, device, iters_per_epoch=100)
+        branches.head.merge_branches = False  # torchvision's own head forward: one tower per branch
     if device.type == "cuda":  # the same model and optimizer state kinds, stepped eagerly
         torch.manual_seed(0)
         eager, eager_opt, eager_sched = build_ours(args, device, iters_per_epoch=100)
@@ -223,6 +226,8 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                                            amp_dtype=default_amp)
             fns["wide"] = lambda: our_epoch(wide, ours_b, wide_opt, wide_sched, device, 1, args,
                                             amp_dtype=default_amp)
+            fns["branches"] = lambda: our_epoch(branches, ours_b, branches_opt, branches_sched, device, 1, args,
+                                                amp_dtype=default_amp)
             if default_amp is not None:
                 fns["fp32"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=None)
         if device.type == "cuda":
@@ -252,6 +257,11 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                 f"({device.type})", rate["ref"], rate["wide"], "info", "img/s", higher_is_better=True,
                 note=f"{setup}; neck + head twice as wide as the default {args.detector.fpn_channels} ({counts['wide']} "
                      f"params)"))
+            rows.append(make_row(
+                f"train images/s, batch {batch}: ours with torchvision's per-branch head forward vs ours (default: "
+                f"merged towers) ({device.type})", rate["branches"], rate["ours"], "info", "img/s",
+                higher_is_better=True,
+                note=f"{setup}; the same parameters run as two towers (torchvision) or one tower of grouped convs"))
             if "fp32" in rate:
                 rows.append(make_row(
                     f"train images/s, batch {batch}: reference step vs ours --amp none ({device.type})",

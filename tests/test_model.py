@@ -534,3 +534,31 @@ def test_batch_forward_equals_torchvision_forward(head, mode):
         assert torch.equal(a["labels"], b["labels"])
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-6)
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("head,mode,separable,n", [
+    ("retinanet", "multi", False, 4), ("retinanet", "multi", True, 4), ("retinanet", "last", False, 4),
+    ("fcos", "multi", False, 4), ("fcos", "multi", True, 2), ("fcos", "last", False, 4), ("retinanet", "multi", False, 0),
+])
+def test_merged_towers_equal_torchvision_head_forward(head, mode, separable, n):
+    """The head runs both branches as one tower of grouped convs; torchvision's own per-branch forward (the oracle)
+    gives the same outputs and the same parameter gradients."""
+    model = build(tiny(head=head, mode=mode, head_separable=separable, head_convs=n))
+    torch.manual_seed(1)
+    feats = [torch.randn(2, c, h, w) for c, (h, w) in zip([model.backbone.out_channels] * 5,
+                                                          [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)])]
+    feats = feats[:1] if mode == "last" else feats
+    results = {}
+    for merge in (True, False):
+        model.head.merge_branches = merge
+        model.head.zero_grad(set_to_none=True)
+        out = model.head(feats)
+        sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in out.values()).backward()
+        results[merge] = out, {k: p.grad.clone() for k, p in model.head.named_parameters() if p.grad is not None}
+    (merged, merged_grads), (oracle, oracle_grads) = results[True], results[False]
+    assert merged.keys() == oracle.keys() and merged_grads.keys() == oracle_grads.keys()
+    for k in oracle:
+        torch.testing.assert_close(merged[k], oracle[k], rtol=1e-5, atol=1e-6)
+    for k in oracle_grads:
+        torch.testing.assert_close(merged_grads[k], oracle_grads[k], rtol=1e-5, atol=1e-6)
+    assert len(oracle_grads) == len(dict(model.head.named_parameters()))  # every parameter took part

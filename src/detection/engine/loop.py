@@ -190,8 +190,7 @@ def padded_targets(targets: list[dict], device: torch.device) -> PaddedTargets:
     """A batch's ground truth padded on the host (``losses.pad_targets``) to a multiple of ``BOX_BUCKET`` boxes and
     copied to ``device`` without blocking (from pinned memory on CUDA)."""
     most = max((int(t["boxes"].shape[0]) for t in targets), default=0)
-    padded = pad_targets([{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets],
-                         device="cpu", max_boxes=max(BOX_BUCKET, -(-most // BOX_BUCKET) * BOX_BUCKET))
+    padded = pad_targets(targets, device="cpu", max_boxes=max(BOX_BUCKET, -(-most // BOX_BUCKET) * BOX_BUCKET))
     if device.type == "cuda":
         padded = padded.pin_memory()
     return padded.to(device, non_blocking=True)

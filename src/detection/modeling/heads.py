@@ -75,16 +75,104 @@ class _Float32Outputs:
         return {k: v.float() for k, v in super().forward(x).items()}
 
 
-class DetRetinaNetHead(_Float32Outputs, RetinaNetHead):
-    pass
+class _MergedBranches(_Float32Outputs):
+    """torchvision's two-branch head (RetinaNet, FCOS: a classification and a box tower on the same features) run
+    as one tower of twice the width: the first conv's weights stacked, every later conv grouped (``groups=2``, one
+    group per branch), each GroupNorm over both branches with twice the groups (the same channel groups, so the same
+    statistics). Same parameters (the state dict is torchvision's), same arithmetic, same outputs (tests, 1e-5),
+    half the operator calls per pyramid level in the forward and the backward (a training step launches ~250
+    fewer). ``merge_branches = False`` runs torchvision's own per-branch forward (the test oracle)."""
+
+    merge_branches = True
+    nonnegative: tuple[str, ...] = ()  # outputs torchvision passes through a ReLU
+
+    def predictors(self) -> list[tuple[str, nn.Module, int, int]]:
+        """``(output name, predictor conv, branch 0/1, values per anchor)`` in torchvision's output order."""
+        raise NotImplementedError
+
+    def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
+        if not self.merge_branches:
+            return super().forward(x)
+        tower = merged_tower(self.classification_head.conv, self.regression_head.conv)
+        predictors = self.predictors()
+        outputs: dict[str, list[Tensor]] = {name: [] for name, *_ in predictors}
+        for features in x:
+            y = features
+            for layer in tower:
+                y = layer(y)
+            branches = y.chunk(2, dim=1) if tower else (features, features)
+            for name, conv, branch, k in predictors:
+                out = conv(branches[branch])
+                n, _, h, w = out.shape
+                # (N, A * k, H, W) -> (N, HWA, k), as torchvision's heads
+                outputs[name].append(out.view(n, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, k))
+        merged = {name: torch.cat(parts, dim=1).float() for name, parts in outputs.items()}
+        for name in self.nonnegative:  # elementwise, so once on the concatenated levels
+            merged[name] = nn.functional.relu(merged[name])
+        return merged
+
+
+def _tower_layers(tower: nn.Module) -> list[nn.Module]:
+    """A branch's conv tower as a flat list of convs (dense or ``SeparableConv2d``), GroupNorms and ReLUs
+    (RetinaNet nests each triple in a ``Conv2dNormActivation``; FCOS does not)."""
+    out: list[nn.Module] = []
+    for m in tower:
+        nested = isinstance(m, nn.Sequential) and not isinstance(m, SeparableConv2d)
+        out.extend(m.children() if nested else [m])
+    return out
+
+
+def merged_tower(tower_a: nn.Module, tower_b: nn.Module) -> list[Callable[[Tensor], Tensor]]:
+    """Two equal towers as one: callables taking ``[B, C, H, W]`` features (first) or ``[B, 2C, H, W]`` (the
+    branches side by side) to the next ``[B, 2C, H, W]``. Parameters are concatenated here, once per forward
+    (autograd takes each branch's gradient back through the concatenation)."""
+    layers: list[Callable[[Tensor], Tensor]] = []
+    for j, (a, b) in enumerate(zip(_tower_layers(tower_a), _tower_layers(tower_b), strict=True)):
+        first = j == 0
+        if isinstance(a, SeparableConv2d):
+            dw = torch.cat([a.depthwise.weight, b.depthwise.weight])
+            pw = torch.cat([a.pointwise.weight, b.pointwise.weight])
+            bias = None if a.pointwise.bias is None else torch.cat([a.pointwise.bias, b.pointwise.bias])
+            conv = a.depthwise
+
+            def separable(y, dw=dw, pw=pw, bias=bias, conv=conv, first=first):
+                y = torch.cat([y, y], dim=1) if first else y  # each branch's depthwise filters see the features
+                y = nn.functional.conv2d(y, dw, None, conv.stride, conv.padding, groups=dw.shape[0])
+                return nn.functional.conv2d(y, pw, bias, groups=2)
+            layers.append(separable)
+        elif isinstance(a, nn.Conv2d):
+            weight = torch.cat([a.weight, b.weight])
+            bias = None if a.bias is None else torch.cat([a.bias, b.bias])
+            layers.append(partial(nn.functional.conv2d, weight=weight, bias=bias, stride=a.stride,
+                                  padding=a.padding, groups=1 if first else 2))
+        elif isinstance(a, nn.GroupNorm):
+            layers.append(partial(nn.functional.group_norm, num_groups=2 * a.num_groups,
+                                  weight=torch.cat([a.weight, b.weight]), bias=torch.cat([a.bias, b.bias]),
+                                  eps=a.eps))
+        elif isinstance(a, nn.ReLU):
+            layers.append(partial(nn.functional.relu, inplace=a.inplace))
+        else:
+            raise TypeError(f"cannot merge a {type(a).__name__} of a head tower")
+    return layers
+
+
+class DetRetinaNetHead(_MergedBranches, RetinaNetHead):
+    def predictors(self) -> list[tuple[str, nn.Module, int, int]]:
+        return [("cls_logits", self.classification_head.cls_logits, 0, self.classification_head.num_classes),
+                ("bbox_regression", self.regression_head.bbox_reg, 1, 4)]
 
 
 class DetSSDHead(_Float32Outputs, SSDHead):
     pass
 
 
-class DetFCOSHead(_Float32Outputs, FCOSHead):
-    pass
+class DetFCOSHead(_MergedBranches, FCOSHead):
+    nonnegative = ("bbox_regression",)
+
+    def predictors(self) -> list[tuple[str, nn.Module, int, int]]:
+        return [("cls_logits", self.classification_head.cls_logits, 0, self.classification_head.num_classes),
+                ("bbox_regression", self.regression_head.bbox_reg, 1, 4),
+                ("bbox_ctrness", self.regression_head.bbox_ctrness, 1, 1)]
 
 
 class DinoRetinaNet(DinoDetector, RetinaNet):

@@ -70,15 +70,17 @@ def pad_targets(targets: Sequence[dict[str, Tensor]], device: torch.device | str
     if device is None:
         device = targets[0]["boxes"].device if len(targets) else "cpu"
     b = len(targets)
-    boxes = torch.zeros(b, m, 4, dtype=torch.float32, device=device)
-    labels = torch.zeros(b, m, dtype=torch.int64, device=device)
-    valid = torch.zeros(b, m, dtype=torch.bool, device=device)
-    for i, (t, k) in enumerate(zip(targets, counts)):
-        if k:
-            boxes[i, :k] = t["boxes"].reshape(k, 4).to(device=device, dtype=torch.float32)
-            labels[i, :k] = t["labels"].reshape(k).to(device=device, dtype=torch.int64)
-            valid[i, :k] = True
-    return PaddedTargets(boxes, labels, valid)
+    boxes = torch.zeros(b * m, 4, dtype=torch.float32, device=device)
+    labels = torch.zeros(b * m, dtype=torch.int64, device=device)
+    valid = torch.zeros(b * m, dtype=torch.bool, device=device)
+    if sum(counts):  # one copy per tensor for the whole batch: the slots of image i are i * m ... i * m + k_i - 1
+        slots = torch.tensor([i * m + j for i, k in enumerate(counts) for j in range(k)], device=device)
+        given = [t for t in targets if t["boxes"].shape[0]]
+        boxes.index_copy_(0, slots, torch.cat([t["boxes"].as_subclass(Tensor) for t in given]).to(
+            device=device, dtype=torch.float32))
+        labels.index_copy_(0, slots, torch.cat([t["labels"] for t in given]).to(device=device, dtype=torch.int64))
+        valid.index_fill_(0, slots, True)
+    return PaddedTargets(boxes.view(b, m, 4), labels.view(b, m), valid.view(b, m))
 
 
 def _prepare(anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, gt_labels: Tensor | None = None

@@ -178,3 +178,29 @@ def test_postprocess_maps_a_batch_like_each_image_alone(checkpoint):
             assert torch.equal(got["boxes"], p.input_spec.boxes_to_original(det["boxes"].float(), hw))
             assert torch.equal(got["scores"], det["scores"].float())
             assert torch.equal(got["labels"], det["labels"].to(torch.int64))
+
+
+@cuda
+def test_submit_in_flight_equals_predict_and_never_syncs(checkpoint):
+    """Two batches in flight (the second replays the CUDA graph whose outputs the first still needs) give what
+    ``predict`` gives, and ``submit`` (upload, resize, graphed forward) waits for nothing on the device."""
+    p = Predictor(checkpoint, device="cuda", precision="fp32", score_thresh=0.05, batch_size=4)
+    imgs = frames(8, seed=8)
+    for _ in range(3):  # two warm-up calls and the capture
+        p.predict(imgs[:4])
+    expected = [p.predict(imgs[:4]), p.predict(imgs[4:])]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first, second = p.submit(imgs[:4]), p.submit(imgs[4:])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _assert_same(first.result(), expected[0])
+    _assert_same(second.result(), expected[1])
+    assert len(p._head_forward.graphs) == 1 and not p._head_forward.failed
+    mixed = [*frames(3, seed=9), *frames(2, 90, 60, seed=10), *frames(1, 40, 100, seed=11)]
+    pending = [p.submit(mixed), p.submit(mixed[::-1])]
+    _assert_same(pending[1].result(), p.predict(mixed[::-1]))
+    _assert_same(pending[0].result(), p.predict(mixed))
+    for got in pending[0].result():
+        assert got["boxes"].device.type == "cpu" and got["boxes"].dtype == torch.float32

@@ -1,4 +1,5 @@
-"""Background decode -> batched ``predict`` -> background sink, with bounded queues (flat memory on long videos).
+"""Background decode -> batched ``submit``/``result`` (one batch in flight) -> background sink, with bounded queues
+(flat memory on long videos).
 
 Each stage runs in its own thread and clocks its own busy time (``StageClock``), so a run can say where its time
 went: the slowest stage bounds the end-to-end rate, and end-to-end over that bound is how well the stages overlap.
@@ -11,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -119,6 +120,10 @@ class BackgroundIterator:
             raise item[1]
         return item
 
+    def queued(self) -> bool:
+        """Whether ``next`` has something waiting (an item, the end or an error) and returns without blocking."""
+        return not self._q.empty()
+
     def close(self) -> None:
         self._stop.set()
         while True:  # unblock a producer waiting on a full queue
@@ -169,8 +174,9 @@ class BackgroundWorker:
 class Item:
     """One unit through the pipeline: the caller's ``data`` (original image/frame), the image to predict (``input``:
     original uint8 [3,H,W], RGB, on any device; None when it could not be read, ``error`` says why) and, after
-    the forward, its prediction. ``model_seconds``: this item's share of its batch's ``predict`` time (upload,
-    resize, forward, post-processing, download)."""
+    the forward, its prediction. ``model_seconds``: this item's share of the time its batch kept the pipeline's
+    model stage busy (``submit`` and ``result``, or ``predict``: upload, resize, forward, post-processing,
+    download, and waiting for the device)."""
 
     data: Any
     input: torch.Tensor | None
@@ -180,19 +186,36 @@ class Item:
     model_seconds: float = 0.0
 
 
+@dataclass
+class _Submitted:
+    """A batch handed to the predictor: its items, what ``submit`` returned (or ``predict``'s detections), the
+    seconds that took, and the unreadable items taken after it (they leave right after it)."""
+
+    batch: list[Item]
+    prediction: Any
+    seconds: float
+    after: list[Item] = field(default_factory=list)
+
+
 def run_pipeline(predictor: PredictorBase, items: Iterable[Item], sink: Callable[[Item], None],
                  batch_size: int | None = None, queue_size: int | None = None,
                  clocks: dict[str, StageClock] | None = None) -> dict[str, StageClock]:
-    """Decode (``items``, iterated in a background thread) -> batched ``predictor.predict`` (this thread) ->
+    """Decode (``items``, iterated in a background thread) -> batches through the predictor (this thread) ->
     ``sink`` (drawing/encoding, in another thread). Queues are bounded so memory stays flat on long videos.
     Items are delivered to ``sink`` in input order; unreadable ones (``input is None``) pass through untouched.
 
-    Returns the stage clocks ``decode`` (producing items), ``model`` (``predict``) and ``sink`` (filled into
-    ``clocks`` when given, so they survive an interrupt).
+    One batch stays in flight: batch k is submitted (``predictor.submit``), then batch k-1 collected
+    (``result()``) and handed to the sink, so the device works on batch k while this thread and the decode
+    thread prepare batch k+1; when no decoded item is waiting, the batch in flight is collected at once (nothing
+    to overlap, and a live source's frames are not held back). A predictor with only ``predict`` (e.g.
+    ``slicing.SlicedPredictor``) runs each batch to the end before the next.
 
-    When ``items`` ends early (a stop request, a closed stream) or a KeyboardInterrupt arrives, every item already
-    taken from it still goes through the model and ``sink`` before this returns (or re-raises the interrupt), so
-    the caller can finalize complete outputs; a second interrupt during that stops at once.
+    Returns the stage clocks ``decode`` (producing items), ``model`` (busy in ``submit`` + ``result``, or
+    ``predict``) and ``sink`` (filled into ``clocks`` when given, so they survive an interrupt).
+
+    When ``items`` ends early (a stop request, a closed stream), raises, or a KeyboardInterrupt arrives, every item
+    already taken from it still goes through the model and ``sink`` before this returns (or re-raises), so the
+    caller can finalize complete outputs; a second interrupt during that stops at once.
     """
     bs = batch_size or predictor.batch_size
     qsize = queue_size or 2 * bs
@@ -200,6 +223,9 @@ def run_pipeline(predictor: PredictorBase, items: Iterable[Item], sink: Callable
     for key in ("decode", "model", "sink"):
         clocks.setdefault(key, StageClock())
     sink_clock = clocks["sink"]
+    # looked up on the class: a wrapper forwarding unknown attributes (SlicedPredictor) would hand out the wrapped
+    # predictor's submit, which skips the wrapper
+    overlapped = callable(getattr(type(predictor), "submit", None))
 
     def timed_sink(item: Item) -> None:
         with sink_clock.time():
@@ -208,41 +234,80 @@ def run_pipeline(predictor: PredictorBase, items: Iterable[Item], sink: Callable
     source = BackgroundIterator(_TimedIterator(items, clocks["decode"]), maxsize=qsize, name="decode")
     worker = BackgroundWorker(timed_sink, maxsize=qsize, name="sink")
     pending: list[Item] = []  # decoded, waiting for a full batch
+    in_flight: list[_Submitted] = []  # submitted, not yet collected: one batch between calls
     ready: deque[Item] = deque()  # predicted (or unreadable), waiting for the sink
 
-    def forward_pending() -> None:
+    def collect(keep: int = 0) -> None:
+        """The oldest batches in flight -> ``ready`` (with their predictions, then the unreadable items taken after
+        them) until at most ``keep`` remain. A batch leaves ``in_flight`` only once its items are in ``ready``."""
+        while len(in_flight) > keep:
+            done = in_flight[0]
+            t0 = time.perf_counter()
+            preds = done.prediction.result() if overlapped else done.prediction  # boxes on the CPU: batch done
+            seconds = done.seconds + time.perf_counter() - t0
+            clocks["model"].add(seconds, len(done.batch))
+            for it, pred in zip(done.batch, preds):
+                it.pred, it.model_seconds, it.input = pred, seconds / len(done.batch), None
+            ready.extend(done.batch)
+            ready.extend(done.after)
+            in_flight.pop(0)
+
+    def submit_pending() -> None:
+        """``pending`` -> a batch in flight, then the one before it is collected (after the submit, so that the
+        device has the new batch queued while this thread waits for and hands out the previous one)."""
         if not pending:
             return
+        inputs = [it.input for it in pending]
         t0 = time.perf_counter()
-        preds = predictor.predict([it.input for it in pending])  # boxes come back on the CPU: the batch is done
-        seconds = time.perf_counter() - t0
-        clocks["model"].add(seconds, len(pending))
-        for it, pred in zip(pending, preds):
-            it.pred, it.model_seconds, it.input = pred, seconds / len(pending), None
-        ready.extend(pending)
+        prediction = predictor.submit(inputs) if overlapped else predictor.predict(inputs)  # type: ignore[arg-type]
+        in_flight.append(_Submitted(pending[:], prediction, time.perf_counter() - t0))
         pending.clear()
+        collect(keep=1 if overlapped else 0)  # without submit nothing runs in the background: hand it out now
 
     def flush() -> None:
-        forward_pending()
         while ready:  # an item leaves ``ready`` only once the sink's queue took it
             worker.submit(ready[0])
             ready.popleft()
 
+    def finish() -> None:
+        submit_pending()
+        collect()
+        flush()
+
+    source_error: Exception | None = None
     try:
-        for it in source:
+        while True:
+            if in_flight and not source.queued():
+                # nothing decoded to prepare while the device works: hand the batch out now, not a batch later (a
+                # camera's frames would wait that long)
+                collect()
+                flush()
+            try:
+                it = next(source)
+            except StopIteration:
+                break
+            except Exception as exc:  # the source failed: the items it gave before still go through
+                source_error = exc
+                break
             if it.input is None:
-                forward_pending()
-                ready.append(it)
+                submit_pending()
+                if in_flight:  # it leaves after the batch in flight, which was taken before it
+                    in_flight[-1].after.append(it)
+                else:
+                    ready.append(it)
                 flush()
                 continue
-            pending.append(it)  # ``predict`` groups images of different input sizes itself
+            pending.append(it)  # ``submit`` / ``predict`` group images of different input sizes themselves
             if len(pending) >= bs:
+                submit_pending()
                 flush()
     except KeyboardInterrupt:
-        flush()
+        finish()
         raise
     else:
-        flush()
+        finish()
+        if source_error is not None:
+            raise source_error
     finally:
         source.close()
         worker.close()

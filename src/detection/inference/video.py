@@ -1,6 +1,7 @@
-"""Video inference (the body of ``infer_det_video.py``): decode (thread) -> batched ``predict`` -> track, draw and
-write per-frame results (thread) -> encode (thread), with bounded queues; ``--no-save`` without ``--show`` neither
-draws nor encodes. ``summary.json``'s ``stages`` and the last line printed say where the time went per stage.
+"""Video inference (the body of ``infer_det_video.py``): decode (thread) -> batched ``submit``/``result`` (one
+batch in flight, ``pipeline.run_pipeline``) -> track, draw and write per-frame results (thread) -> encode (thread),
+with bounded queues; ``--no-save`` without ``--show`` neither draws nor encodes. ``summary.json``'s ``stages``
+and the last line printed say where the time went per stage.
 
 The detector returns detections down to the checkpoint's evaluation score threshold. Without ``--track`` those
 scoring at least ``--threshold`` are drawn; with ``--track`` all of them feed ByteTrack (low scores help it keep
@@ -61,8 +62,8 @@ class VideoInferConfig:
 
 class FpsWindow:
     """The overlay's two rates over the same last ``window`` frames: model (each frame's share of its batch's
-    ``predict`` time: upload, resize, forward, post-processing, download) and end to end (frames reaching the
-    drawing stage per second of wall time)."""
+    model-stage time, ``pipeline.Item.model_seconds``) and end to end (frames reaching the drawing stage per
+    second of wall time)."""
 
     def __init__(self, window: int = 30) -> None:
         self.window = window
@@ -126,9 +127,10 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
     per-frame JSON Lines to ``json_path`` and MOTChallenge rows to ``mot_path`` (None: don't).
 
     Stages, each in its own thread with bounded queues between them: decode (+ BGR->RGB into the model's input
-    buffer) -> batched ``predictor.predict`` -> track, results, draw -> encode. Nothing is drawn when there is
-    neither a video to write nor a window to show, and nothing encoded without a video to write. The summary's
-    ``stages`` says where the time went (busy ms per frame of each stage; the slowest bounds the end-to-end rate).
+    buffer) -> batched ``predictor.submit`` (one batch in flight) -> track, results, draw -> encode. Nothing is
+    drawn when there is neither a video to write nor a window to show, and nothing encoded without a video to
+    write. The summary's ``stages`` says where the time went (busy ms per frame of each stage; the slowest bounds
+    the end-to-end rate).
 
     ``threshold``: draw detections scoring at least this (None: all the predictor returns); ``track``: link them
     into tracks instead. Returns the summary; a KeyboardInterrupt ends the run early with everything finalized.

@@ -287,6 +287,49 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
     return rows
 
 
+GOAL_OPS = 1300  # aten operator calls per training step (default model, batch 8), flat in the batch size
+OPS_IMGSZ = 128  # operator counts do not depend on the image size: counted on small images
+
+
+def count_aten_calls(fn) -> int:
+    """aten operator calls ``fn()`` dispatches in this thread (the method of ``../shared/tools/count_ops.py``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def ops_rows(s: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """Operator calls per training step of the default model on the CPU (eager, the unit a GPU launches as kernels
+    when not replaying a graph), at batch 2, 8 and 16: the launch-overhead proxy that needs no GPU."""
+    imgsz, device = OPS_IMGSZ, torch.device("cpu")
+    args = TrainConfig.from_dict({"model_name": s["model_name"], "imgsz": (imgsz, imgsz)})
+    config = make_data(root, 16, imgsz)
+    counts = {}
+    for batch in (2, 8, 16):
+        torch.manual_seed(0)
+        model, opt, sched = build_ours(args, device, iters_per_epoch=100)
+        batches = fixed_batches(config, imgsz, batch, 5)[0]
+        our_epoch(model, batches[:1], opt, sched, device, 1, args)  # warm-up: anchors, optimizer state
+        steps = batches[1:]
+        counts[batch] = count_aten_calls(lambda: our_epoch(model, steps, opt, sched, device, 1, args)) / len(steps)
+    log(f"operator calls per step: {', '.join(f'batch {b}: {n:,.0f}' for b, n in counts.items())}")
+    note = (f"{s['model_name']}, defaults, eager on the CPU at {imgsz} px, torch dispatch count per step (4 steps "
+            f"incl. one loss read-back); baseline = the goal")
+    return [make_row(f"operator calls per training step, batch 8 (cpu, {s['model_name']})", [GOAL_OPS],
+                     [counts[8]], 1.0, "ops", higher_is_better=False, note=note),
+            make_row("operator calls per training step: batch 2 vs batch 16 (flat in the batch size)", [counts[2]],
+                     [counts[16]], "info", "ops", higher_is_better=False, note=note)]
+
+
 def compile_row(s: dict[str, Any], config: Path, device: torch.device, cfg: TrainConfig, amp_dtype
                 ) -> dict[str, Any]:
     """Our default step eager vs ``--compile`` (inductor; the step's shapes are static), at the smallest batch;
@@ -459,7 +502,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
         config = make_data(root, max(s["n_images"], s["epoch_images"]), s["imgsz"])
-        rows = training_rows(s, config, dev)
+        rows = ops_rows(s, root) + training_rows(s, config, dev)
         rows += cache_rows(s, config, dev, root)
         if s["variants"]:
             rows += cache_rows(s, config, dev, root, feature_extractor="last", goal="info")

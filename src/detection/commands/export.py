@@ -40,7 +40,7 @@ def build_export_parser() -> argparse.ArgumentParser:
                         help="folder for <checkpoint name>.onnx; None = the checkpoint's folder")
     parser.add_argument("--output", default=None, help="exact .onnx file to write (overrides --out-dir)")
     parser.add_argument("--device", default="auto", help="auto (cuda with --half, else cpu) | cpu | cuda | cuda:N")
-    ModelSource.add_claims_to(parser.add_argument_group("model"))  # what inference.predictor.add_checkpoint_args adds
+    ModelSource.add_claims_to(parser.add_argument_group("model"))  # the same claims the inference commands take
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip running the export with onnxruntime against PyTorch (default: it is checked; an "
                              "fp16 export only where onnxruntime has its CUDA provider)")

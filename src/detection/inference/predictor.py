@@ -1,6 +1,7 @@
-"""The PyTorch ``Predictor`` (checkpoint -> preprocess -> batched forward -> boxes in original coordinates), the
-typed configuration both inference commands share (``PredictConfig``, ``add_predictor_args``, ``build_predictor``)
-and the checkpoint-describing flags export shares too (``add_checkpoint_args``, ``checkpoint_claims``).
+"""The PyTorch ``Predictor`` (checkpoint -> preprocess -> batched forward -> boxes in original coordinates) and
+``build_predictor``, which builds the predictor the inference commands' typed configuration describes
+(``options.PredictConfig``; the checkpoint-describing flags are ``checkpoint.source.ModelSource``'s, which export
+shares).
 
 ``build_predictor`` returns a ``Predictor`` for a ``.pth`` and an ``onnx_runtime.OnnxPredictor`` for a ``.onnx``;
 both follow ``base.PredictorBase``'s interface.

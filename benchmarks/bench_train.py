@@ -205,7 +205,8 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
         models["wide"] = wide
         torch.manual_seed(0)
         branches, branches_opt, branches_sched = build_ours(args, device, iters_per_epoch=100)
-        branches.head.merge_branches = False  # torchvision's own head forward: one tower per branch
+        # the head's other forward than the device's default (merged towers on a GPU, torchvision's two on a CPU)
+        branches.head.merge_branches = device.type != "cuda"
     if device.type == "cuda":  # the same model and optimizer state kinds, stepped eagerly
         torch.manual_seed(0)
         eager, eager_opt, eager_sched = build_ours(args, device, iters_per_epoch=100)
@@ -262,11 +263,11 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                 f"({device.type})", rate["ref"], rate["wide"], "info", "img/s", higher_is_better=True,
                 note=f"{setup}; neck + head twice as wide as the default {args.detector.fpn_channels} ({counts['wide']} "
                      f"params)"))
+            two, one = (rate["ours"], rate["branches"]) if device.type != "cuda" else (rate["branches"], rate["ours"])
             rows.append(make_row(
-                f"train images/s, batch {batch}: ours with torchvision's per-branch head forward vs ours (default: "
-                f"merged towers) ({device.type})", rate["branches"], rate["ours"], "info", "img/s",
-                higher_is_better=True,
-                note=f"{setup}; the same parameters run as two towers (torchvision) or one tower of grouped convs"))
+                f"train images/s, batch {batch}: ours with the head's two towers (torchvision's forward) vs merged "
+                f"into one of grouped convs ({device.type})", two, one, "info", "img/s", higher_is_better=True,
+                note=f"{setup}; same parameters and outputs; the default is merged on a GPU, two towers on a CPU"))
             if "fp32" in rate:
                 rows.append(make_row(
                     f"train images/s, batch {batch}: reference step vs ours --amp none ({device.type})",
@@ -313,8 +314,9 @@ def count_aten_calls(fn) -> int:
 
 
 def ops_rows(s: dict[str, Any], root: Path) -> list[dict[str, Any]]:
-    """Operator calls per training step of the default model on the CPU (eager, the unit a GPU launches as kernels
-    when not replaying a graph), at batch 2, 8 and 16: the launch-overhead proxy that needs no GPU."""
+    """Operator calls per training step of the default model as a GPU runs it, counted on the CPU (eager: each call
+    is a kernel launch a GPU makes when not replaying a graph), at batch 2, 8 and 16: the launch-overhead proxy
+    that needs no GPU."""
     imgsz, device = OPS_IMGSZ, torch.device("cpu")
     args = TrainConfig.from_dict({"model_name": s["model_name"], "imgsz": (imgsz, imgsz)})
     config = make_data(root, 16, imgsz)
@@ -322,6 +324,7 @@ def ops_rows(s: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     for batch in (2, 8, 16):
         torch.manual_seed(0)
         model, opt, sched = build_ours(args, device, iters_per_epoch=100)
+        model.head.merge_branches = True  # the head as a GPU runs it (on a CPU it keeps torchvision's two towers)
         batches = fixed_batches(config, imgsz, batch, 5)[0]
         our_epoch(model, batches[:1], opt, sched, device, 1, args)  # warm-up: anchors, optimizer state
         steps = batches[1:]
@@ -418,7 +421,9 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
     workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
     args = TrainConfig.from_dict({"config": str(config), "imgsz": (imgsz, imgsz), "batch": batch, "workers": workers,
                                   "model_name": s["model_name"], "cache_features": "ram",
-                                  "feature_extractor": feature_extractor})
+                                  "feature_extractor": feature_extractor,
+                                  # on a CPU the recipe the README recommends there
+                                  "head_separable": device.type == "cpu" and feature_extractor == "multi"})
     data_cfg = load_data_config(config)
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):  # dataset summaries
@@ -444,7 +449,9 @@ def cache_rows(s: dict[str, Any], config: Path, device: torch.device, root: Path
         cache.append(time_call(lambda: our_epoch(model, c_loader, opt, sched, device, epoch, args, amp), device))
     n = len(sampler)
     log(f"cache ({feature_extractor}): epochs without {[round(t, 1) for t in plain]}s, with {[round(t, 1) for t in cache]}s")
-    head = "default multi-level" if feature_extractor == "multi" else "--feature-extractor last (reference head)"
+    head = "--feature-extractor last (reference head)"
+    if feature_extractor == "multi":
+        head = "default multi-level" + (" --head-separable (the CPU recipe)" if args.detector.head_separable else "")
     note = (f"{head}; {n} images/epoch, batch {batch}, flip augmentation, epochs 2-{s['epochs']} (epoch 1: "
             f"{plain[0]:.1f}s vs {cache[0]:.1f}s); one-off cache build {build_s:.1f}s ({n} images x 2 flips)")
     suffix = "" if feature_extractor == "multi" else ", --feature-extractor last"

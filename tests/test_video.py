@@ -9,6 +9,7 @@ the CLI wrapper once as a subprocess.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import cv2
@@ -512,8 +513,15 @@ def test_summary_says_where_the_time_went_and_json_only_skips_drawing_and_encodi
     first = stub.images[0]
     assert first.dtype == torch.uint8 and torch.equal(first.permute(1, 2, 0), torch.from_numpy(frames[0]))
 
+    threads = {"track": set(), "draw": set()}
+    real_update = video.Tracker.update
+    monkeypatch.setattr(video.Tracker, "update", lambda self, *a: threads["track"].add(
+        threading.current_thread().name) or real_update(self, *a))
+    monkeypatch.setattr(video, "draw_detections", lambda *a, **k: threads["draw"].add(
+        threading.current_thread().name) or real_draw(*a, **k))
     s = video.process_video(StubPredictor(gt_detections(odd_clip)), open_source(str(src)), tmp_path / "out",
                             threshold=0.5, track=TrackConfig(threshold=0.5, fps=10), progress=False)
+    assert len(threads["track"]) == len(threads["draw"]) == 1 and threads["track"] != threads["draw"]  # overlapped
     stages = s["stages"]
     for key in ("decode", "model", "track", "draw", "encode"):
         assert stages[key]["items"] == n and stages[key]["ms_per_frame"] > 0, key

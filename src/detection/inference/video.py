@@ -1,6 +1,6 @@
 """Video inference (the body of ``infer_det_video.py``): decode (thread) -> batched ``submit``/``result`` (one
-batch in flight, ``pipeline.run_pipeline``) -> track, draw and write per-frame results (thread) -> encode (thread),
-with bounded queues; ``--no-save`` without ``--show`` neither draws nor encodes. ``summary.json``'s ``stages``
+batch in flight, ``pipeline.run_pipeline``) -> track (thread) -> draw and write per-frame results (thread; the same
+one as tracking without ``--track``) -> encode (thread), with bounded queues; ``--no-save`` without ``--show`` neither draws nor encodes. ``summary.json``'s ``stages``
 and the last line printed say where the time went per stage.
 
 The detector returns detections down to the checkpoint's evaluation score threshold. Without ``--track`` those
@@ -127,7 +127,7 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
     per-frame JSON Lines to ``json_path`` and MOTChallenge rows to ``mot_path`` (None: don't).
 
     Stages, each in its own thread with bounded queues between them: decode (+ BGR->RGB into the model's input
-    buffer) -> batched ``predictor.submit`` (one batch in flight) -> track, results, draw -> encode. Nothing is
+    buffer) -> batched ``predictor.submit`` (one batch in flight) -> track -> results, draw -> encode. Nothing is
     drawn when there is neither a video to write nor a window to show, and nothing encoded without a video to
     write. The summary's ``stages`` says where the time went (busy ms per frame of each stage; the slowest bounds
     the end-to-end rate).
@@ -174,18 +174,22 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
     encoder = BackgroundWorker(encode, maxsize=qsize, name="encode") if writer is not None else None
 
     def sink(item: Item) -> None:
-        index, timestamp, frame = item.data
         pred = item.pred
-        ids = held = None
         if tracker is not None:
             with clocks["track"].time():
                 tracked: Tracked = tracker.update(pred["boxes"].numpy(), pred["scores"].numpy(),
                                                   pred["labels"].numpy())
-            boxes, scores, labels, ids, held = tracked.boxes, tracked.scores, tracked.labels, tracked.ids, tracked.held
-        else:
-            if threshold is not None:
-                pred = filter_detections(pred, threshold)
-            boxes, scores, labels = pred["boxes"].numpy(), pred["scores"].numpy(), pred["labels"].numpy()
+            drawer.submit((item, tracked.boxes, tracked.scores, tracked.labels, tracked.ids, tracked.held))
+            return
+        if threshold is not None:
+            pred = filter_detections(pred, threshold)
+        output((item, pred["boxes"].numpy(), pred["scores"].numpy(), pred["labels"].numpy(), None, None))
+
+    def output(work: tuple) -> None:
+        """One frame's results, drawing and hand-over to the encoder (with tracking, in a thread of its own: the
+        tracker's Python overlaps the drawing instead of adding to it)."""
+        item, boxes, scores, labels, ids, held = work
+        index, timestamp, frame = item.data
         done["detections"] += len(boxes)
         if json_file is not None or mot_file is not None:
             with clocks["results"].time():
@@ -212,12 +216,18 @@ def process_video(predictor: Any, source: FrameSource, out_stem: Path | None, ma
         done["frames"] += 1
         bar.update(1)
 
+    drawer = BackgroundWorker(output, maxsize=qsize, name="draw") if tracker is not None else None
     t0 = time.perf_counter()
     ok = False
     try:
         try:
             try:
-                run_pipeline(predictor, (prepare(f) for f in source.frames(max_frames, stop)), sink, clocks=clocks)
+                try:
+                    run_pipeline(predictor, (prepare(f) for f in source.frames(max_frames, stop)), sink,
+                                 clocks=clocks)
+                finally:
+                    if drawer is not None:
+                        drawer.close()  # every tracked frame drawn and handed to the encoder
             finally:
                 if encoder is not None:
                     encoder.close()  # every drawn frame encoded before the container is finalized

@@ -81,9 +81,11 @@ class _MergedBranches(_Float32Outputs):
     group per branch), each GroupNorm over both branches with twice the groups (the same channel groups, so the same
     statistics). Same parameters (the state dict is torchvision's), same arithmetic, same outputs (tests, 1e-5),
     half the operator calls per pyramid level in the forward and the backward (a training step launches ~250
-    fewer). ``merge_branches = False`` runs torchvision's own per-branch forward (the test oracle)."""
+    fewer kernels). ``merge_branches``: None (default) merges on a GPU only - oneDNN's grouped convs made a CPU step
+    slower (640 px, batch 2: 0.68x separable, 0.87x dense; benchmarks/README.md); False runs torchvision's own
+    per-branch forward (the test oracle), True merges anywhere."""
 
-    merge_branches = True
+    merge_branches: bool | None = None
     nonnegative: tuple[str, ...] = ()  # outputs torchvision passes through a ReLU
 
     def predictors(self) -> list[tuple[str, nn.Module, int, int]]:
@@ -91,7 +93,8 @@ class _MergedBranches(_Float32Outputs):
         raise NotImplementedError
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
-        if not self.merge_branches:
+        merge = self.merge_branches if self.merge_branches is not None else x[0].is_cuda
+        if not merge:
             return super().forward(x)
         tower = merged_tower(self.classification_head.conv, self.regression_head.conv)
         predictors = self.predictors()

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import markdown_table
+from benchmarks.common import bench_main
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_DEMO_S = 30.0
@@ -139,11 +138,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one training epoch instead of the demo's ten")
-    ap.add_argument("--device", default="cuda", help="cuda[:N]")
-    args = ap.parse_args()
-    print(markdown_table(run(quick=args.quick, device=args.device)))
+    bench_main(run, __doc__, "one training epoch instead of the demo's ten", device="cuda", device_help="cuda[:N]")
 
 
 if __name__ == "__main__":

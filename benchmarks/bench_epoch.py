@@ -7,7 +7,6 @@ an RTX 3080: 345 s). GPU only: on a 2-core CPU such an epoch takes hours.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_train import full_epoch_row, log
-from benchmarks.common import markdown_table
+from benchmarks.common import bench_main
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
@@ -27,11 +26,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2,048 images instead of 16,551")
-    ap.add_argument("--device", default="cuda", help="cuda[:N]")
-    args = ap.parse_args()
-    print(markdown_table(run(quick=args.quick, device=args.device)))
+    bench_main(run, __doc__, "2,048 images instead of 16,551", device="cuda", device_help="cuda[:N]")
 
 
 if __name__ == "__main__":

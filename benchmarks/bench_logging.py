@@ -13,7 +13,6 @@ The goal: logging adds at most 2 % (ratio csv / csv+tensorboard >= 0.98).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import statistics
@@ -23,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import make_row, markdown_table
+from benchmarks.common import bench_main, make_row
 
 GOAL = 0.98  # epoch time with csv only / with csv + tensorboard: logging costs at most 2 %
 
@@ -100,11 +99,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer, smaller images and runs")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    args = ap.parse_args()
-    print(markdown_table(run(quick=args.quick, device=args.device)))
+    bench_main(run, __doc__, "fewer, smaller images and runs", device="cpu", device_help="cpu | cuda")
 
 
 if __name__ == "__main__":

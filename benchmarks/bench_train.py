@@ -27,7 +27,6 @@ epoch-time rows.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import math
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import make_row, markdown_table, time_call, time_interleaved
+from benchmarks.common import bench_main, make_row, time_call, time_interleaved
 from src.detection.engine.config import TrainConfig
 
 NUM_CLASSES = 21  # the reference figures were measured with the 20 VOC classes + background
@@ -526,11 +525,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny backbone at 160 px, few repetitions")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    args = ap.parse_args()
-    print(markdown_table(run(quick=args.quick, device=args.device)))
+    bench_main(run, __doc__, "tiny backbone at 160 px, few repetitions", device="cpu", device_help="cpu or cuda[:N]")
 
 
 if __name__ == "__main__":

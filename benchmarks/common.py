@@ -167,3 +167,15 @@ def describe_machine(info: dict[str, Any]) -> str:
     load_s = " / ".join(f"{v:.2f}" for v in load) if load else "n/a"
     return (f"CPU: {info['cpu']} ({info['cores']} cores, torch uses {info['torch_threads']} threads); GPU: {gpu}; "
             f"torch {info['torch']}, Python {info['python']}; load average (1/5/15 min): {load_s}")
+
+
+def bench_main(run: Callable[..., list[dict[str, Any]]], doc: str | None, quick_help: str, device: str = "cpu",
+               device_help: str = "cpu or cuda[:N]") -> None:
+    """The command line of a benchmark whose ``run(quick=..., device=...)`` returns rows: prints their table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--device", default=device, help=device_help)
+    args = ap.parse_args()
+    print(markdown_table(run(quick=args.quick, device=args.device)))

@@ -12,11 +12,9 @@ from PIL import Image
 
 from src.detection.data.datasets import DetectionDataset, Record, build_dataloader, collate_fn
 from src.detection.data.device_resize import (
-    PendingResize,
     ResizeBatch,
     defer_resize,
     deferred_view,
-    finish_sample,
 )
 from src.detection.data.sampling import EpochSampler, EpochSeededDataset
 from src.detection.data.transforms import build_transform
@@ -97,16 +95,6 @@ def test_pinned_batch_keeps_its_groups(records):
         pytest.skip("pinning needs CUDA")
     pinned = batch.pin_memory()
     assert all(g.is_pinned() for g, _ in pinned.groups) and torch.equal(pinned.to("cpu"), batch.to("cpu"))
-
-
-def test_finish_sample_equals_the_loader_sample(records):
-    live = _dataset(records, "flip", True)
-    view = deferred_view(live)
-    for i in range(len(records)):
-        image, target = finish_sample(*EpochSeededDataset(view, 5)[(2, i)])
-        want, want_t = EpochSeededDataset(live, 5)[(2, i)]
-        assert torch.equal(image, want) and torch.equal(target["boxes"], want_t["boxes"]) and "resize" not in target
-    assert PendingResize(True, (96, 80), True).imgsz == (96, 80)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -133,11 +132,3 @@ def collate_pending(images: Sequence[torch.Tensor], targets: Sequence[dict[str, 
         out.append(target)
     return batch, out
 
-
-def finish_sample(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """One sample as the loader-resized pipeline would give it (pictures of augmented samples)."""
-    pending = target.get("resize")
-    if pending is None:
-        return image, target
-    target = {k: v for k, v in target.items() if k != "resize"}
-    return finish_resize(tv_tensors.Image(image), pending).as_subclass(torch.Tensor), target

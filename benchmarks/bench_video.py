@@ -7,8 +7,8 @@ A generated 1280x720 H.264 clip (PyAV, smooth moving content) runs through ``vid
 also timed alone, in the same run, on the same frames:
 
 * decode alone: the source's frames plus the BGR->RGB conversion the decode stage does;
-* model alone: ``predict`` on already decoded frames, in the predictor's batches (upload, resize, forward,
-  post-processing, download);
+* model alone: already decoded frames streamed through ``run_pipeline`` in the predictor's batches, one batch in
+  flight (upload, resize, forward, post-processing, download), into a sink that does nothing;
 * encode alone: H.264 encoding of already drawn frames (the writer the command uses).
 
 Rows: end-to-end FPS without encoding (the JSON Lines / display path) and writing H.264, each against its slowest
@@ -103,15 +103,16 @@ def decode_alone(clip: Path, frames: int) -> float:
 
 
 def model_alone(predictor: Any, images: list[torch.Tensor], frames: int) -> float:
-    """FPS of ``predict`` on decoded frames, in the predictor's batches (boxes back on the host: synchronous)."""
-    bs = predictor.batch_size
+    """FPS of the model stage alone: decoded frames streamed through ``run_pipeline`` (as ``process_video`` feeds
+    the model: batch k+1 submitted before batch k's boxes are collected), with a sink that does nothing."""
+    from src.detection.inference.pipeline import Item, run_pipeline
+
+    items = (Item(data=None, input=im, orig_hw=(im.shape[-2], im.shape[-1]))
+             for im in (images[i % len(images)] for i in range(frames)))
+    done: list[bool] = []
     t0 = time.perf_counter()
-    n = 0
-    while n < frames:
-        batch = [images[(n + k) % len(images)] for k in range(min(bs, frames - n))]
-        predictor.predict(batch)
-        n += len(batch)
-    return n / (time.perf_counter() - t0)
+    run_pipeline(predictor, items, lambda item: done.append(item.pred is not None))
+    return sum(done) / (time.perf_counter() - t0)
 
 
 def encode_alone(frames_bgr: list[np.ndarray], frames: int, out: Path) -> float:
@@ -210,8 +211,9 @@ def rows_from(samples: dict[str, list[float]], stages: dict[str, Any], device: s
                        note=f"efficiency; {what}; {_stage_note(stages[key])}")
         rows.append(row)
     for key in ("decode", "model", "encode"):
-        alone = {"decode": "PyAV decode + BGR->RGB", "model": "predict: upload, resize, forward, post-process, "
-                 "download", "encode": "libx264 of drawn frames"}[key]
+        alone = {"decode": "PyAV decode + BGR->RGB",
+                 "model": "run_pipeline, one batch in flight: upload, resize, forward, post-process, download",
+                 "encode": "libx264 of drawn frames"}[key]
         row = make_row(f"stage alone: {key} ({kind})", samples[key], samples[key], "info", "FPS",
                        higher_is_better=True, note=f"{alone}; {what}")
         row["baseline"], row["baseline_spread"], row["ratio"] = math.nan, None, math.nan

@@ -16,7 +16,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case "$WHAT" in
-  tests) $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/tests.txt" ;;
+  # the whole log comes back as one file (a failure's traceback too); the tail is what the caller sees at once
+  tests) $PY -m pytest -q -n "${WORKERS:-12}" --tb=short -p no:cacheprovider > "$OUT/tests.txt" 2>&1
+         rc=$?; tail -60 "$OUT/tests.txt"; exit $rc ;;
   bench) $PY -m benchmarks.run_all --device cuda --only "${ONLY:-train,epoch,infer,video,demo}" --out-dir "$OUT" ;;
   *) echo "usage: scripts/gpu_session.sh tests|bench OUT_DIR" >&2; exit 2 ;;
 esac

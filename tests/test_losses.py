@@ -32,6 +32,9 @@ H, W = 96, 128
 GRIDS = [(12, 16), (6, 8), (3, 4)]  # strides 8, 16, 32
 C = 5
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+# compiled vs eager: inductor sums the losses' thousands of terms in its own order, with the vector width of the
+# CPU it runs on, so fp32 rounding differs by more than between two eager implementations
+COMPILED_TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
 @pytest.fixture(autouse=True)
@@ -371,4 +374,4 @@ def test_fullgraph_compile():
         eager = call(*args, **kwargs)
         compiled = torch.compile(call, fullgraph=True, dynamic=False)(*args, **kwargs)
         for k in eager:
-            torch.testing.assert_close(compiled[k], eager[k], **TOL)
+            torch.testing.assert_close(compiled[k], eager[k], **COMPILED_TOL)

@@ -244,17 +244,19 @@ def test_predictor_without_submit_runs_each_batch_to_the_end(predictor, monkeypa
     check_delivery(seen, images, predictor, [[0], [2, 3], [4]], (1,))
 
 
-def test_sliced_predictor_is_not_bypassed(predictor):
-    """``SlicedPredictor`` forwards unknown attributes to the predictor it wraps, ``submit`` included: the pipeline
-    must still go through its own ``predict`` (tiles + merge)."""
+def test_sliced_predictor_keeps_one_batch_in_flight(predictor, monkeypatch):
+    """``SlicedPredictor`` forwards unknown attributes to the predictor it wraps: the pipeline must go through its
+    own ``submit`` (tiles + merge), which submits each batch's tiles in one call to the wrapped ``submit`` and
+    collects them one batch later, as unsliced runs do."""
+    monkeypatch.setattr(pipeline.BackgroundIterator, "queued", lambda self: True)
     rec = Recorder(predictor)
     sliced = SlicedPredictor(rec, (64, 48), overlap=0.2)
-    images = [frame(72, 120, s) for s in range(4)]
+    images = [frame(72, 120, s) for s in range(6)]
     seen: list[Item] = []
     run_pipeline(sliced, make_items(images), seen.append, batch_size=2)
-    assert [it.data for it in seen] == [0, 1, 2, 3]
-    assert {what for what, _ in rec.log} == {"predict"}  # the tiles of each batch, in one call
-    assert all(len(call) > 2 for call in rec.images)
-    reference = SlicedPredictor(predictor, (64, 48), overlap=0.2)
-    for s in (0, 2):
+    assert [it.data for it in seen] == list(range(6))
+    assert rec.log == [("submit", 0), ("submit", 1), ("result", 0), ("submit", 2), ("result", 1), ("result", 2)]
+    assert all(len(call) > 2 for call in rec.images)  # a batch's tiles (and whole images), not its two images
+    reference = SlicedPredictor(PredictOnly(predictor), (64, 48), overlap=0.2)
+    for s in (0, 2, 4):
         assert_same([seen[i].pred for i in (s, s + 1)], reference.predict(images[s:s + 2]))

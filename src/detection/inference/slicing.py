@@ -118,6 +118,11 @@ class SlicedPredictor:
 
     def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detections for original uint8 [3,H,W] images, in their own coordinates (as ``predictor.predict``)."""
+        return self.submit(images).result()
+
+    def submit(self, images: Sequence[Tensor]) -> SlicedPending:
+        """Start ``predict(images)``: every view goes to the wrapped predictor's ``submit`` (when it has one, so a
+        pipeline keeps one call in flight as it does unsliced); ``result()`` merges the views' detections."""
         views: list[Tensor] = []
         owner: list[tuple[int, int, int]] = []  # (image index, x0, y0) per view
         for i, img in enumerate(images):
@@ -132,12 +137,13 @@ class SlicedPredictor:
             for x0, y0, x1, y1 in windows:
                 views.append(img[..., y0:y1, x0:x1])
                 owner.append((i, x0, y0))
-        preds = self.predictor.predict(views) if views else []
-        per_image: list[list[dict[str, Tensor]]] = [[] for _ in images]
-        for (i, x0, y0), p in zip(owner, preds):
-            shift = torch.tensor([x0, y0, x0, y0], dtype=p["boxes"].dtype, device=p["boxes"].device)
-            per_image[i].append({"boxes": p["boxes"] + shift, "scores": p["scores"], "labels": p["labels"]})
-        return [self._merge(parts) for parts in per_image]
+        if not views:
+            started: Any = []
+        elif callable(getattr(type(self.predictor), "submit", None)):
+            started = self.predictor.submit(views)
+        else:
+            started = self.predictor.predict(views)
+        return SlicedPending(self, len(images), owner, started)
 
     def _merge(self, parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if not parts:
@@ -153,3 +159,22 @@ class SlicedPredictor:
                 boxes, scores, labels = weighted_box_fusion(boxes, scores, labels, self.merge_iou)
         order = torch.argsort(scores, descending=True)[: self.max_det]
         return {"boxes": boxes[order], "scores": scores[order], "labels": labels[order]}
+
+
+class SlicedPending:
+    """``SlicedPredictor.submit``'s result: ``result()`` collects the views' detections (waiting for the wrapped
+    predictor's own pending call, if any), shifts them to image coordinates and merges them per image."""
+
+    def __init__(self, sliced: SlicedPredictor, count: int, owner: list[tuple[int, int, int]], started: Any) -> None:
+        self._sliced, self._count, self._owner, self._started = sliced, count, owner, started
+        self._results: list[dict[str, Tensor]] | None = None
+
+    def result(self) -> list[dict[str, Tensor]]:
+        if self._results is None:
+            preds = self._started if isinstance(self._started, list) else self._started.result()
+            per_image: list[list[dict[str, Tensor]]] = [[] for _ in range(self._count)]
+            for (i, x0, y0), p in zip(self._owner, preds):
+                shift = torch.tensor([x0, y0, x0, y0], dtype=p["boxes"].dtype, device=p["boxes"].device)
+                per_image[i].append({"boxes": p["boxes"] + shift, "scores": p["scores"], "labels": p["labels"]})
+            self._results = [self._sliced._merge(parts) for parts in per_image]
+        return self._results

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: synthetic VOC-XML data -> train a detector on a frozen (random-weight) DINOv3-style backbone on CPU
-# -> image and video inference with the best checkpoint. No download, no GPU.
+# `make demo`: synthetic VOC-XML data -> train a detector on a frozen (random-weight) DINOv3-style backbone -> image
+# and video inference with the best checkpoint. No download; a GPU is used when there is one, none is needed.
 # Recipe and measurements (mAP@0.5 per epoch, CPU / wall time): docs/DEMO.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ START=$SECONDS
 echo "== 1/4 synthetic dataset -> $DATA (2,000 train / 200 valid images at 192 px + a 240-frame video)"
 $PY -m src.detection.synthetic --out "$DATA" --train 2000 --valid 200 --imgsz 192 --seed 0 --video 240
 
-echo "== 2/4 training on CPU"
+echo "== 2/4 training (on the GPU when there is one, else on the CPU: the recipe below is the CPU one)"
 echo "   NOTE: no pretrained DINOv3 weights exist on this machine, so the backbone has RANDOM weights (frozen);"
 echo "   only the FPN neck and the FCOS head learn. Real DINOv3 weights (--weights) do far better."
 # Frozen backbone + flip-only augmentation -> --cache-features ram: the backbone runs once per image (and its

@@ -316,7 +316,7 @@ def ops_rows(s: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     """Operator calls per training step of the default model as a GPU runs it, counted on the CPU (eager: each call
     is a kernel launch a GPU makes when not replaying a graph), at batch 2, 8 and 16: the launch-overhead proxy
     that needs no GPU."""
-    imgsz, device = OPS_IMGSZ, torch.device("cpu")
+    imgsz, device, n_steps = s.get("ops_imgsz", OPS_IMGSZ), torch.device("cpu"), s.get("ops_steps", 4)
     args = TrainConfig.from_dict({"model_name": s["model_name"], "imgsz": (imgsz, imgsz)})
     config = make_data(root, 16, imgsz)
     counts = {}
@@ -324,13 +324,13 @@ def ops_rows(s: dict[str, Any], root: Path) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         model, opt, sched = build_ours(args, device, iters_per_epoch=100)
         model.head.merge_branches = True  # the head as a GPU runs it (on a CPU it keeps torchvision's two towers)
-        batches = fixed_batches(config, imgsz, batch, 5)[0]
+        batches = fixed_batches(config, imgsz, batch, n_steps + 1)[0]
         our_epoch(model, batches[:1], opt, sched, device, 1, args)  # warm-up: anchors, optimizer state
         steps = batches[1:]
         counts[batch] = count_aten_calls(lambda: our_epoch(model, steps, opt, sched, device, 1, args)) / len(steps)
     log(f"operator calls per step: {', '.join(f'batch {b}: {n:,.0f}' for b, n in counts.items())}")
     note = (f"{s['model_name']}, defaults with the head as a GPU runs it (merged towers), eager on the CPU at "
-            f"{imgsz} px, torch dispatch count per step (4 steps incl. one loss read-back); baseline = the goal")
+            f"{imgsz} px, torch dispatch count per step ({n_steps} steps incl. one loss read-back); baseline = the goal")
     return [make_row(f"operator calls per training step, batch 8 (cpu, {s['model_name']})", [GOAL_OPS],
                      [counts[8]], 1.0, "ops", higher_is_better=False, note=note),
             make_row("operator calls per training step: batch 2 vs batch 16 (flat in the batch size)", [counts[2]],

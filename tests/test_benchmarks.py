@@ -18,7 +18,7 @@ from benchmarks.common import markdown_table, verdict
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_TRAIN = dict(model_name="dinov3_convnext_atto", imgsz=64, batches=(2,), steps={2: 1}, reps=1, warmup=0,
-                  n_images=4, epoch_images=4, epoch_batch=2, epochs=2, variants=False)
+                  n_images=4, epoch_images=4, epoch_batch=2, epochs=2, variants=False, ops_imgsz=64, ops_steps=1)
 
 
 def test_quick_suite_writes_table_with_finite_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

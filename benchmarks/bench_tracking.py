@@ -16,6 +16,13 @@ Flicker (defined here): the fraction of ground-truth object-frames in which an o
 its drawn box for 1 or 2 frames and gets one back right after (per frame, ground truth and drawn boxes are matched
 one-to-one at IoU >= 0.5). Goals: tracking cuts flicker at least in half; its end-to-end FPS stays >= 90 % of
 per-frame detection's (runs interleaved, median of the repetitions).
+
+The tracker alone (``tracker_rows``, no model, no video): ms per frame at about 30 concurrent tracks on a synthetic
+detection sequence (objects that move, drop out for a frame, dip below the threshold; a few false positives), the
+library's ``trackers.ByteTrackTracker`` (fed ``supervision.Detections``, as ``Tracker`` used to) against our
+vectorized ``bytetrack.ByteTrack`` and against our whole ``Tracker.update`` (ByteTrack + smoothing), on the same
+input, interleaved (informative: the ``--track`` goal, at most 10 % of end-to-end FPS, is ``bench_video``'s row;
+the tracker runs in a thread of its own there, overlapping the other stages).
 """
 
 from __future__ import annotations
@@ -167,7 +174,85 @@ def run(quick: bool = False, checkpoint: str | None = None, frames: int | None =
             mot = tmp / f"{'track' if track else 'plain'}.txt"
             results[track]["flicker"] = flicker(covered(gt, read_mot(mot), frames))
             results[track]["metrics"] = evaluate(gt_path, mot, unique_ids=not track)
-    return rows_from(results, frames, threshold, ckpt, trained, reps)
+    return rows_from(results, frames, threshold, ckpt, trained, reps) + tracker_rows(quick)
+
+
+# ---------------------------------------------------------------------------------------------- tracker alone
+def synthetic_detections(n_frames: int, n_objects: int = 30, size: tuple[int, int] = (1280, 720),
+                         seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per frame (boxes float32 xyxy, scores float32, labels int64) of ``n_objects`` boxes that move with noise and
+    bounce off the borders; each frame 5 % of them are missed and 10 % score below 0.5, plus a false positive or so."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    wh = rng.uniform(20, 80, (n_objects, 2))
+    pos = rng.uniform(0, 1, (n_objects, 2)) * ([w, h] - wh)
+    vel = rng.normal(0, 2, (n_objects, 2))
+    labels = rng.integers(0, 5, n_objects)
+    frames = []
+    for _ in range(n_frames):
+        pos += vel + rng.normal(0, 0.5, pos.shape)
+        vel[(pos < 0) | (pos + wh > [w, h])] *= -1
+        pos = np.clip(pos, 0, [w, h] - wh)
+        seen = rng.random(n_objects) > 0.05
+        boxes = np.concatenate([pos, pos + wh], 1)[seen] + rng.normal(0, 1, (int(seen.sum()), 4))
+        scores = np.where(rng.random(len(boxes)) < 0.1, rng.uniform(0.1, 0.5, len(boxes)),
+                          rng.uniform(0.5, 1, len(boxes)))
+        n_fp = rng.poisson(1.0)
+        fp = rng.uniform(0, 1, (n_fp, 2)) * [w - 60, h - 60]
+        boxes = np.concatenate([boxes, np.concatenate([fp, fp + rng.uniform(10, 60, (n_fp, 2))], 1)])
+        frames.append((boxes.astype(np.float32), np.concatenate([scores, rng.uniform(0.1, 0.9, n_fp)]).astype(
+            np.float32), np.concatenate([labels[seen], rng.integers(0, 5, n_fp)])))
+    return frames
+
+
+def tracker_rows(quick: bool = False, frames: int | None = None, reps: int | None = None,
+                 n_objects: int = 30) -> list[dict[str, Any]]:
+    """ms per frame of the tracker alone: the library's ByteTrack vs ours, and vs our whole ``Tracker.update``."""
+    import warnings
+
+    import supervision as sv
+    from trackers import ByteTrackTracker
+
+    from benchmarks.common import time_interleaved
+    from src.detection.inference.bytetrack import ByteTrack
+    from src.detection.inference.tracking import TrackConfig, Tracker
+
+    frames = frames or (100 if quick else 300)
+    reps = reps or (3 if quick else 7)
+    cfg = TrackConfig(threshold=0.5, fps=30)
+    kwargs = dict(lost_track_buffer=cfg.buffer, frame_rate=cfg.fps, track_activation_threshold=cfg.threshold,
+                  minimum_consecutive_frames=cfg.min_hits, minimum_iou_threshold=cfg.iou,
+                  high_conf_det_threshold=cfg.threshold)
+    data = synthetic_detections(frames, n_objects)
+
+    def library() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tracker = ByteTrackTracker(**kwargs)
+        for boxes, scores, labels in data:
+            tracker.update(sv.Detections(xyxy=boxes, confidence=scores, class_id=labels))
+
+    def ours_bytetrack() -> None:
+        tracker = ByteTrack(**kwargs)
+        for boxes, scores, _ in data:
+            tracker.update(boxes, scores)
+
+    def ours_tracker() -> None:
+        tracker = Tracker(cfg, (1280, 720))
+        for boxes, scores, labels in data:
+            tracker.update(boxes, scores, labels)
+
+    times = time_interleaved({"library": library, "bytetrack": ours_bytetrack, "tracker": ours_tracker}, reps)
+    ms = {k: [1000 * t / frames for t in v] for k, v in times.items()}
+    where = f"{frames}-frame synthetic sequence, {n_objects} objects (~{n_objects} tracks), {reps} interleaved runs, cpu"
+    bare = make_row("tracker alone, ms/frame: trackers.ByteTrackTracker vs our ByteTrack", ms["library"],
+                    ms["bytetrack"], 0, "ms", higher_is_better=False, note=where)
+    bare["goal"] = "info"
+    whole = make_row("tracker alone, ms/frame: trackers.ByteTrackTracker vs our whole Tracker.update (+ smoothing)",
+                     ms["library"], ms["tracker"], 0, "ms", higher_is_better=False,
+                     note=f"{where}; a frame at 350 FPS is 2.86 ms")
+    whole["goal"] = "info"
+    return [bare, whole]
 
 
 def rows_from(results: dict[bool, dict[str, Any]], frames: int, threshold: float, ckpt: Path, trained: bool,

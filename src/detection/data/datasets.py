@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,11 +247,14 @@ class DetectionDataset(Dataset):
         return image, target
 
 
-def drop_undecodable(ds: DetectionDataset, skip_bad_samples: bool, progress: bool = True, verbose: bool = True) -> int:
+def drop_undecodable(ds: DetectionDataset, skip_bad_samples: bool, progress: bool = True, verbose: bool = True,
+                     find: Callable[..., list[tuple[Path, str]]] = undecodable_images) -> int:
     """Decode every image of ``ds`` now (a progress bar when ``progress``), so a corrupt or truncated file stops a
     run before it starts (a UserError naming the files) or, with ``skip_bad_samples``, is left out of ``ds`` and
-    counted in its report (one warning when ``verbose``). Returns how many were left out."""
-    bad = undecodable_images(ds.image_paths, desc=f"decoding {ds.name} images", show=progress)
+    counted in its report (one warning when ``verbose``). Returns how many were left out. ``find(paths, desc=,
+    show=)`` lists the undecodable ones in the order given (default: ``undecodable_images``; distributed training
+    shares the work between its processes)."""
+    bad = find(ds.image_paths, desc=f"decoding {ds.name} images", show=progress)
     if not bad:
         return 0
     if not skip_bad_samples:

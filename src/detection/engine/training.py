@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from ..data.datasets import (
     save_transformed_samples,
 )
 from ..data.device_resize import deferred_view
+from ..data.image_io import undecodable_images
 from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padded_shard
 from ..evaluation.metrics import EvalResult
 from ..evaluation.mosaic import batch_mosaic, prediction_mosaic, sample_ids, save_jpg
@@ -133,6 +135,20 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def sharded_undecodable(rank: int, world: int) -> Callable[..., list[tuple[Path, str]]]:
+    """``undecodable_images`` with the decoding shared between the ``world`` processes of a distributed run (each
+    decodes every ``world``-th image, then all learn the whole list): the same answer on every rank, 1/world of
+    the start-up decoding each, where every rank decoding every image would compete for the same CPU cores."""
+    def find(paths: Sequence[Path], desc: str = "decoding images", show: bool = True) -> list[tuple[Path, str]]:
+        mine = undecodable_images(list(paths)[rank::world], desc=desc, show=show)
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, [(str(p), reason) for p, reason in mine])
+        reasons = {p: reason for part in parts for p, reason in part}
+        return [(Path(p), reasons[str(p)]) for p in paths if str(p) in reasons]  # in the order given
+
+    return find
+
+
 def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int, device: torch.device | None = None):
     """Training loader (epoch-seeded, padded shards) and validation loader (sharded, no padding), both resizing
     as input spec ``spec`` (the model's ``input_spec``) says: on ``device`` with ``--resize-on-device`` (default: on
@@ -145,8 +161,9 @@ def data_loaders(cfg: TrainConfig, data_cfg, spec, rank: int, world: int, device
                                         skip_bad_samples=cfg.skip_bad_samples or None, verbose=rank == 0)
     # every image decoded now (threads), before the run folder exists: a truncated file stops the start, not epoch 1
     skip = bool(cfg.skip_bad_samples or data_cfg.skip_bad_samples)
+    find = sharded_undecodable(rank, world) if world > 1 else undecodable_images
     for ds in (train_ds, valid_ds):
-        drop_undecodable(ds, skip, progress=rank == 0, verbose=rank == 0)
+        drop_undecodable(ds, skip, progress=rank == 0, verbose=rank == 0, find=find)
         if len(ds) == 0:
             raise UserError(f"{ds.name}: no image could be decoded; check the image files")
     live_train, live_valid = train_ds, valid_ds

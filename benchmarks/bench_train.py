@@ -209,6 +209,10 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
     if device.type == "cuda":  # the same model and optimizer state kinds, stepped eagerly
         torch.manual_seed(0)
         eager, eager_opt, eager_sched = build_ours(args, device, iters_per_epoch=100)
+    if s["variants"] and device.type == "cuda":  # the merged tower's GroupNorm in bf16 instead of autocast's fp32
+        torch.manual_seed(0)
+        lownorm, lownorm_opt, lownorm_sched = build_ours(args, device, iters_per_epoch=100)
+        lownorm.head.low_precision_norm = True
     counts = {k: "{:,}/{:,}".format(*count_parameters(m)) for k, m in models.items()}
     default_amp = amp_settings(args.runtime.precision, device)[0]  # what a user's run gets: bf16 where native, else fp32
     amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[default_amp]
@@ -233,6 +237,9 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                                                 amp_dtype=default_amp)
             if default_amp is not None:
                 fns["fp32"] = lambda: our_epoch(ours, ours_b, opt, sched, device, 1, args, amp_dtype=None)
+                if device.type == "cuda":
+                    fns["lownorm"] = lambda: our_epoch(lownorm, ours_b, lownorm_opt, lownorm_sched, device, 1, args,
+                                                       amp_dtype=default_amp)
         if device.type == "cuda":
             fns["eager"] = lambda: our_epoch(eager, ours_b, eager_opt, eager_sched, device, 1, args,
                                              amp_dtype=default_amp, cuda_graphs=False)
@@ -267,6 +274,13 @@ def training_rows(s: dict[str, Any], config: Path, device: torch.device) -> list
                 f"train images/s, batch {batch}: ours with the head's two towers (torchvision's forward) vs merged "
                 f"into one of grouped convs ({device.type})", two, one, "info", "img/s", higher_is_better=True,
                 note=f"{setup}; same parameters and outputs; the default is merged on a GPU, two towers on a CPU"))
+            if "lownorm" in rate:
+                rows.append(make_row(
+                    f"train images/s, batch {batch}: ours (GroupNorm in fp32, as autocast runs it) vs GroupNorm in "
+                    f"{amp_name} ({device.type})", rate["ours"], rate["lownorm"], "info", "img/s",
+                    higher_is_better=True,
+                    note=f"{setup}; the merged tower's low_precision_norm (off by default): a ratio clearly above 1 "
+                         f"makes it the default on a GPU"))
             if "fp32" in rate:
                 rows.append(make_row(
                     f"train images/s, batch {batch}: reference step vs ours --amp none ({device.type})",

@@ -135,11 +135,13 @@ def test_cuda_graph_training_step_equals_eager(clip_grad):
 
 
 @cuda
-def test_cuda_graph_training_step_captures_once_and_never_syncs():
+@pytest.mark.parametrize("low_precision_norm", [False, True])
+def test_cuda_graph_training_step_captures_once_and_never_syncs(low_precision_norm):
     from src.detection.engine.loop import build_optimizer, graphed_step_for, padded_targets
 
     device = torch.device("cuda")
     model = _tiny_training_model(device)
+    model.head.low_precision_norm = low_precision_norm
     opt = build_optimizer(model, "adamw", 1e-3, 1e-4)
     step = graphed_step_for(model, opt, device, torch.bfloat16, 0.0, None, None)
     assert step is not None
@@ -161,6 +163,23 @@ def test_cuda_graph_training_step_captures_once_and_never_syncs():
     model_copy = copy.deepcopy(model)
     assert graphed_step_for(model_copy, build_optimizer(model_copy, "sgd", 1e-3, 1e-4), device, None, 0.0, None,
                             None) is None  # SGD: no capturable fused step here
+
+
+@cuda
+def test_low_precision_norm_stays_within_bf16_rounding_on_cuda():
+    """On CUDA, autocast runs GroupNorm in fp32; the merged tower's ``low_precision_norm`` runs it in bf16 instead:
+    the head's outputs stay within bf16 rounding of the default's."""
+    device = torch.device("cuda")
+    model = _tiny_training_model(device)
+    torch.manual_seed(1)
+    feats = [torch.randn(2, model.backbone.out_channels, h, w, device=device)
+             for h, w in [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = model.head(feats)
+        model.head.low_precision_norm = True
+        low = model.head(feats)
+    for k in plain:
+        torch.testing.assert_close(low[k], plain[k], rtol=0.05, atol=0.05)
 
 
 def test_postprocess_maps_a_batch_like_each_image_alone(checkpoint):

@@ -12,7 +12,13 @@ from src.detection.core.errors import UserError
 from src.detection.modeling.builder import build_detector
 from src.detection.modeling.config import DetectorConfig
 from src.detection.modeling.detector import count_parameters
-from src.detection.modeling.heads import HEAD_CONVS, HEAD_SEPARABLE, num_extra_levels, ssd_scales
+from src.detection.modeling.heads import (
+    HEAD_CONVS,
+    HEAD_SEPARABLE,
+    group_norm_in_input_dtype,
+    num_extra_levels,
+    ssd_scales,
+)
 
 W, H = 128, 96  # non-square on purpose: (width, height) as --imgsz W H
 NUM_CLASSES = 4
@@ -562,3 +568,59 @@ def test_merged_towers_equal_torchvision_head_forward(head, mode, separable, n):
     for k in oracle_grads:
         torch.testing.assert_close(merged_grads[k], oracle_grads[k], rtol=1e-5, atol=1e-6)
     assert len(oracle_grads) == len(dict(model.head.named_parameters()))  # every parameter took part
+
+
+def test_group_norm_in_the_autocast_dtype():
+    """Under autocast, a bf16 activation is normalised in bf16 (statistics in fp32 inside the kernel), close to the
+    fp32 GroupNorm, and the fp32 affine parameters still get their gradients; outside autocast it is the plain
+    GroupNorm, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(2, 16, 6, 5, generator=g) * 3 + 1
+    w = (torch.rand(16, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(16, generator=g).requires_grad_()
+    assert torch.equal(group_norm_in_input_dtype(x32, 4, w, b, 1e-5), torch.nn.functional.group_norm(x32, 4, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = group_norm_in_input_dtype(x32.bfloat16(), 4, w, b, 1e-5)
+    assert y.dtype == torch.bfloat16
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    low = (w.grad.clone(), b.grad.clone())
+    w.grad = b.grad = None
+    ref = torch.nn.functional.group_norm(x32.bfloat16().float(), 4, w, b, 1e-5)
+    (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)  # bf16 rounding of the output and affine
+    assert low[0].dtype == torch.float32
+    torch.testing.assert_close(low[0], w.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(low[1], b.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("head", ["retinanet", "fcos"])
+def test_merged_towers_with_low_precision_norm(head, monkeypatch):
+    """``low_precision_norm`` routes the tower's GroupNorms through ``group_norm_in_input_dtype``, changes nothing
+    in fp32 and stays within bf16 rounding of torchvision's head under bf16 autocast, with a gradient for every
+    parameter."""
+    from src.detection.modeling import heads
+
+    calls = []
+    monkeypatch.setattr(heads, "group_norm_in_input_dtype",
+                        lambda *a, **k: calls.append(1) or group_norm_in_input_dtype(*a, **k))
+    model = build(tiny(head=head, mode="multi"))
+    torch.manual_seed(1)
+    feats = [torch.randn(2, model.backbone.out_channels, h, w) for h, w in [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]]
+    model.head.merge_branches = True
+    plain = model.head(feats)
+    assert not calls
+    model.head.low_precision_norm = True
+    low = model.head(feats)
+    assert len(calls) == 4 * 5  # 4 tower GroupNorms x 5 levels
+    assert all(torch.equal(low[k], plain[k]) for k in plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.head(feats)
+        model.head.merge_branches, model.head.low_precision_norm = False, False
+        oracle = model.head(feats)
+    for k in oracle:
+        torch.testing.assert_close(low[k], oracle[k], rtol=0.05, atol=0.05)
+    model.head.zero_grad(set_to_none=True)
+    model.head.merge_branches, model.head.low_precision_norm = True, True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sum(v.float().sum() for v in model.head(feats).values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.head.parameters())

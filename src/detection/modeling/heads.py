@@ -86,6 +86,10 @@ class _MergedBranches(_Float32Outputs):
     per-branch forward (the test oracle), True merges anywhere."""
 
     merge_branches: bool | None = None
+    # merged tower only: GroupNorm in the autocast dtype (bf16/fp16) as CPU autocast runs it, where CUDA autocast
+    # upcasts it to fp32 and the next conv casts back (two extra passes over every activation); off until a GPU
+    # benchmark row (bench_train, "GroupNorm in fp32 vs in the autocast dtype") shows it pays
+    low_precision_norm: bool = False
     nonnegative: tuple[str, ...] = ()  # outputs torchvision passes through a ReLU
 
     def predictors(self) -> list[tuple[str, nn.Module, int, int]]:
@@ -96,7 +100,7 @@ class _MergedBranches(_Float32Outputs):
         merge = self.merge_branches if self.merge_branches is not None else x[0].is_cuda
         if not merge:
             return super().forward(x)
-        tower = merged_tower(self.classification_head.conv, self.regression_head.conv)
+        tower = merged_tower(self.classification_head.conv, self.regression_head.conv, self.low_precision_norm)
         predictors = self.predictors()
         outputs: dict[str, list[Tensor]] = {name: [] for name, *_ in predictors}
         for features in x:
@@ -125,10 +129,21 @@ def _tower_layers(tower: nn.Module) -> list[nn.Module]:
     return out
 
 
-def merged_tower(tower_a: nn.Module, tower_b: nn.Module) -> list[Callable[[Tensor], Tensor]]:
+def group_norm_in_input_dtype(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``group_norm`` on a bf16/fp16 activation under autocast, in that dtype (statistics still accumulate in fp32
+    inside the kernel), with the affine parameters cast to it; otherwise plain ``group_norm``."""
+    if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.group_norm(x, num_groups, weight.to(x.dtype), bias.to(x.dtype), eps)
+    return nn.functional.group_norm(x, num_groups, weight, bias, eps)
+
+
+def merged_tower(tower_a: nn.Module, tower_b: nn.Module, low_precision_norm: bool = False
+                 ) -> list[Callable[[Tensor], Tensor]]:
     """Two equal towers as one: callables taking ``[B, C, H, W]`` features (first) or ``[B, 2C, H, W]`` (the
     branches side by side) to the next ``[B, 2C, H, W]``. Parameters are concatenated here, once per forward
-    (autograd takes each branch's gradient back through the concatenation)."""
+    (autograd takes each branch's gradient back through the concatenation). ``low_precision_norm``: GroupNorms
+    through ``group_norm_in_input_dtype``."""
     layers: list[Callable[[Tensor], Tensor]] = []
     for j, (a, b) in enumerate(zip(_tower_layers(tower_a), _tower_layers(tower_b), strict=True)):
         first = j == 0
@@ -149,9 +164,9 @@ def merged_tower(tower_a: nn.Module, tower_b: nn.Module) -> list[Callable[[Tenso
             layers.append(partial(nn.functional.conv2d, weight=weight, bias=bias, stride=a.stride,
                                   padding=a.padding, groups=1 if first else 2))
         elif isinstance(a, nn.GroupNorm):
-            layers.append(partial(nn.functional.group_norm, num_groups=2 * a.num_groups,
-                                  weight=torch.cat([a.weight, b.weight]), bias=torch.cat([a.bias, b.bias]),
-                                  eps=a.eps))
+            norm = group_norm_in_input_dtype if low_precision_norm else nn.functional.group_norm
+            layers.append(partial(norm, num_groups=2 * a.num_groups, weight=torch.cat([a.weight, b.weight]),
+                                  bias=torch.cat([a.bias, b.bias]), eps=a.eps))
         elif isinstance(a, nn.ReLU):
             layers.append(partial(nn.functional.relu, inplace=a.inplace))
         else:

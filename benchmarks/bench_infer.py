@@ -190,8 +190,7 @@ def gpu_rows(model, ckpt: Path, frame_wh: tuple[int, int], imgsz: int, device: t
     as a folder or video run feeds them: batch k+1 is submitted before batch k is collected, so the host's work
     (filling the pinned upload buffer, mapping boxes back) overlaps the device's."""
     from benchmarks.bench_train import backbone_ceiling
-    from benchmarks.common import sync
-    from src.detection.inference.pipeline import Item, run_pipeline
+    from benchmarks.common import stream_frames, sync
 
     device = torch.device(device)
     frames = _frames(32, frame_wh)
@@ -226,12 +225,9 @@ def gpu_rows(model, ckpt: Path, frame_wh: tuple[int, int], imgsz: int, device: t
             return len(out)
 
         def streamed(p: Predictor = p) -> int:
-            frames_in = (Item(data=None, input=im, orig_hw=(im.shape[-2], im.shape[-1]))
-                         for _ in range(passes) for im in images)
-            done: list[bool] = []
-            run_pipeline(p, frames_in, lambda item: done.append(item.pred is not None))
+            done = stream_frames(p, images, passes * len(images))
             sync(device)
-            return sum(done)
+            return done
 
         for _ in range(3):  # CUDA graphs: two eager warm-up calls and the capture come before the timed runs
             p.predict(images[:bs])

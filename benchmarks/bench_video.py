@@ -105,14 +105,11 @@ def decode_alone(clip: Path, frames: int) -> float:
 def model_alone(predictor: Any, images: list[torch.Tensor], frames: int) -> float:
     """FPS of the model stage alone: decoded frames streamed through ``run_pipeline`` (as ``process_video`` feeds
     the model: batch k+1 submitted before batch k's boxes are collected), with a sink that does nothing."""
-    from src.detection.inference.pipeline import Item, run_pipeline
+    from benchmarks.common import stream_frames
 
-    items = (Item(data=None, input=im, orig_hw=(im.shape[-2], im.shape[-1]))
-             for im in (images[i % len(images)] for i in range(frames)))
-    done: list[bool] = []
     t0 = time.perf_counter()
-    run_pipeline(predictor, items, lambda item: done.append(item.pred is not None))
-    return sum(done) / (time.perf_counter() - t0)
+    done = stream_frames(predictor, images, frames)
+    return done / (time.perf_counter() - t0)
 
 
 def encode_alone(frames_bgr: list[np.ndarray], frames: int, out: Path) -> float:

@@ -28,6 +28,18 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def stream_frames(predictor: Any, images: Sequence[torch.Tensor], frames: int) -> int:
+    """``frames`` uint8 images (``images`` cycled) through ``run_pipeline`` into a sink that does nothing, as a
+    folder or video run feeds the model (one batch in flight); returns how many came out with a prediction."""
+    from src.detection.inference.pipeline import Item, run_pipeline
+
+    items = (Item(data=None, input=im, orig_hw=(im.shape[-2], im.shape[-1]))
+             for im in (images[i % len(images)] for i in range(frames)))
+    done: list[bool] = []
+    run_pipeline(predictor, items, lambda item: done.append(item.pred is not None))
+    return sum(done)
+
+
 def time_call(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
     """Seconds one call of ``fn`` takes, GPU-synchronised on both ends."""
     sync(device)

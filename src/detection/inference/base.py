@@ -33,6 +33,12 @@ def score_floor(threshold: float, eval_thresh: float, keep_low_scores: bool) -> 
 UPLOAD_BUFFERS = 2  # pinned buffers per batch shape: the next batch is filled while the last one may still upload
 
 
+def can_submit(predictor: Any) -> bool:
+    """Whether ``predictor`` has a ``submit`` of its own class (one call in flight), not only ``predict``. Looked up
+    on the type: wrappers that forward unknown attributes (``SlicedPredictor``) would otherwise lend theirs."""
+    return callable(getattr(type(predictor), "submit", None))
+
+
 class _UploadBuffer:
     """One of ``upload``'s pinned host buffers and the event recorded right after its last upload (None: unused)."""
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .base import can_submit
+
 if TYPE_CHECKING:
     from .base import PredictorBase
 
@@ -225,7 +227,7 @@ def run_pipeline(predictor: PredictorBase, items: Iterable[Item], sink: Callable
     sink_clock = clocks["sink"]
     # looked up on the class: a wrapper forwarding unknown attributes (SlicedPredictor) would hand out the wrapped
     # predictor's submit, which skips the wrapper
-    overlapped = callable(getattr(type(predictor), "submit", None))
+    overlapped = can_submit(predictor)
 
     def timed_sink(item: Item) -> None:
         with sink_clock.time():

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms, box_iou
 
 from ..core.errors import UserError
+from .base import can_submit
 
 MERGES = ("nms", "wbf")
 
@@ -139,7 +140,7 @@ class SlicedPredictor:
                 owner.append((i, x0, y0))
         if not views:
             started: Any = []
-        elif callable(getattr(type(self.predictor), "submit", None)):
+        elif can_submit(self.predictor):
             started = self.predictor.submit(views)
         else:
             started = self.predictor.predict(views)

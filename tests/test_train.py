@@ -424,3 +424,27 @@ def test_undecodable_image_stops_training_before_the_run_folder_or_is_skipped(sh
     assert out.returncode == 0, out.stderr[-2000:]
     assert "skipping 1 image(s) that cannot be decoded" in out.stderr
     assert "data: 47 training / 16 validation images" in out.stdout
+
+
+def test_anchor_settings_train_travel_with_the_checkpoint_and_rebuild_the_model(shapes: Path, tmp_path: Path, train,
+                                                                               tiny_train_args, read_results):
+    from src.detection.checkpoint.build import model_from_checkpoint
+
+    base = list(tiny_train_args)
+    base[base.index("--head") + 1] = "retinanet"
+    args = ["--config", shapes, *base, "--epochs", "1", "--device", "cpu", "--out-dir", tmp_path, "--name", "a",
+            "--anchor-sizes", "12", "20", "40", "80", "160", "--anchor-ratios", "0.7", "1.4"]
+    out = train(args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "matched by the --anchor-sizes/--anchor-ratios anchors" in out.stdout
+    assert "anchor_sizes:\n- 12\n- 20\n" in (tmp_path / "a/args.yaml").read_text()
+    model, card = model_from_checkpoint(tmp_path / "a/best_model.pth")
+    assert model.config.anchor_sizes == (12, 20, 40, 80, 160) and model.config.anchor_ratios == (0.7, 1.4)
+    assert model.anchor_generator.sizes[0] == (12, 15, 19) and model.anchor_generator.num_anchors_per_location()[0] == 6
+    assert card["anchor_sizes"] == [12, 20, 40, 80, 160]  # the model card says what was built
+    # the rebuilt model scores as the run did (a default-anchor rebuild would not even load: 6 anchors, not 9)
+    ev = evaluate_run(shapes, tmp_path / "a/best_model.pth", batch=8)
+    assert ev.map50 == pytest.approx(read_results(tmp_path / "a")[0]["map50"], abs=1e-4)
+    bad = train([*args[:-9], "--name", "b", "--head", "fcos", "--anchor-sizes", "16"])
+    assert bad.returncode == 2 and "--anchor-sizes: only RetinaNet has anchors to set" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()

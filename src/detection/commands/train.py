@@ -81,6 +81,12 @@ def build_parser(description: str | None = __doc__) -> argparse.ArgumentParser:
                    help="depthwise-separable head convs (EfficientDet-style, ~4.6x fewer neck+head FLOPs): the "
                         "CPU option (cached CPU steps ~2.3x faster); a GPU runs torchvision's dense head (the "
                         "default) faster")
+    g.add_argument("--anchor-sizes", type=int, nargs="+", default=m.anchor_sizes, metavar="PX",
+                   help="RetinaNet anchor sizes in input pixels: one base size per pyramid level (each gets 3 octave "
+                        "scales; default 4 x stride: 32 64 128 256 512), or with --feature-extractor last that "
+                        "level's sizes; `python -m src.detection.analyze` suggests them for a dataset")
+    g.add_argument("--anchor-ratios", type=float, nargs="+", default=m.anchor_ratios, metavar="H/W",
+                   help="RetinaNet anchor aspect ratios, height / width (default: 0.5 1 2)")
     g.add_argument("--fpn-channels", type=int, default=m.fpn_channels,
                    help="width of the FPN / pyramid and the head convs (256 = torchvision RetinaNet; 128 trains "
                         "~1.7x faster)")

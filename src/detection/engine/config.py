@@ -56,6 +56,8 @@ class DetectorOptions:
     fpn_channels: int = 128
     head_convs: int | None = None
     head_separable: bool | None = None
+    anchor_sizes: tuple[int, ...] | None = None
+    anchor_ratios: tuple[float, ...] | None = None
     imgsz: tuple[int, int] = (640, 640)
     letterbox: bool = False
     nms: float = 0.45
@@ -65,7 +67,8 @@ class DetectorOptions:
 
     def __post_init__(self) -> None:
         self.imgsz = parse_imgsz(self.imgsz)
-        self.detector_config(2)  # DetectorConfig checks every field; any valid class count does for that
+        checked = self.detector_config(2)  # DetectorConfig checks every field; any valid class count does for that
+        self.anchor_sizes, self.anchor_ratios = checked.anchor_sizes, checked.anchor_ratios
 
     def detector_config(self, num_classes: int) -> DetectorConfig:
         return DetectorConfig(num_classes=num_classes, **asdict(self))
@@ -180,6 +183,8 @@ class TrainConfig:
         d = self.options()
         d.update({k: _DEFAULTS[k] for k in NOT_STORED})
         d["imgsz"] = [int(v) for v in self.detector.imgsz]
+        for k in ("anchor_sizes", "anchor_ratios"):
+            d[k] = None if d[k] is None else list(d[k])
         return d
 
     @classmethod

@@ -52,7 +52,7 @@ from ..data.sampling import EpochSampler, EpochSeededDataset, ShardSampler, padd
 from ..evaluation.metrics import EvalResult
 from ..evaluation.mosaic import batch_mosaic, prediction_mosaic, sample_ids, save_jpg
 from ..evaluation.report import format_table, plot_training_curves, save_results
-from ..modeling.anchor_fit import ANCHOR_HEADS, anchor_fit, dataset_input_boxes, model_anchors
+from ..modeling.anchor_fit import ANCHOR_HEADS, dataset_input_boxes, fit_config
 from ..modeling.builder import build_detector
 from ..modeling.detector import count_parameters
 from .config import RESUME_OVERRIDABLE, TrainConfig, resume_config
@@ -293,7 +293,7 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
             paths = save_transformed_samples(train_ds, run_dir / "transformed_samples")
             print(f"wrote {len(paths)} augmented samples to {run_dir / 'transformed_samples'}")
         if model.config.head in ANCHOR_HEADS:
-            fit = anchor_fit(dataset_input_boxes(train_ds, spec.imgsz, spec.letterbox), model_anchors(model, spec.imgsz),
+            fit = fit_config(dataset_input_boxes(train_ds, spec.imgsz, spec.letterbox), model.config,
                              max_boxes=ANCHOR_FIT_MAX_BOXES, seed=cfg.seed)
             print(fit.describe())
 

@@ -7,6 +7,7 @@ The heads are those of the registry (``heads.py``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,11 @@ class DetectorConfig:
     head_convs: int | None = None
     # depthwise-separable head convs (RetinaNet / FCOS); None: HEAD_SEPARABLE[feature_extractor]
     head_separable: bool | None = None
+    # RetinaNet anchors. Sizes: with the pyramid, one base size per level (each level gets torchvision's 3 octave
+    # scales of it); with the single ``last`` map, that level's sizes. None: 4 x stride per level / the reference's
+    # 32-512. Ratios: height / width (torchvision's convention); None: 0.5, 1, 2.
+    anchor_sizes: tuple[int, ...] | None = None
+    anchor_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.imgsz = parse_imgsz(self.imgsz)
@@ -86,6 +92,8 @@ class DetectorConfig:
             if self.head_separable and not _head(self.head).has_tower:
                 raise UserError(f"--head-separable: the {_head(self.head).title} head has no conv tower "
                                 f"(one conv per level); drop it")
+        self.anchor_sizes = _positive("--anchor-sizes", self.anchor_sizes, int, self.head)
+        self.anchor_ratios = _positive("--anchor-ratios", self.anchor_ratios, float, self.head)
 
     @property
     def input_spec(self) -> InputSpec:
@@ -109,6 +117,8 @@ class DetectorConfig:
             d.pop(k)
         d["imgsz"] = [int(v) for v in self.imgsz]
         d["arch_overrides"] = _plain(self.arch_overrides)
+        for k in ("anchor_sizes", "anchor_ratios"):
+            d[k] = _plain(d[k])
         d["input"] = {"imgsz": list(d["imgsz"]), "letterbox": self.letterbox, "size_multiple": self.size_multiple,
                       "mean": None if self.mean is None else list(self.mean),
                       "std": None if self.std is None else list(self.std),
@@ -150,6 +160,23 @@ def _check_head_convs(value: Any, head: str) -> int | None:
         raise UserError(f"--head-convs {value}: use 0..{MAX_HEAD_CONVS} conv layers per head branch "
                         f"(torchvision's RetinaNet/FCOS use {LEGACY_HEAD_CONVS})")
     return int(value)
+
+
+def _positive(flag: str, values: Any, kind: type, head: str) -> tuple | None:
+    """``values`` as a tuple of positive ``kind`` numbers (None stays None); only RetinaNet has settable anchors."""
+    if values is None:
+        return None
+    if head != "retinanet":
+        why = "'s default boxes follow its strides and --imgsz" if head == "ssd" else " matches objects by location"
+        raise UserError(f"{flag}: only RetinaNet has anchors to set (the {_head(head).title} head{why}); drop it")
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    try:
+        out = tuple(kind(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise UserError(f"{flag} {' '.join(map(str, values))}: give one or more positive numbers")
+    return out
 
 
 def _plain(value: Any) -> Any:

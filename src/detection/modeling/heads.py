@@ -206,9 +206,17 @@ class DinoFCOS(DinoDetector, FCOS):
 
 
 # ------------------------------------------------------------------------------------------ building blocks
-def retinanet_anchor_sizes(strides: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """torchvision's RetinaNet anchors (3 octave scales of 4 x stride per level) for any list of strides."""
-    return tuple(tuple(int(ANCHOR_STRIDE_FACTOR * s * 2 ** (i / 3)) for i in range(3)) for s in strides)
+def retinanet_anchor_sizes(strides: Sequence[int],
+                           base_sizes: Sequence[int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """torchvision's RetinaNet anchors, 3 octave scales of a base size per level, for any list of strides; the base
+    sizes default to 4 x stride (32 px at stride 8 ... 512 at 128)."""
+    if base_sizes is None:
+        base_sizes = [ANCHOR_STRIDE_FACTOR * s for s in strides]
+    elif len(base_sizes) != len(strides):
+        raise UserError(f"--anchor-sizes {' '.join(map(str, base_sizes))}: this pyramid has {len(strides)} levels "
+                        f"(strides {', '.join(map(str, strides))}); give one base size per level (each gets 3 "
+                        f"octave scales), e.g. {' '.join(str(ANCHOR_STRIDE_FACTOR * s) for s in strides)}")
+    return tuple(tuple(int(b * 2 ** (i / 3)) for i in range(3)) for b in base_sizes)
 
 
 def ssd_scales(strides: Sequence[int], shorter_side: int) -> list[float]:
@@ -377,11 +385,13 @@ class RetinaNetType(HeadType):
 
     def _build(self, cfg: Any, dino: nn.Module, pyramid: Pyramid, n_convs: int | None) -> DinoDetector:
         channels, strides, num_classes = pyramid.channels, pyramid.strides, cfg.num_classes
+        ratios = cfg.anchor_ratios or REFERENCE_ASPECT_RATIOS[0]
         if cfg.feature_extractor == "last":  # the reference project's model, parameter for parameter
-            anchors = Float32AnchorGenerator(REFERENCE_ANCHOR_SIZES, REFERENCE_ASPECT_RATIOS)
+            anchors = Float32AnchorGenerator((cfg.anchor_sizes or REFERENCE_ANCHOR_SIZES[0],), (ratios,))
             head = DetRetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes)
         else:  # torchvision's RetinaNet v2 recipe: GroupNorm in the head, GIoU box loss
-            anchors = Float32AnchorGenerator(retinanet_anchor_sizes(strides), ((0.5, 1.0, 2.0),) * len(strides))
+            anchors = Float32AnchorGenerator(retinanet_anchor_sizes(strides, cfg.anchor_sizes),
+                                             (ratios,) * len(strides))
             head = DetRetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes,
                                     norm_layer=partial(nn.GroupNorm, 32))
             head.regression_head._loss_type = "giou"

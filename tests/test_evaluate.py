@@ -4,6 +4,7 @@ reproducing a training run's own evaluation from its checkpoint (the same path a
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import math
@@ -17,8 +18,8 @@ from src.detection.commands.evaluate import main as evaluate_main
 from src.detection.core.cli import RuntimeOptions
 from src.detection.data.datasets import load_data_config, load_ground_truth
 from src.detection.data.synthetic import generate_dataset
-from src.detection.engine.evaluation import EvalConfig, evaluate_checkpoint
-from src.detection.evaluation.predictions import evaluate_predictions
+from src.detection.engine.evaluation import EvalConfig, evaluate_checkpoint_report
+from src.detection.evaluation.predictions import evaluate_predictions, evaluate_predictions_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models in process
 
@@ -160,8 +161,9 @@ def test_evaluate_model_reproduces_the_best_row_and_inference_json_scores_the_sa
     best = max(scored_rows, key=lambda r: r["map"])  # first of equals, as training keeps the first best
     assert best["map50"] > 0  # a model that finds something, so the comparison below means something
     # one device for training, evaluation and inference: results on a GPU differ from the CPU's in the last digits
-    result = evaluate_checkpoint(EvalConfig(config=str(data), source=ModelSource(model=str(run / "best_model.pth")),
-                                            metric="coco", runtime=RuntimeOptions(device="cpu", workers=0)))
+    report = evaluate_checkpoint_report(EvalConfig(config=str(data), source=ModelSource(model=str(run / "best_model.pth")),
+                                                   metric="coco", runtime=RuntimeOptions(device="cpu", workers=0)))
+    result = report.result
     for key in ("map", "map50", "map75"):
         assert getattr(result, key) == pytest.approx(best[key], rel=0, abs=1e-12), key
 
@@ -171,12 +173,27 @@ def test_evaluate_model_reproduces_the_best_row_and_inference_json_scores_the_sa
          "--batch", "8", "--no-save", "--out-dir", str(tmp_path / "inf")])))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the file is not cut: no warning
-        scored = evaluate_predictions(tmp_path / "inf" / "predictions.json", data, metric="coco")
+        scored_report = evaluate_predictions_report(tmp_path / "inf" / "predictions.json", data, metric="coco")
+    scored = scored_report.result
     for key in ("map", "map50", "map75", "map_small", "mar_100"):
         assert getattr(scored, key) == pytest.approx(getattr(result, key), rel=0, abs=1e-9, nan_ok=True), key
+    # and the rest of the report: a trained model's confusion matrix (letterboxed, non-square input) and best threshold
+    assert report.confusion.matrix.trace() > 0
+    assert (scored_report.confusion.matrix == report.confusion.matrix).all()
+    assert scored_report.f1.best_threshold == pytest.approx(report.f1.best_threshold, rel=0, abs=1e-6)
+    assert scored_report.f1.best_f1 == pytest.approx(report.f1.best_f1, rel=0, abs=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ COCO category ids
+def even_odds(model) -> None:
+    """Scores around 0.5 instead of the 0.01 prior: a random tiny model then detects every class."""
+    import torch
+
+    with torch.no_grad():
+        cls_logits = model.head.classification_head.cls_logits  # separable: the bias is on its pointwise conv
+        getattr(cls_logits, "pointwise", cls_logits).bias.zero_()
+
+
 def _noise_jpeg(path: Path, w: int, h: int, seed: int) -> Path:
     import numpy as np
     from PIL import Image
@@ -191,8 +208,6 @@ def _noise_jpeg(path: Path, w: int, h: int, seed: int) -> Path:
 def coco_inference(tmp_path_factory, make_tiny_checkpoint) -> tuple[Path, Path]:
     """A COCO dataset with category ids 3 and 7 (one valid image readable from its header but not decodable),
     a tiny random RetinaNet checkpoint recording those ids, and image inference over the valid folder."""
-    import torch
-
     from src.detection.inference.images import ImageInferConfig, infer_images
     from src.detection.inference.predictor import PredictConfig
 
@@ -219,11 +234,6 @@ def coco_inference(tmp_path_factory, make_tiny_checkpoint) -> tuple[Path, Path]:
                       "VALID_IMG: valid\n")
     data_cfg = load_data_config(config)
     assert data_cfg.classes == ["__background__", "cat", "dog"] and data_cfg.category_ids == [0, 3, 7]
-
-    def even_odds(model) -> None:  # scores around 0.5 instead of the 0.01 prior: detections of both classes
-        with torch.no_grad():
-            cls_logits = model.head.classification_head.cls_logits  # separable: the bias is on its pointwise conv
-            getattr(cls_logits, "pointwise", cls_logits).bias.zero_()
 
     ckpt = make_tiny_checkpoint(root / "model.pth", data_cfg.classes, category_ids=data_cfg.category_ids,
                                 prepare=even_odds)
@@ -267,3 +277,150 @@ def test_predictions_with_other_ids_or_classes_are_refused(coco_inference, tmp_p
         path.write_text(json.dumps([{**r, **change} if r["category_id"] == 3 else r for r in rows]))
         with pytest.raises(UserError, match=pattern):
             evaluate_predictions(path, config)
+
+
+# ------------------------------------------------------------------------------------------ --predictions: the report
+REPORT_FILES = ("confusion_matrix.png", "confusion_matrix.csv", "confusion_matrix_normalized.csv", "f1_curve.png",
+                "f1_curve.csv", "per_class_ap.csv")
+
+
+def _matrix(folder: Path) -> list[list[int]]:
+    """confusion_matrix.csv's counts (rows: true class, then background; columns: predicted, then background)."""
+    rows = list(csv.reader((folder / "confusion_matrix.csv").read_text().splitlines()))
+    return [[int(v) for v in r[1:]] for r in rows[1:]]
+
+
+def _best_line(stdout: str) -> str:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("best score threshold")]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def _counts_per_class(gts: dict, n_classes: int) -> list[int]:
+    """Non-difficult ground truth per real class (difficult objects are never counted as missed)."""
+    out = [0] * n_classes
+    for g in gts.values():
+        for label, difficult in zip(g["labels"].tolist(), g["difficult"].tolist()):
+            out[label - 1] += not difficult
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_inference(dataset: Path, tmp_path_factory, make_tiny_checkpoint) -> tuple[Path, Path]:
+    """A tiny random RetinaNet checkpoint for the synthetic set (64 px input for 96 px images, so boxes are mapped
+    back to the originals; scores around 0.5: right, confused and false detections) and image inference over its
+    validation images (predictions.json, summary.json)."""
+    from src.detection.data.formats import FORMATS
+    from src.detection.inference.images import ImageInferConfig, infer_images
+    from src.detection.inference.predictor import PredictConfig
+
+    root = tmp_path_factory.mktemp("tiny_inference")
+    ckpt = make_tiny_checkpoint(root / "model.pth", load_data_config(dataset).classes, prepare=even_odds)
+    images = FORMATS["voc"].split_layout(dataset.parent, "valid")[0]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        infer_images(ImageInferConfig(PredictConfig(model=str(ckpt), device="cpu", no_save=True,
+                                                    out_dir=str(root / "inference")), input=str(images)))
+    return ckpt, root / "inference"
+
+
+def test_predictions_report_equals_the_model_report(tiny_inference, dataset: Path, tmp_path: Path, run_main):
+    ckpt, inference = tiny_inference
+    out = run_main(evaluate_main, ["--model", ckpt, "--config", dataset, "--workers", "0", "--device", "cpu",
+                                   "--out-dir", tmp_path, "--name", "model"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    model_line = _best_line(out.stdout)
+    out = run_main(evaluate_main, ["--predictions", inference / "predictions.json", "--config", dataset,
+                                   "--out-dir", tmp_path, "--name", "pred"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _best_line(out.stdout) == model_line and "not meaningful" not in model_line
+    for name in REPORT_FILES:
+        assert (tmp_path / "pred" / name).is_file(), name
+    matrix = _matrix(tmp_path / "model")
+    assert _matrix(tmp_path / "pred") == matrix
+    assert ((tmp_path / "pred" / "confusion_matrix_normalized.csv").read_text()
+            == (tmp_path / "model" / "confusion_matrix_normalized.csv").read_text())
+    # a matrix with every kind of cell, so the equality means something
+    k = len(matrix) - 1
+    assert sum(matrix[i][i] for i in range(k)) > 0  # right
+    assert sum(matrix[i][j] for i in range(k) for j in range(k) if i != j) > 0  # confused
+    assert sum(matrix[k][:k]) > 0 and sum(matrix[i][k] for i in range(k)) > 0  # false, missed
+    # the F1 curves: the same up to the last bit of a score (the two passes batch the images differently)
+    with open(tmp_path / "model" / "f1_curve.csv") as a, open(tmp_path / "pred" / "f1_curve.csv") as b:
+        model_rows, pred_rows = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert len(model_rows) == len(pred_rows) == 101
+    for m, p in zip(model_rows, pred_rows):
+        assert {c: float(v) for c, v in p.items()} == pytest.approx({c: float(v) for c, v in m.items()}, abs=1e-6)
+    best = evaluate_predictions_report(inference / "predictions.json", dataset).f1
+    assert 0 < best.best_f1 < 1 and f"best score threshold {best.best_threshold:.3f}" in model_line
+
+
+def test_predictions_report_files_difficult_objects_and_cut(dataset: Path, tmp_path: Path, run_main):
+    gts = load_ground_truth(load_data_config(dataset), split="valid")
+    n_gt = _counts_per_class(gts, len(load_data_config(dataset).classes) - 1)
+    rows = predictions_from_ground_truth(gts)
+    # a detection on each difficult object counts nowhere, as in the --model path: not a false detection
+    on_difficult = [{"file_name": name, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.9}
+                    for name, g in gts.items()
+                    for (x1, y1, x2, y2), label, difficult in zip(g["boxes"].tolist(), g["labels"].tolist(),
+                                                                   g["difficult"].tolist()) if difficult]
+    assert on_difficult, "the synthetic set has difficult objects"
+    path = tmp_path / "inf" / "predictions.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(rows + on_difficult))
+    out = run_main(evaluate_main, ["--predictions", path, "--config", dataset, "--out-dir", tmp_path, "--name", "p"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in REPORT_FILES:
+        assert (tmp_path / "p" / name).is_file(), name
+    k = len(n_gt)
+    assert _matrix(tmp_path / "p") == [[n_gt[i] if j == i else 0 for j in range(k + 1)] for i in range(k)] + [
+        [0] * (k + 1)]
+    line = _best_line(out.stdout)
+    assert line.startswith("best score threshold 0.900: F1 1.000 ") and "--threshold 0.900" in line
+    # every score is 0.9: the file looks cut (a warning, as before), and the threshold line says what that means
+    assert "looks cut" in out.stderr
+    assert "no detection scoring below 0.9, so the F1 curve below it is not meaningful" in line
+
+    # the cut its writer recorded: the matrix counts from it, the line names it
+    summary = path.parent / "summary.json"
+    summary.write_text(json.dumps({"predictions": str(path), "predictions_score_floor": 0.5}))
+    with pytest.warns(UserWarning, match="only detections scoring >= 0.5"):
+        report = evaluate_predictions_report(path, dataset)
+    assert report.score_floor == 0.5 and report.confusion.score_thresh == 0.5
+    # written down to the evaluation threshold: not cut, nothing said
+    summary.write_text(json.dumps({"predictions": str(path), "predictions_score_floor": 0.05}))
+    out = run_main(evaluate_main, ["--predictions", path, "--config", dataset, "--out-dir", tmp_path, "--name", "q"])
+    assert out.returncode == 0 and "not meaningful" not in _best_line(out.stdout) and "WARNING" not in out.stderr
+
+
+def test_predictions_without_detections_count_every_object_missed(dataset: Path, tmp_path: Path, run_main):
+    gts = load_ground_truth(load_data_config(dataset), split="valid")
+    n_gt = _counts_per_class(gts, len(load_data_config(dataset).classes) - 1)
+    k = len(n_gt)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    out = run_main(evaluate_main, ["--predictions", empty, "--config", dataset, "--out-dir", tmp_path, "--name", "e"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _matrix(tmp_path / "e") == [[0] * k + [n_gt[i]] for i in range(k)] + [[0] * (k + 1)]
+    assert (tmp_path / "e" / "f1_curve.csv").is_file()
+    assert _best_line(out.stdout).startswith("best score threshold 0.000: F1 0.000 ")
+
+    # predictions for one image only: the others' objects are missed
+    first = next(iter(gts))
+    one = {first: gts[first]}
+    only = tmp_path / "one.json"
+    only.write_text(json.dumps(predictions_from_ground_truth(one)))
+    out = run_main(evaluate_main, ["--predictions", only, "--config", dataset, "--out-dir", tmp_path, "--name", "o"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    hit = _counts_per_class(one, k)
+    assert sum(hit) > 0
+    assert _matrix(tmp_path / "o") == [[hit[i] if j == i else 0 for j in range(k)] + [n_gt[i] - hit[i]]
+                                       for i in range(k)] + [[0] * (k + 1)]
+
+    # a prediction for a file the dataset does not have stays one error line, and no result folder
+    stray = tmp_path / "stray.json"
+    stray.write_text(json.dumps([{"file_name": "elsewhere.jpg", "category_id": 1, "bbox": [0, 0, 5, 5],
+                                  "score": 0.5}]))
+    out = run_main(evaluate_main, ["--predictions", stray, "--config", dataset, "--out-dir", tmp_path, "--name", "s"])
+    errors = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(errors) == 1 and "refer to images not in the ground truth" in errors[0]
+    assert not (tmp_path / "s").exists()

@@ -7,6 +7,14 @@ The first runs a checkpoint over the validation split exactly as training evalua
 mapping, same precision), so it reproduces the run's results.csv; the second scores saved COCO-results-format
 predictions (``file_name`` + ``category_id`` + ``bbox`` [x, y, w, h] + ``score``) without a model; ``category_id``
 is the class index in ``CLASSES``, or for a COCO dataset its own category id (as infer_det_image.py writes it).
+
+Both print the metrics table and the best score threshold (highest F1 over all classes at IoU 0.5), and write into
+a new result folder per_class_ap.csv, the per-class AP and PR-curve plots, the confusion matrix at IoU 0.5
+(confusion_matrix.png/.csv, confusion_matrix_normalized.csv) and the F1-threshold curves (f1_curve.png/.csv). The
+matrix counts detections scoring at least the model's evaluation threshold (--model) or the lowest score the
+predictions file was written with (--predictions; the default evaluation threshold when nothing records it). For a
+predictions file cut at a score threshold, the best-threshold line says that the curve below the cut is not
+meaningful.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from ..core.cli import OutputOptions, RuntimeOptions, new_parser
 from ..core.errors import run_cli
 
 if TYPE_CHECKING:  # imported where used: after parsing, so --help and flag errors skip them
-    from ..engine.evaluation import EvalConfig, EvalReport
+    from ..engine.evaluation import EvalConfig
+    from ..evaluation.eval_report import EvalReport
     from ..evaluation.metrics import EvalResult
 
 
@@ -57,12 +66,17 @@ def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def report(result: EvalResult, out: OutputOptions | None, evaluation: EvalReport | None = None) -> None:
     """Print the table; write per_class_ap.csv and the plots into a new result folder under ``out`` (with
-    ``evaluation``, a ``--model`` pass: also the confusion matrix and the F1 curve, and the best threshold line)."""
+    ``evaluation``: also the confusion matrix and the F1 curve, and the best threshold line)."""
     from ..evaluation.report import format_table, save_results
 
     print(format_table(result))
     if evaluation is not None:
-        print(f"{evaluation.f1.describe()} (IoU 0.5; inference: --threshold {evaluation.f1.best_threshold:.3f})")
+        line = f"{evaluation.f1.describe()} (IoU 0.5; inference: --threshold {evaluation.f1.best_threshold:.3f}"
+        floor = evaluation.score_floor
+        if floor is not None:  # F1 at a threshold t counts only detections >= t: exact above the cut, unknown below
+            line += (f"; the predictions hold no detection scoring below {floor:g}, so the F1 curve below it is not "
+                     f"meaningful and a lower threshold may do better")
+        print(line + ")")
     if out is not None:
         out_dir: Path = out.run_dir("eval")  # created only now: a failed evaluation leaves no folder behind
         paths = save_results(result, out_dir)
@@ -74,15 +88,13 @@ def report(result: EvalResult, out: OutputOptions | None, evaluation: EvalReport
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..engine.evaluation import evaluate_checkpoint_report
-    from ..evaluation.predictions import evaluate_predictions
+    from ..evaluation.predictions import evaluate_predictions_report
 
-    evaluation = None
     if args.model:
         evaluation = evaluate_checkpoint_report(eval_config_from_args(args))
-        result = evaluation.result
     else:
-        result = evaluate_predictions(args.predictions, args.config, args.metric)
-    report(result, OutputOptions.from_args(args, exist_ok=True), evaluation)
+        evaluation = evaluate_predictions_report(args.predictions, args.config, args.metric)
+    report(evaluation.result, OutputOptions.from_args(args, exist_ok=True), evaluation)
     return 0
 
 

@@ -7,15 +7,13 @@ override), so the result reproduces the run's results.csv.
 
 The same pass also fills a confusion matrix (IoU 0.5, the model's evaluation score threshold), the F1-confidence
 curves with the best score threshold, and optionally keeps the predictions of a few images for a picture
-(``ReportingEvaluator`` -> ``EvalReport``): training and ``evaluate --model`` both write them.
+(``evaluation.eval_report``: ``ReportingEvaluator`` -> ``EvalReport``): training and ``evaluate --model`` both write
+them.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..checkpoint.source import ModelSource
@@ -23,51 +21,8 @@ from ..core.cli import RuntimeOptions, check_choice
 from ..core.errors import UserError
 from ..core.paths import resolve_path
 from ..core.runtime import amp_settings, inference_precision, select_device
-from ..evaluation.confusion import ConfusionMatrix
-from ..evaluation.evaluator import EvaluatorGroup
-from ..evaluation.metrics import METRICS, DetectionEvaluator, EvalResult
-from ..evaluation.mosaic import PredictionSample
-from ..evaluation.thresholds import F1Curves, f1_curves_from_evaluator
-
-CONFUSION_IOU = 0.5
-
-
-@dataclass
-class EvalReport:
-    """One evaluation pass: the metrics, the confusion matrix, the F1 curves (best threshold) and the sampled
-    predictions (``{image_id: (prediction, ground truth)}``, original coordinates)."""
-
-    result: EvalResult
-    confusion: ConfusionMatrix
-    f1: F1Curves
-    samples: dict[int, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
-
-    def save(self, out_dir: str | os.PathLike) -> list[Path]:
-        """confusion_matrix.png/.csv, confusion_matrix_normalized.csv, f1_curve.png/.csv in ``out_dir``."""
-        return [*self.confusion.save(out_dir), *self.f1.save(out_dir)]
-
-    def threshold_meta(self) -> dict[str, float]:
-        """The model-card keys that record the best threshold (``checkpoint.card``)."""
-        return {"best_threshold": self.f1.best_threshold, "best_threshold_f1": self.f1.best_f1}
-
-
-class ReportingEvaluator(EvaluatorGroup):
-    """The metrics (``DetectionEvaluator``), a ``ConfusionMatrix`` at IoU 0.5 and ``score_thresh``, and a
-    ``PredictionSample`` of ``sample_ids``, fed by one pass; ``report()`` after ``evaluate()``."""
-
-    def __init__(self, classes: Sequence[str], metric: str, score_thresh: float, sample_ids: Sequence[int] = ()
-                 ) -> None:
-        self.detection = DetectionEvaluator(classes, metric=metric)
-        self.confusion = ConfusionMatrix(classes, score_thresh=score_thresh, iou_thresh=CONFUSION_IOU)
-        self.sample = PredictionSample(sample_ids)
-        super().__init__(self.detection, self.confusion, self.sample)
-
-    def report(self) -> EvalReport | None:
-        """The last pass's report on rank 0 (None elsewhere: the results were gathered there)."""
-        if self.results[0] is None:
-            return None
-        return EvalReport(self.results[0], self.confusion, f1_curves_from_evaluator(self.detection),
-                          self.results[2] or {})
+from ..evaluation.eval_report import EvalReport, ReportingEvaluator
+from ..evaluation.metrics import METRICS, EvalResult
 
 
 @dataclass

@@ -391,14 +391,15 @@ def _coco_datasets(s: dict[str, list[np.ndarray]], n_classes: int) -> tuple[Any,
 
 
 # ------------------------------------------------------------------------------ saved predictions (no model)
-def score_predictions_json(
+def predictions_per_image(
     predictions_json: str | os.PathLike | list[dict[str, Any]],
     gts_by_file: dict[str, dict[str, Any]],
     classes: Sequence[str],
-    metric: str = "all",
     label_of: Callable[[int], int] | None = None,
-) -> EvalResult:
-    """Score COCO-results-format predictions against ground truth, without a model.
+) -> list[dict[str, np.ndarray]]:
+    """COCO-results-format predictions as the prediction dicts an evaluator's ``process`` takes: one
+    ``{"boxes" [N, 4] xyxy, "scores", "labels"}`` per image of ``gts_by_file``, in its order (empty for an image
+    without predictions), in original image pixels.
 
     ``predictions_json``: a path to (or the loaded list of) ``{"file_name" | "image_id", "category_id",
     "bbox": [x, y, w, h], "score"}`` in original image pixels. ``category_id`` is our label index into
@@ -407,7 +408,7 @@ def score_predictions_json(
     ``category_name`` must be that label's class (catches files written for other classes or ids).
     Images are matched by ``file_name`` (or ``image_id``) to the keys of ``gts_by_file`` (gt dicts as for
     :meth:`DetectionEvaluator.update`); when the exact key is absent the base name is tried, so a path
-    ``images/a.jpg`` matches ``a.jpg``. Images with ground truth but no predictions count as all missed.
+    ``images/a.jpg`` matches ``a.jpg``. A prediction for an image not in ``gts_by_file`` is a UserError.
     """
     src = "predictions" if isinstance(predictions_json, list) else str(predictions_json)
     if isinstance(predictions_json, list):
@@ -466,19 +467,27 @@ def score_predictions_json(
         raise UserError(f"{src}: {len(unknown)} predictions refer to images not in the ground truth "
                         f"(e.g. {unknown[0]!r}); score against the dataset the predictions were made on")
 
+    return [{"boxes": np.asarray([b for b, _, _ in dets], dtype=np.float32).reshape(-1, 4),
+             "scores": np.asarray([s for _, s, _ in dets], dtype=np.float32),
+             "labels": np.asarray([c for _, _, c in dets], dtype=np.int64)} for dets in per_image]
+
+
+def score_predictions_json(
+    predictions_json: str | os.PathLike | list[dict[str, Any]],
+    gts_by_file: dict[str, dict[str, Any]],
+    classes: Sequence[str],
+    metric: str = "all",
+    label_of: Callable[[int], int] | None = None,
+) -> EvalResult:
+    """Score COCO-results-format predictions against ground truth, without a model (arguments as for
+    :func:`predictions_per_image`). Images with ground truth but no predictions count as all missed."""
+    preds = predictions_per_image(predictions_json, gts_by_file, classes, label_of)
     ev = DetectionEvaluator(classes, metric=metric)
-    pred_dicts = []
-    for dets in per_image:
-        pred_dicts.append({
-            "boxes": np.asarray([b for b, _, _ in dets], dtype=np.float32).reshape(-1, 4),
-            "scores": np.asarray([s for _, s, _ in dets], dtype=np.float32),
-            "labels": np.asarray([c for _, _, c in dets], dtype=np.int64),
-        })
-    ev.process(pred_dicts, [gts_by_file[by_key[k]] for k in keys])
+    ev.process(preds, list(gts_by_file.values()))
     return ev.evaluate()
 
 
 __all__ = [
-    "DetectionEvaluator", "EvalResult", "score_predictions_json", "voc_ap",
+    "DetectionEvaluator", "EvalResult", "predictions_per_image", "score_predictions_json", "voc_ap",
     "voc_match", "METRICS",
 ]

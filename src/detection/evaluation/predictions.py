@@ -5,6 +5,10 @@ The file is COCO results format (``file_name`` + ``category_id`` + ``bbox`` [x, 
 command writes it; ``category_id`` is the class index in ``CLASSES``, or for a COCO dataset its own category id.
 The image command records beside it (``summary.json``) the lowest score it kept and the images it could not read;
 those images are left out of the ground truth, and a file cut at a display threshold is scored with a warning.
+
+The rows, grouped per image, feed the evaluator ``evaluate --model`` uses (``eval_report.ReportingEvaluator``) with
+the ground truth, both in original image coordinates, so the report is the same: the metrics, the confusion matrix
+and the F1 curves with the best score threshold.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 
 from ..core.errors import ToolkitWarning, UserError
 from ..core.paths import resolve_path
-from .metrics import EvalResult, score_predictions_json
+from .eval_report import EvalReport, ReportingEvaluator
+from .metrics import EvalResult, predictions_per_image
 
 # A predictions file whose lowest score is above this was most likely cut at a display threshold.
 CUT_SUSPECT_SCORE = 0.25
@@ -87,12 +92,28 @@ def _warn_if_cut(path: Path, eval_floor: float) -> float | None:
     return None
 
 
+def _confusion_threshold(recorded_floor: float | None, eval_floor: float) -> float:
+    """The score threshold of the confusion matrix of a predictions file: the lowest score its writer kept
+    (``recorded_score_floor``: the image command keeps detections down to the model's evaluation threshold, which
+    ``evaluate --model`` counts from), else the default evaluation threshold ``eval_floor``."""
+    if recorded_floor is not None and 0.0 <= recorded_floor <= 1.0:
+        return recorded_floor
+    return eval_floor
+
+
 def evaluate_predictions(predictions: str | os.PathLike, config: str | os.PathLike,
                          metric: str = "all") -> EvalResult:
     """Score the predictions JSON ``predictions`` against the validation split of dataset YAML ``config``.
 
     A file cut at a score threshold (see ``recorded_score_floor``) is scored as it is, with a warning.
     """
+    return evaluate_predictions_report(predictions, config, metric).result
+
+
+def evaluate_predictions_report(predictions: str | os.PathLike, config: str | os.PathLike,
+                                metric: str = "all") -> EvalReport:
+    """``evaluate_predictions`` with the confusion matrix (IoU 0.5, at ``_confusion_threshold``) and the F1 curves,
+    as ``evaluate --model`` reports them; ``score_floor`` is the score the file was cut at, if it was."""
     from ..data.datasets import load_data_config, load_ground_truth
     from ..modeling.config import DetectorConfig
 
@@ -108,9 +129,16 @@ def evaluate_predictions(predictions: str | os.PathLike, config: str | os.PathLi
     if unreadable:
         print(f"note: {len(unreadable)} images inference could not read are not scored (e.g. {unreadable[0]})")
     # predictions.json carries a COCO dataset's own category ids (see inference.images.coco_results)
-    result = score_predictions_json(path, gts, data_cfg.classes, metric=metric,
-                                    label_of=data_cfg.label_of if data_cfg.category_ids else None)
-    cut = _warn_if_cut(path, DetectorConfig.__dataclass_fields__["score_thresh"].default)
+    preds = predictions_per_image(path, gts, data_cfg.classes,
+                                  label_of=data_cfg.label_of if data_cfg.category_ids else None)
+    eval_floor = DetectorConfig.__dataclass_fields__["score_thresh"].default
+    evaluator = ReportingEvaluator(data_cfg.classes, metric, _confusion_threshold(recorded_score_floor(path), eval_floor))
+    evaluator.process(preds, list(gts.values()))
+    evaluator.evaluate()
+    report = evaluator.report()
+    assert report is not None  # a single process
+    cut = _warn_if_cut(path, eval_floor)
     if cut is not None:
         print(f"note: scored predictions cut at score >= {cut:g}")
-    return result
+    report.score_floor = cut
+    return report

@@ -12,8 +12,8 @@ do the same work for the whole batch with fixed-shape tensor ops:
 * one ``torchvision.ops.nms`` call serves the whole batch: boxes are shifted along x by their label and along y by
   their image, so boxes of different images or classes never overlap; the invalid fillers get a group of their own
   (a virtual image ``B``), so they can never suppress a real candidate, and are dropped afterwards. On CPU (no
-  syncs to save there, and an NMS costs the square of its input) the default is one ``nms`` call per image instead;
-  ``nms_per_image`` chooses;
+  syncs to save there, and an NMS costs the square of its input) the default is one ``nms`` call per image instead,
+  on its valid candidates only, and per class above ``PER_CLASS_NMS_MIN`` of them; ``nms_per_image`` chooses;
 * the survivors are regrouped per image with stable sorts (keeping NMS's descending-score order), cut to
   ``detections_per_img`` and split with a single ``tolist`` of the per-image counts, the only host sync (plus the
   one inside CUDA ``nms`` itself, which needs it to size its output).
@@ -140,6 +140,35 @@ def _select_levels(scores: Tensor, sizes: Sequence[int], score_thresh: float,
     return values, torch.div(flat_idx, num_classes, rounding_mode="floor"), flat_idx % num_classes
 
 
+# Above this many candidate slots per image, CPU NMS runs per class on the valid ones: its cost is the square of its
+# input, and a class's candidates never suppress another's (torchvision's batched_nms switches at 1,000 boxes on a
+# CPU too).
+PER_CLASS_NMS_MIN = 1000
+
+
+def _image_nms(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, nms_thresh: float) -> Tensor:
+    """One image's kept candidate indices in NMS's own order (descending score; equal scores by index, as its
+    stable sort leaves them; ``boxes`` already shifted apart per label): one ``nms`` call over its candidate slots;
+    with more slots than ``PER_CLASS_NMS_MIN``, one over its valid candidates, or one per label when those are
+    more than that too. It reads those sizes on the host: the CPU path, where that costs nothing."""
+    if len(scores) <= PER_CLASS_NMS_MIN:  # few candidates: one call, the invalid ones cost one pass
+        return nms(boxes, scores, nms_thresh)
+    idx = valid.nonzero().squeeze(1)
+    if len(idx) <= PER_CLASS_NMS_MIN:
+        return idx[nms(boxes[idx], scores[idx], nms_thresh)]
+    idx = idx[labels[idx].argsort(stable=True)]  # grouped by label, index order within a group
+    grouped_boxes, grouped_scores = boxes[idx], scores[idx]
+    parts, start = [], 0
+    for n in labels[idx].bincount().tolist():
+        if n:
+            parts.append(nms(grouped_boxes[start:start + n], grouped_scores[start:start + n], nms_thresh) + start)
+            start += n
+    if not parts:
+        return idx
+    keep = idx[torch.cat(parts)].sort().values  # index order, then a stable sort by score: one nms call's order
+    return keep[scores[keep].sort(descending=True, stable=True).indices]
+
+
 def _batched_nms_split(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, nms_thresh: float,
                        detections_per_img: int, nms_per_image: bool | None) -> Detections:
     """NMS per image and class for candidates ``[B, K, ...]``; per-image dicts, best first.
@@ -167,8 +196,9 @@ def _batched_nms_split(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Ten
     if nms_per_image is None:
         nms_per_image = device.type == "cpu"
     if nms_per_image:  # each call costs (its boxes)^2, and a CPU has no syncs to save
-        keep = torch.cat([nms(b, s, nms_thresh) + i * k for i, (b, s) in
-                          enumerate(zip(nms_boxes.view(batch, k, 4), flat_scores.view(batch, k)))])
+        keep = torch.cat([_image_nms(b, s, lab, v, nms_thresh) + i * k for i, (b, s, lab, v) in
+                          enumerate(zip(nms_boxes.view(batch, k, 4), flat_scores.view(batch, k),
+                                        flat_labels.view(batch, k), flat_valid.view(batch, k)))])
     else:
         keep = nms(nms_boxes, flat_scores, nms_thresh)  # invalid scores are -inf already
 

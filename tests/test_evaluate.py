@@ -392,6 +392,30 @@ def test_predictions_report_files_difficult_objects_and_cut(dataset: Path, tmp_p
     assert out.returncode == 0 and "not meaningful" not in _best_line(out.stdout) and "WARNING" not in out.stderr
 
 
+def test_predictions_threshold_scores_only_the_detections_above_it(dataset: Path, tmp_path: Path, run_main):
+    """--threshold with --predictions: as a model's evaluation threshold, detections at or below it are not scored;
+    the result equals scoring a file without them."""
+    gts = load_ground_truth(load_data_config(dataset), split="valid")
+    true = [dict(r, score=0.9 if i % 3 else 0.4) for i, r in enumerate(predictions_from_ground_truth(gts))]
+    false = [dict(r, bbox=[r["bbox"][0] + 3, r["bbox"][1] + 40, r["bbox"][2], r["bbox"][3]], score=0.6) for r in true]
+    both, only_true = tmp_path / "both.json", tmp_path / "true.json"
+    both.write_text(json.dumps(true + false))
+    only_true.write_text(json.dumps([r for r in true if r["score"] > 0.7]))
+    args = ["--config", dataset, "--out-dir", tmp_path]
+    cut = run_main(evaluate_main, ["--predictions", both, "--threshold", "0.7", *args, "--name", "cut"])
+    ref = run_main(evaluate_main, ["--predictions", only_true, *args, "--name", "ref"])
+    full = run_main(evaluate_main, ["--predictions", both, *args, "--name", "full"])
+    assert cut.returncode == ref.returncode == full.returncode == 0, cut.stderr[-2000:]
+    assert _matrix(tmp_path / "cut") == _matrix(tmp_path / "ref") and sum(_matrix(tmp_path / "cut")[-1]) == 0
+    assert sum(_matrix(tmp_path / "full")[-1]) > 0  # without --threshold the false detections count
+    table = [ln for ln in cut.stdout.splitlines() if ln.startswith("all")]
+    assert table == [ln for ln in ref.stdout.splitlines() if ln.startswith("all")] and table
+    assert table != [ln for ln in full.stdout.splitlines() if ln.startswith("all")]  # the cut changes the scores
+    bad = run_main(evaluate_main, ["--predictions", both, "--threshold", "1.5", *args, "--name", "bad"])
+    assert bad.returncode == 2 and "--threshold 1.5: a score threshold must be in [0, 1)" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_predictions_without_detections_count_every_object_missed(dataset: Path, tmp_path: Path, run_main):
     gts = load_ground_truth(load_data_config(dataset), split="valid")
     n_gt = _counts_per_class(gts, len(load_data_config(dataset).classes) - 1)

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="dataset YAML (its validation split is scored)")
     p.add_argument("--metric", default="all", choices=METRICS, help="COCO mAP, Pascal VOC07/VOC12 AP@.5, or all")
     p.add_argument("--threshold", "--score-thresh", dest="threshold", type=float, default=None,
-                   help="override the checkpoint's evaluation score threshold (--model)")
+                   help="evaluation score threshold: --model, instead of the checkpoint's; --predictions, score "
+                        "only the detections above it")
     OutputOptions.add_to(p, out_dir="outputs/eval", name_help="result folder name (default: eval_N)",
                          out_dir_help="parent folder of the result folder (per_class_ap.csv, plots), relative to "
                                       "the working directory")
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model:
         evaluation = evaluate_checkpoint_report(eval_config_from_args(args))
     else:
-        evaluation = evaluate_predictions_report(args.predictions, args.config, args.metric)
+        evaluation = evaluate_predictions_report(args.predictions, args.config, args.metric, args.threshold)
     report(evaluation.result, OutputOptions.from_args(args, exist_ok=True), evaluation)
     return 0
 

@@ -111,12 +111,16 @@ def evaluate_predictions(predictions: str | os.PathLike, config: str | os.PathLi
 
 
 def evaluate_predictions_report(predictions: str | os.PathLike, config: str | os.PathLike,
-                                metric: str = "all") -> EvalReport:
+                                metric: str = "all", score_thresh: float | None = None) -> EvalReport:
     """``evaluate_predictions`` with the confusion matrix (IoU 0.5, at ``_confusion_threshold``) and the F1 curves,
-    as ``evaluate --model`` reports them; ``score_floor`` is the score the file was cut at, if it was."""
+    as ``evaluate --model`` reports them; ``score_floor`` is the score the file was cut at, if it was.
+    ``score_thresh``: score only detections above it, as a model's evaluation score threshold does (``--threshold``);
+    the matrix then counts from it too, when it is above the file's own floor."""
     from ..data.datasets import load_data_config, load_ground_truth
     from ..modeling.config import DetectorConfig
 
+    if score_thresh is not None and not 0.0 <= score_thresh < 1.0:
+        raise UserError(f"--threshold {score_thresh}: a score threshold must be in [0, 1)")
     path = resolve_path(predictions)
     if not path.is_file():
         raise UserError(f"--predictions {predictions} not found; pass a predictions.json written by "
@@ -132,7 +136,11 @@ def evaluate_predictions_report(predictions: str | os.PathLike, config: str | os
     preds = predictions_per_image(path, gts, data_cfg.classes,
                                   label_of=data_cfg.label_of if data_cfg.category_ids else None)
     eval_floor = DetectorConfig.__dataclass_fields__["score_thresh"].default
-    evaluator = ReportingEvaluator(data_cfg.classes, metric, _confusion_threshold(recorded_score_floor(path), eval_floor))
+    matrix_floor = _confusion_threshold(recorded_score_floor(path), eval_floor)
+    if score_thresh is not None:
+        preds = [{k: v[p["scores"] > score_thresh] for k, v in p.items()} for p in preds]
+        matrix_floor = max(matrix_floor, score_thresh)
+    evaluator = ReportingEvaluator(data_cfg.classes, metric, matrix_floor)
     evaluator.process(preds, list(gts.values()))
     evaluator.evaluate()
     report = evaluator.report()

@@ -189,3 +189,14 @@ def test_analyze_suggests_flags_that_deliver_the_coverage_it_promises(tmp_path, 
     assert "matched by the --anchor-sizes/--anchor-ratios anchors" in second.stdout
     bad = run_main(analyze.main, [*common, "--head", "fcos", "--anchor-sizes", "8"])
     assert bad.returncode == 2 and "only RetinaNet has anchors to set" in bad.stderr
+
+
+def test_candidates_stay_valid_settings_for_extreme_boxes():
+    """Boxes flatter than 1:100 or of a pixel: every candidate is still a setting the model can be built with."""
+    from src.detection.modeling.anchor_fit import candidate_anchors
+
+    flat = torch.tensor([[0, 0, 300, 1], [10, 10, 410, 11.5], [5, 5, 6, 6], [0, 0, 0.5, 0.5]])
+    cfg = DetectorConfig("dinov3_convnext_tiny", 2, imgsz=(416, 416))
+    for candidate in candidate_anchors(flat, cfg, 5):
+        assert min(candidate.anchor_ratios) >= 0.01 and min(candidate.anchor_sizes) >= 1
+        assert len(config_anchors(candidate)[0]) > 0

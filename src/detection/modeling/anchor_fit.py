@@ -76,16 +76,16 @@ def _stand_in_model(cfg: DetectorConfig) -> tuple[nn.Module, int]:
     return HEAD_TYPES[cfg.head].build(cfg, _StandIn(), pyramid), pyramid.size_multiple
 
 
-def default_anchors(cfg: DetectorConfig) -> Tensor:
-    """The anchors of the detector ``cfg`` describes, at ``cfg.imgsz``, without building its backbone."""
-    model, multiple = _stand_in_model(cfg)
-    return model_anchors(model, cfg.imgsz, multiple)
-
-
 def config_anchors(cfg: DetectorConfig) -> tuple[Tensor, list[tuple[int, int, int]]]:
-    """``default_anchors(cfg)`` and its levels ``(H, W, anchors per location)``, for ``anchor_fit(levels=...)``."""
+    """The anchors of the detector ``cfg`` describes, at ``cfg.imgsz``, without building its backbone, and their
+    levels ``(H, W, anchors per location)`` for ``anchor_fit(levels=...)``."""
     model, multiple = _stand_in_model(cfg)
     return _anchors_and_levels(model, cfg.imgsz, multiple)
+
+
+def default_anchors(cfg: DetectorConfig) -> Tensor:
+    """The anchors of the detector ``cfg`` describes (``config_anchors`` without the levels)."""
+    return config_anchors(cfg)[0]
 
 
 def boxes_to_input(boxes: Tensor, orig_hw: Sequence[int], imgsz: Sequence[int], letterbox: bool = False) -> Tensor:
@@ -270,7 +270,7 @@ def candidate_anchors(boxes: Tensor, cfg: DetectorConfig, n_levels: int) -> list
         first = np.percentile(sizes, 10) / octave
         size_sets = [tuple(max(1, round(float(v))) for v in quantile),
                      tuple(max(1, round(float(first * 2 ** i))) for i in range(n_levels))]
-    own = tuple(sorted({round(float(v), 2) for v in np.percentile(wh[:, 1] / wh[:, 0], (10, 50, 90))}))
+    own = tuple(sorted({max(0.01, round(float(v), 2)) for v in np.percentile(wh[:, 1] / wh[:, 0], (10, 50, 90))}))
     ratio_sets = [(0.5, 1.0, 2.0), own] if own != (0.5, 1.0, 2.0) else [own]
     return [dataclasses.replace(cfg, anchor_sizes=s, anchor_ratios=r) for s in dict.fromkeys(size_sets)
             for r in ratio_sets]

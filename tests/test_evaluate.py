@@ -426,7 +426,8 @@ def test_predictions_without_detections_count_every_object_missed(dataset: Path,
     assert out.returncode == 0, out.stderr[-2000:]
     assert _matrix(tmp_path / "e") == [[0] * k + [n_gt[i]] for i in range(k)] + [[0] * (k + 1)]
     assert (tmp_path / "e" / "f1_curve.csv").is_file()
-    assert _best_line(out.stdout).startswith("best score threshold 0.000: F1 0.000 ")
+    assert _best_line(out.stdout) == ("best score threshold: none - no detection is correct at IoU 0.5 at any "
+                                      "threshold (F1 0)")  # no threshold to recommend
 
     # predictions for one image only: the others' objects are missed
     first = next(iter(gts))

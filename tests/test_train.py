@@ -74,6 +74,10 @@ def test_training_writes_every_output_and_learns(shapes: Path, tmp_path: Path, t
     assert r[-1]["train_loss"] < r[0]["train_loss"]  # epoch-mean loss goes down
     assert r[-1]["map50"] > 0.1  # stated floor; an untrained model scores < 0.01 here
     assert "total parameters." in out.stdout and "WARNING" in out.stderr and "RANDOM" in out.stderr.upper()
+    # a model that learned recommends its best-F1 threshold, stored for --threshold auto
+    best_meta = torch.load(run / "best_model.pth", weights_only=True)["meta"]
+    assert f"best score threshold {best_meta['best_threshold']:.3f}: F1 " in out.stdout
+    assert "(inference: --threshold auto)" in out.stdout and best_meta["best_threshold_f1"] > 0
     ckpt = torch.load(run / "last_model.pth", weights_only=True)
     assert ckpt["epoch"] == 16 and ckpt["meta"]["classes"][0] == "__background__"
     assert ckpt["meta"]["input"]["imgsz"] in ([96, 96], (96, 96)) and ckpt["meta"]["head"] == "fcos"

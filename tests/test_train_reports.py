@@ -84,7 +84,11 @@ def test_run_folder_holds_confusion_matrix_f1_curve_mosaics_and_the_best_thresho
     card = load_card(load_checkpoint(run / "best_model.pth"))
     assert card.best_threshold == pytest.approx(best["best_threshold"])
     assert card.best_threshold_f1 == pytest.approx(best["best_f1"])
-    assert f"best score threshold {card.best_threshold:.3f}" in out and "--threshold auto" in out
+    if card.best_threshold_f1 > 0:
+        assert f"best score threshold {card.best_threshold:.3f}" in out and "(inference: --threshold auto)" in out
+    else:  # this run trains at --lr 0: nothing is found, and no threshold is recommended
+        assert "best score threshold: none - no detection is correct" in out
+        assert "--threshold auto has no threshold to use" in out
     assert "anchor fit: " in out and "matched by the default anchors" in out
 
 
@@ -132,26 +136,40 @@ def test_evaluate_writes_the_confusion_matrix_and_f1_curve(stopped_run, shapes: 
         assert (tmp_path / "e" / name).is_file(), name
     # the same pass training ran: the threshold it finds is the one the checkpoint stores
     card = load_card(load_checkpoint(run / "best_model.pth"))
-    assert f"best score threshold {card.best_threshold:.3f}" in out.stdout
+    found = f"best score threshold {card.best_threshold:.3f}" if card.best_threshold_f1 > 0 else \
+        "best score threshold: none"
+    assert found in out.stdout
     with open(run / "confusion_matrix.csv") as a, open(tmp_path / "e" / "confusion_matrix.csv") as b:
         assert a.read() == b.read()
 
 
 def test_threshold_auto_uses_the_checkpoints_best_threshold(stopped_run, shapes: Path, tmp_path: Path, run_main,
                                                             make_tiny_checkpoint):
+    import dataclasses
+
     run, _ = stopped_run
-    card = load_card(load_checkpoint(run / "best_model.pth"))
-    out = run_main(image_main, ["--model", run / "best_model.pth", "-i", shapes.parent / "valid" / "images",
-                                "--threshold", "auto", "--device", "cpu", "--no-save", "--out-dir", tmp_path / "i"])
+    images = shapes.parent / "valid" / "images"
+    payload = torch.load(run / "best_model.pth", weights_only=True)
+    card = load_card(payload)
+
+    def with_card(name: str, **changes) -> Path:
+        torch.save({**payload, "meta": dataclasses.replace(card, **changes).to_dict()}, tmp_path / name)
+        return tmp_path / name
+
+    found = with_card("found.pth", best_threshold=0.375, best_threshold_f1=0.5)
+    out = run_main(image_main, ["--model", found, "-i", images, "--threshold", "auto", "--device", "cpu",
+                                "--no-save", "--out-dir", tmp_path / "i"])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "i" / "summary.json").read_text())["threshold"] == card.best_threshold
-    assert f"--threshold auto: {card.best_threshold:.3f}" in out.stdout
-    # a checkpoint that stores none: one line naming the fix
+    assert json.loads((tmp_path / "i" / "summary.json").read_text())["threshold"] == 0.375
+    assert "--threshold auto: 0.375" in out.stdout and "(F1 0.500)" in out.stdout
+    # a checkpoint that stores none, or one whose validation found nothing correct (F1 0): one line naming the fix
     plain = make_tiny_checkpoint(tmp_path / "plain.pth", ["__background__", "circle", "square", "triangle"])
-    out = run_main(image_main, ["--model", plain, "-i", shapes.parent / "valid" / "images", "--threshold", "auto",
-                                "--device", "cpu", "--no-save", "--out-dir", tmp_path / "j"])
-    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
-    assert out.returncode == 2 and len(errors) == 1 and "pass a number" in errors[0] and "retrain" in errors[0]
+    hopeless = with_card("hopeless.pth", best_threshold=0.0, best_threshold_f1=0.0)
+    for model, needle in ((plain, "retrain"), (hopeless, "(F1 0), so it has no best threshold")):
+        out = run_main(image_main, ["--model", model, "-i", images, "--threshold", "auto", "--device", "cpu",
+                                    "--no-save", "--out-dir", tmp_path / "j"])
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+        assert out.returncode == 2 and len(errors) == 1 and "pass a number" in errors[0] and needle in errors[0]
 
 
 def test_slice_flags_run_both_inference_commands_on_tiles(stopped_run, shapes: Path, tmp_path: Path, run_main):

@@ -72,12 +72,12 @@ def report(result: EvalResult, out: OutputOptions | None, evaluation: EvalReport
 
     print(format_table(result))
     if evaluation is not None:
-        line = f"{evaluation.f1.describe()} (IoU 0.5; inference: --threshold {evaluation.f1.best_threshold:.3f}"
+        notes = [f"IoU 0.5; inference: --threshold {evaluation.f1.best_threshold:.3f}"] if evaluation.f1.found else []
         floor = evaluation.score_floor
         if floor is not None:  # F1 at a threshold t counts only detections >= t: exact above the cut, unknown below
-            line += (f"; the predictions hold no detection scoring below {floor:g}, so the F1 curve below it is not "
-                     f"meaningful and a lower threshold may do better")
-        print(line + ")")
+            notes.append(f"the predictions hold no detection scoring below {floor:g}, so the F1 curve below it is "
+                         f"not meaningful and a lower threshold may do better")
+        print(evaluation.f1.describe() + (f" ({'; '.join(notes)})" if notes else ""))
     if out is not None:
         out_dir: Path = out.run_dir("eval")  # created only now: a failed evaluation leaves no folder behind
         paths = save_results(result, out_dir)

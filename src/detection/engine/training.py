@@ -387,7 +387,9 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
                 log_epoch(logger, row, report, run_dir, epoch, classes, valid_ds, val_images)
                 if improved and report is not None:
                     report.save(run_dir)
-                    best_line = f"{report.f1.describe()} at epoch {epoch}"
+                    best_line = (f"{report.f1.describe()} at epoch {epoch}; stored in best_model.pth (inference: "
+                                 f"--threshold auto)" if report.f1.found else
+                                 f"{report.f1.describe()} at epoch {epoch}; --threshold auto has no threshold to use")
                 print(epoch_summary(row, losses, cfg.epochs))
                 if stopped:
                     print(f"{early.message()}; {run_dir / 'last_model.pth'} holds epoch {epoch}: continue with "
@@ -409,8 +411,7 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
     if main:
         print(f"done: best mAP@.5:.95 {best_map:.4f}; outputs in {run_dir}")
         if best_line:
-            print(f"{best_line}; stored in best_model.pth (inference: --threshold auto); confusion_matrix.png, "
-                  f"f1_curve.png in {run_dir}")
+            print(f"{best_line}; confusion_matrix.png, f1_curve.png in {run_dir}")
     if world > 1:
         dist.destroy_process_group()
     return run_dir if main else None

@@ -81,7 +81,14 @@ class F1Curves:
         has = self.n_gt > 0
         return self.f1[has].mean(axis=0) if has.any() else np.zeros(len(self.thresholds))
 
+    @property
+    def found(self) -> bool:
+        """Whether some threshold gives a correct detection (F1 > 0): else no threshold is better than another."""
+        return bool(self.best_f1 > 0)
+
     def describe(self) -> str:
+        if not self.found:
+            return "best score threshold: none - no detection is correct at IoU 0.5 at any threshold (F1 0)"
         return (f"best score threshold {self.best_threshold:.3f}: F1 {self.best_f1:.3f} over all classes "
                 f"(precision {self.best_precision:.3f}, recall {self.best_recall:.3f})")
 

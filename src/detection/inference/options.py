@@ -98,6 +98,9 @@ def auto_threshold(card: Any, model: str) -> float:
         raise UserError(f"--threshold auto: {model} stores no best score threshold (trained before it was recorded, "
                         f"or a reference-project checkpoint); pass a number, e.g. the one python -m "
                         f"src.detection.evaluate --model <checkpoint> prints, or retrain")
+    if card.best_threshold_f1 is not None and not card.best_threshold_f1 > 0:
+        raise UserError(f"--threshold auto: {model} found no correct detection on its validation split at any "
+                        f"threshold (F1 0), so it has no best threshold; pass a number, e.g. --threshold 0.5")
     f1 = "" if card.best_threshold_f1 is None else f" (F1 {card.best_threshold_f1:.3f})"
     print(f"--threshold auto: {card.best_threshold:.3f}, the checkpoint's best-F1 score threshold on its "
           f"validation split{f1}")

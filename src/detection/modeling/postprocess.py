@@ -156,15 +156,14 @@ def _image_nms(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, nms
     idx = valid.nonzero().squeeze(1)
     if len(idx) <= PER_CLASS_NMS_MIN:
         return idx[nms(boxes[idx], scores[idx], nms_thresh)]
-    idx = idx[labels[idx].argsort(stable=True)]  # grouped by label, index order within a group
+    idx_labels = labels[idx]
+    idx = idx[idx_labels.argsort(stable=True)]  # grouped by label, index order within a group
     grouped_boxes, grouped_scores = boxes[idx], scores[idx]
     parts, start = [], 0
-    for n in labels[idx].bincount().tolist():
+    for n in idx_labels.bincount().tolist():
         if n:
             parts.append(nms(grouped_boxes[start:start + n], grouped_scores[start:start + n], nms_thresh) + start)
             start += n
-    if not parts:
-        return idx
     keep = idx[torch.cat(parts)].sort().values  # index order, then a stable sort by score: one nms call's order
     return keep[scores[keep].sort(descending=True, stable=True).indices]
 

@@ -154,9 +154,8 @@ def postprocess_rows(quick: bool = False, reps: int | None = None) -> list[dict[
     from collections import OrderedDict
 
     from torch import nn
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.image_list import ImageList
-    from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+    from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead, _default_anchorgen
 
     from src.detection.modeling.postprocess import retinanet_postprocess
 
@@ -167,9 +166,8 @@ def postprocess_rows(quick: bool = False, reps: int | None = None) -> list[dict[
             return OrderedDict()
 
     batch, classes, size = (2, 20, 320) if quick else (8, 20, 640)
-    strides = (8, 16, 32, 64, 128)
-    sizes = tuple((4 * s, int(4 * s * 2 ** (1 / 3)), int(4 * s * 2 ** (2 / 3))) for s in strides)
-    model = RetinaNet(_NoBackbone(), classes, anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5),
+    strides = (8, 16, 32, 64, 128)  # torchvision's default RetinaNet anchors are for these levels
+    model = RetinaNet(_NoBackbone(), classes, anchor_generator=_default_anchorgen(),
                       head=RetinaNetHead(8, 9, classes), score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
                       topk_candidates=1000).eval()
     grids = [(size // s, size // s) for s in strides]

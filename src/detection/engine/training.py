@@ -387,9 +387,9 @@ def run(cfg: TrainConfig, typed: frozenset[str] | set[str] | None = None) -> Pat
                 log_epoch(logger, row, report, run_dir, epoch, classes, valid_ds, val_images)
                 if improved and report is not None:
                     report.save(run_dir)
-                    best_line = (f"{report.f1.describe()} at epoch {epoch}; stored in best_model.pth (inference: "
-                                 f"--threshold auto)" if report.f1.found else
-                                 f"{report.f1.describe()} at epoch {epoch}; --threshold auto has no threshold to use")
+                    use = ("stored in best_model.pth (inference: --threshold auto)" if report.f1.found
+                           else "--threshold auto has no threshold to use")
+                    best_line = f"{report.f1.describe()} at epoch {epoch}; {use}"
                 print(epoch_summary(row, losses, cfg.epochs))
                 if stopped:
                     print(f"{early.message()}; {run_dir / 'last_model.pth'} holds epoch {epoch}: continue with "
